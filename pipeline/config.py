@@ -1,0 +1,316 @@
+"""Typed, frozen configuration loaded from one TOML file per target, with `--set key=value` overrides.
+
+Every section is a dataclass; the field's default is the documented default and its type is the
+type a TOML value or an override must have. Unknown keys are errors that suggest the nearest key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    name: str = ""              # run folder under runs/; empty = the config file's stem
+    seed: int = 0
+    threads: int = 0            # torch/onnxruntime intra-op threads; 0 = library default
+    target: str = "cpu"         # cpu | desktop-gpu | jetson-orin (what the bundle is for)
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    kind: str = "mnist"         # mnist | imagefolder
+    root: str = "data/mnist"    # relative to the project folder unless absolute
+    channels: int = 1
+    size: tuple[int, int] = (28, 28)
+    mean: tuple[float, ...] = (0.1307,)
+    std: tuple[float, ...] = (0.3081,)
+    train_subset: int = 0       # 0 = the whole split; tests use small subsets
+    test_subset: int = 0
+    reference_batch: int = 64   # the fixed batch every parity check runs on
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: str = "simple_cnn"    # a built-in name; ignored when factory is set
+    factory: str = ""           # package.module:function for your own model
+    kwargs: dict = field(default_factory=dict)
+    weights: str = ""           # a state_dict to start from (loaded weights-only); empty = train
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class BaselineCfg:
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PruneCfg:
+    target: str = "ratio"       # ratio | macs | latency_ms
+    ratio: float = 0.5          # channel ratio removed (target = ratio)
+    macs: float = 0.0           # <= 1: fraction of baseline MACs to keep; > 1: absolute MACs
+    latency_ms: float = 0.0     # onnxruntime CPU budget at latency_batch
+    latency_batch: int = 1
+    importance: str = "l2"      # l1 | l2 | taylor | bn_scale | lamp | random
+    global_pruning: bool = False
+    round_to: int = 1
+    max_layer_ratio: float = 1.0
+    iterative_steps: int = 1
+    ignored_layers: tuple[str, ...] = ()
+    gate: str = "warn"          # fail | warn | off
+    max_drop: float = 100.0
+
+
+@dataclass(frozen=True)
+class FinetuneCfg:
+    epochs: float = 1.0
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    kd_temperature: float = 4.0
+    kd_weight: float = 0.7      # 0 = labels only
+    token_weight: float = 0.0   # encoders: weight of the token-distillation term
+    early_stop: bool = True     # stop once held-out train top-1 reaches the baseline's test top-1
+    val_size: int = 2000        # held out of the TRAIN split for early stopping
+    between_steps_epochs: float = 0.0  # fine-tune between iterative prune steps
+    device: str = "auto"        # auto | cpu | cuda
+    nproc: int = 1              # > 1: DistributedDataParallel over nproc processes
+    gate: str = "fail"
+    max_drop: float = 0.5
+
+
+@dataclass(frozen=True)
+class ExportCfg:
+    opset: int = 18
+    slim: bool = False
+    fp16: bool = True           # also write the FP16-typed ONNX (TensorRT 11 strong typing)
+    gate: str = "fail"
+    max_drop: float = 0.01
+    max_abs: float = 1e-4       # output parity on the reference batch
+    min_cosine: float = 0.9999
+
+
+@dataclass(frozen=True)
+class QuantizeCfg:
+    enabled: bool = True
+    target: str = "onnxruntime"  # onnxruntime | tensorrt (symmetric int8 Q/DQ)
+    calib_size: int = 512
+    accuracy_control: bool = False
+    model_type: str = ""        # "" | transformer
+    gate: str = "fail"
+    max_drop: float = 0.3
+    min_agreement: float = 99.0  # % of test predictions equal to the FP32 ONNX's
+    min_cosine: float = 0.99    # encoders: token cosine vs the FP32 ONNX
+
+
+@dataclass(frozen=True)
+class EngineCfg:
+    required: bool = False      # true: no TensorRT here is an error, not a skip
+    source: str = "int8"        # which ONNX to build from: fp32 | fp16 | int8
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 64
+    workspace_mb: int = 1024
+    opt_level: int = 3
+    dla_core: int = -1
+    gpu_fallback: bool = True
+    hardware_compatibility: str = ""  # "" | ampere_plus
+    version_compatible: bool = False
+    legacy_fp16_flag: bool = False    # TRT 10 only
+    gate: str = "fail"
+    max_drop: float = 0.3
+
+
+@dataclass(frozen=True)
+class ProfileCfg:
+    batches: tuple[int, ...] = (1, 64)
+    warmup: int = 10
+    iters: int = 50
+    time_budget_s: float = 0.0  # > 0: stop each measurement after this many seconds
+    threads: int = 0
+    torch: bool = True          # also time the torch models
+
+
+@dataclass(frozen=True)
+class PackageCfg:
+    backend: str = "onnxruntime-cpu"  # the backend the target runs
+    objective: str = "p50_ms"         # what "fastest" means
+    batch: int = 1                    # at which batch size
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunCfg = field(default_factory=RunCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    baseline: BaselineCfg = field(default_factory=BaselineCfg)
+    prune: PruneCfg = field(default_factory=PruneCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    quantize: QuantizeCfg = field(default_factory=QuantizeCfg)
+    engine: EngineCfg = field(default_factory=EngineCfg)
+    profile: ProfileCfg = field(default_factory=ProfileCfg)
+    package: PackageCfg = field(default_factory=PackageCfg)
+
+    def section(self, name: str) -> dict:
+        return dataclasses.asdict(getattr(self, name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "run.target": ("cpu", "desktop-gpu", "jetson-orin"),
+    "data.kind": ("mnist", "imagefolder"),
+    "prune.target": ("ratio", "macs", "latency_ms"),
+    "prune.importance": ("l1", "l2", "taylor", "bn_scale", "lamp", "random"),
+    "finetune.schedule": ("onecycle", "cosine", "constant"),
+    "finetune.optimizer": ("adam", "sgd"),
+    "finetune.device": ("auto", "cpu", "cuda"),
+    "quantize.target": ("onnxruntime", "tensorrt"),
+    "quantize.model_type": ("", "transformer"),
+    "engine.source": ("fp32", "fp16", "int8"),
+    "engine.hardware_compatibility": ("", "ampere_plus"),
+    "package.backend": ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"),
+    "package.objective": ("p50_ms", "p99_ms", "size_bytes"),
+}
+for _s in ("prune", "finetune", "export", "quantize", "engine"):
+    CHOICES[f"{_s}.gate"] = ("fail", "warn", "off")
+
+
+def _nearest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(key: str, value, tp):
+    """Check a TOML value against a field type; tuples accept lists, floats accept ints."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif tp is dict or origin is dict:
+        ok = isinstance(value, dict)
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        item = args[0]
+        ok = isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args))
+        if ok:
+            value = tuple(_coerce(key, v, item) for v in value)
+    else:  # pragma: no cover - every field type is listed above
+        raise TypeError(tp)
+    if not ok:
+        raise PipelineError(f"config: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a table"}.get(tp, str(tp))
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise PipelineError(f"config: unknown key {full!r}{_nearest(key, hints)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise PipelineError(f"config: [{key}] must be a table, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{key}.")
+        else:
+            value = _coerce(full, value, tp)
+            if full in CHOICES and value not in CHOICES[full]:
+                raise PipelineError(f"config: {full} = {value!r} is not one of {', '.join(map(repr, CHOICES[full]))}"
+                                    f"{_nearest(value, CHOICES[full]) if value else ''}")
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``section.key=value``; the value is read as TOML, else taken as a bare string."""
+    if "=" not in text:
+        raise PipelineError(f"--set {text!r}: expected section.key=value")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise PipelineError(f"--set {text!r}: the key must be section.key, e.g. prune.ratio=0.5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: config file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not valid TOML ({e})") from None
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise PipelineError(f"--set {text!r}: {p} is not a section")
+        node[parts[-1]] = value
+    try:
+        cfg = _build(Config, raw, "")
+    except PipelineError as e:
+        raise PipelineError(f"{path}: {e}") from None
+    if not cfg.run.name:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=path.stem))
+    _check(cfg, path)
+    return cfg
+
+
+def _check(cfg: Config, path: Path) -> None:
+    """Cross-field rules the types cannot say."""
+    def bad(msg):
+        raise PipelineError(f"{path}: config: {msg}")
+    if len(cfg.data.mean) != cfg.data.channels or len(cfg.data.std) != cfg.data.channels:
+        bad(f"data.mean and data.std need {cfg.data.channels} values (data.channels)")
+    if any(s <= 0 for s in cfg.data.std):
+        bad("data.std values must be > 0")
+    if not 0.0 <= cfg.prune.ratio < 1.0:
+        bad(f"prune.ratio must be in [0, 1), got {cfg.prune.ratio}")
+    if cfg.prune.target == "macs" and cfg.prune.macs <= 0:
+        bad("prune.target = 'macs' needs prune.macs > 0 (<= 1: fraction kept, > 1: absolute MACs)")
+    if cfg.prune.target == "latency_ms" and cfg.prune.latency_ms <= 0:
+        bad("prune.target = 'latency_ms' needs prune.latency_ms > 0")
+    if not (1 <= cfg.engine.min_batch <= cfg.engine.opt_batch <= cfg.engine.max_batch):
+        bad("engine batches must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+    if cfg.quantize.calib_size <= 0:
+        bad("quantize.calib_size must be > 0")
+    if any(b <= 0 for b in cfg.profile.batches) or not cfg.profile.batches:
+        bad("profile.batches must be positive integers")
+    if cfg.run.name and ("/" in cfg.run.name or cfg.run.name.startswith(".")):
+        bad(f"run.name {cfg.run.name!r} must be a plain folder name")
+    for key in ("baseline.epochs", "baseline.batch_size", "finetune.batch_size", "data.reference_batch",
+                "profile.iters"):
+        sec, k = key.split(".")
+        if getattr(getattr(cfg, sec), k) <= 0:
+            bad(f"{key} must be > 0")

@@ -42,6 +42,8 @@ class ModelCfg:
     factory: str = ""           # package.module:function for your own model
     kwargs: dict = field(default_factory=dict)
     weights: str = ""           # a state_dict to start from (loaded weights-only); empty = train
+    # Loading a pickled checkpoint runs whatever code the file contains: only for files you made.
+    unsafe_pickle: bool = False
     num_classes: int = 10
 
 

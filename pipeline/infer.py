@@ -62,8 +62,32 @@ def _runner(path: Path, kind: str):
     return OrtRunner(path, providers=tuple(providers)), f"onnxruntime ({providers[0]})"
 
 
+def open_bundle(path: Path, tmp: Path) -> Path:
+    """A bundle folder, or a .tar(.gz) of one unpacked safely: no member may land outside ``tmp``."""
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        raise PipelineError(f"{path}: bundle not found")
+    import tarfile
+    try:
+        with tarfile.open(path) as tar:
+            # The "data" filter refuses absolute paths, '..', links out of the folder and devices.
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise PipelineError(f"{path}: refused or unreadable bundle archive ({e})") from None
+    found = [p.parent for p in tmp.rglob("manifest.json")]
+    if len(found) != 1:
+        raise PipelineError(f"{path}: the archive must hold exactly one bundle (manifest.json), found {len(found)}")
+    return found[0]
+
+
 def infer(args) -> int:
-    bundle = Path(args.bundle)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
+        return _infer(args, open_bundle(Path(args.bundle), Path(tmp)))
+
+
+def _infer(args, bundle: Path) -> int:
     manifest_path = bundle / "manifest.json"
     if not manifest_path.is_file():
         raise PipelineError(f"{bundle}: not a deploy bundle (no manifest.json)")

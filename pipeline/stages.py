@@ -26,6 +26,7 @@ class Data:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.teacher = None  # the baseline's test outputs, kept for token fidelity of encoders
 
     def _split(self, split: str, subset: int, classes=None):
         d = self.cfg.data
@@ -92,15 +93,20 @@ def output_names(model) -> tuple[str, ...]:
     return tuple(getattr(model, "output_names", ("logits",)))
 
 
-def load_state(model, path: Path):
-    """Weights only: a checkpoint never runs code when it loads."""
+def load_state(model, path: Path, unsafe_pickle: bool = False):
+    """Weights only: a checkpoint never runs code when it loads, unless the user says it may."""
     import torch
     if not path.is_file():
         raise PipelineError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as e:  # torch raises many types for a corrupt or pickled file
-        raise PipelineError(f"{path}: not a weights-only state_dict ({str(e).splitlines()[0][:200]})") from None
+        hint = ("; if you made this file yourself and it holds a pickled model, "
+                "--set model.unsafe_pickle=true loads it (pickle runs code from the file)"
+                if "weights_only" in str(e) or "Unsupported global" in str(e) else "")
+        raise PipelineError(f"{path}: not a weights-only state_dict ({str(e).splitlines()[0][:160]}){hint}") from None
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -142,10 +148,32 @@ def onnx_outputs(path: Path, x: np.ndarray, threads: int = 0) -> dict[str, np.nd
     return run_onnx(path, x, threads=threads)
 
 
-def task_metrics(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict:
+def task_metrics(outputs: dict[str, np.ndarray], labels: np.ndarray, teacher: dict | None = None):
+    """Top-1 from the logits; for an encoder (a 'tokens' output), token fidelity against the teacher."""
     logits = outputs.get("logits", list(outputs.values())[-1])
     pred = logits.argmax(1)
-    return {"top1": round(float((pred == labels).mean() * 100), 4)}, pred
+    metrics = {"top1": round(float((pred == labels).mean() * 100), 4)}
+    if teacher is not None and "tokens" in outputs and "tokens" in teacher:
+        metrics.update(token_fidelity(outputs["tokens"], teacher["tokens"]))
+    return metrics, pred
+
+
+def token_fidelity(tokens: np.ndarray, reference: np.ndarray) -> dict:
+    """Cosine of each image's projected tokens (flattened) against the reference: mean and 1st percentile."""
+    a = tokens.reshape(len(tokens), -1).astype(np.float64)
+    b = reference.reshape(len(reference), -1).astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"token_cos_mean": round(float(cos.mean()), 6), "token_cos_p1": round(float(np.percentile(cos, 1)), 6)}
+
+
+def teacher_outputs(ctx: Context) -> dict | None:
+    """The unpruned model's test-set outputs, for token fidelity; None for plain classifiers."""
+    outputs = json.loads(ctx.path("baseline", "model.json").read_text())["outputs"]
+    if "tokens" not in outputs:
+        return None
+    if ctx.data.teacher is None:
+        ctx.data.teacher = torch_outputs(load_baseline(ctx), ctx.data.x_test)
+    return ctx.data.teacher
 
 
 def model_size(path: Path) -> int:
@@ -169,7 +197,7 @@ def baseline(ctx: Context) -> Result:
     cfg, data = ctx.cfg, ctx.data
     model = build(cfg)
     if cfg.model.weights:
-        load_state(model, resolve_root(cfg.model.weights))
+        load_state(model, resolve_root(cfg.model.weights), cfg.model.unsafe_pickle)
         trained = {"weights": cfg.model.weights}
     else:
         from pipeline.train import train_classifier
@@ -181,6 +209,7 @@ def baseline(ctx: Context) -> Result:
         trained = {"epochs": cfg.baseline.epochs, "losses": losses}
     save_weights(model, ctx.out / "model.pt")
     outs = torch_outputs(model, data.x_test)
+    data.teacher = outs if "tokens" in outs else None
     metrics, _ = task_metrics(outs, data.test.labels)
     macs, params = count(ctx, model)
     # The reference batch: a fixed, seeded slice of the test set that every parity check reuses.
@@ -220,7 +249,7 @@ def prune(ctx: Context) -> Result:
                               ignored_layers=p.ignored_layers, between_steps=between, taylor_batches=taylor,
                               seed=cfg.run.seed)
     save_pruned(model, info["history"], ctx.out)
-    metrics, _ = task_metrics(torch_outputs(model, data.x_test), data.test.labels)
+    metrics, _ = task_metrics(torch_outputs(model, data.x_test), data.test.labels, teacher_outputs(ctx))
     macs, params = count(ctx, model)
     metrics.update(macs=macs, params=params, size_bytes=_weights_size(ctx.out),
                    macs_reduction=round(base["macs"] / macs, 3), params_reduction=round(base["params"] / params, 3),
@@ -261,9 +290,9 @@ def finetune_stage(ctx: Context) -> Result:
     teacher = load_baseline(ctx)
     student = load_pruned_from(ctx, "prune")
     info = _finetune(ctx, student, teacher, epochs=cfg.finetune.epochs, early_stop=cfg.finetune.early_stop)
-    history = json.loads(ctx.path("prune", "pruning_history.json").read_text())
+    history = json.loads(ctx.path("prune", "pruning_history.json").read_text())["history"]
     save_pruned(student, history, ctx.out)
-    metrics, _ = task_metrics(torch_outputs(student, data.x_test), data.test.labels)
+    metrics, _ = task_metrics(torch_outputs(student, data.x_test), data.test.labels, teacher_outputs(ctx))
     macs, params = count(ctx, student)
     base = ctx.records["baseline"]["metrics"]
     metrics.update(macs=macs, params=params, size_bytes=_weights_size(ctx.out),
@@ -296,7 +325,7 @@ def export_onnx_stage(ctx: Context) -> Result:
     ort_ref = onnx_outputs(onnx_path, ref["inputs"])
     par = compare_outputs(torch_ref, ort_ref)
     outs = onnx_outputs(onnx_path, data.x_test, cfg.run.threads)
-    metrics, _ = task_metrics(outs, data.test.labels)
+    metrics, _ = task_metrics(outs, data.test.labels, teacher_outputs(ctx))
     metrics.update(size_bytes=model_size(onnx_path), macs=ctx.records["finetune"]["metrics"]["macs"],
                    params=ctx.records["finetune"]["metrics"]["params"], opset=info["opset"],
                    parity={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
@@ -338,8 +367,14 @@ def quantize_stage(ctx: Context) -> Result:
     fp32 = onnx_outputs(src, data.x_test, cfg.run.threads)
     int8 = onnx_outputs(dst, data.x_test, cfg.run.threads)
     fp32_metrics, fp32_pred = task_metrics(fp32, data.test.labels)
-    metrics, pred = task_metrics(int8, data.test.labels)
+    metrics, pred = task_metrics(int8, data.test.labels, teacher_outputs(ctx))
     agreement = round(float((pred == fp32_pred).mean() * 100), 4)
+    checks = [gates.drop_check("top1", metrics["top1"], fp32_metrics["top1"], q.max_drop),
+              gates.limit_check("agreement_with_fp32", agreement, q.min_agreement, at_least=True)]
+    if "tokens" in int8:
+        vs_fp32 = token_fidelity(int8["tokens"], fp32["tokens"])
+        metrics["token_cos_vs_fp32"] = vs_fp32
+        checks.append(gates.limit_check("token_cos_mean_vs_fp32", vs_fp32["token_cos_mean"], q.min_cosine, at_least=True))
     ref = np.load(ctx.path("baseline", "reference.npz"))
     par = compare_outputs(onnx_outputs(src, ref["inputs"]), onnx_outputs(dst, ref["inputs"]))
     metrics.update(size_bytes=model_size(dst), macs=ctx.records["finetune"]["metrics"]["macs"],
@@ -347,8 +382,7 @@ def quantize_stage(ctx: Context) -> Result:
                    calibration={k: calib_info[k] for k in ("n", "sha256", "seed", "per_class")},
                    target=q.target, qdq=info.get("qdq"), reverted=info.get("reverted"),
                    parity_vs_fp32={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
-    g = gates.gate(q.gate, gates.drop_check("top1", metrics["top1"], fp32_metrics["top1"], q.max_drop),
-                   gates.limit_check("agreement_with_fp32", agreement, q.min_agreement, at_least=True))
+    g = gates.gate(q.gate, *checks)
     return Result(metrics=metrics, gate=g, artifacts={
         "model_int8.onnx": {"kind": "onnx", "precision": "int8", "label": f"ONNX int8 ({q.target} Q/DQ)"},
         "calib.npz": {"kind": "calibration"}})
@@ -483,7 +517,7 @@ STAGES = [
     Stage("prune", 1, ("prune", "run.seed", "finetune.between_steps_epochs"), ("baseline",), prune),
     Stage("finetune", 1, ("finetune", "run.seed"), ("baseline", "prune"), finetune_stage),
     Stage("export_onnx", 1, ("export",), ("baseline", "finetune"), export_onnx_stage),
-    Stage("quantize", 1, ("quantize", "run.seed"), ("export_onnx",), quantize_stage),
+    Stage("quantize", 1, ("quantize", "run.seed"), ("baseline", "export_onnx"), quantize_stage),
     Stage("engine", 1, ("engine",), ("export_onnx", "quantize"), engine_stage, environment=engine_environment),
     Stage("profile", 1, ("profile", "run.threads"), ("baseline", "finetune", "export_onnx", "quantize", "engine"),
           profile_stage, environment=engine_environment),

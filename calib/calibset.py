@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -23,8 +23,8 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # Not mkstemp: its 0600 mode would make the artifact unreadable to other users (e.g. a container).
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -118,14 +118,20 @@ def load_calibration_set(path: str | os.PathLike, *, expect_shape: tuple[int, in
     if not path.is_file():
         raise CalibError(f"{path}: calibration set not found")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Our own handle: np.load leaks its file when a corrupt zip makes it fail.
+        with open(path, "rb") as f:
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+                raise CalibError(f"{path}: not a .npz calibration set (a single .npy array; "
+                                 "expected keys images, labels)")
             missing = [k for k in ("images", "labels") if k not in data.files]
             if missing:
                 raise CalibError(f"{path}: calibration set lacks {', '.join(missing)} (expected keys images, labels)")
             images, labels = data["images"], data["labels"]
     except CalibError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    # MemoryError: a corrupt .npy header can claim an array far larger than the file.
+    except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as e:
         raise CalibError(f"{path}: not a readable .npz calibration set ({type(e).__name__})") from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise CalibError(f"{path}: images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")

@@ -27,7 +27,8 @@ def load_onnx(path: str | os.PathLike):
         raise CalibError(f"{path}: ONNX model not found")
     try:
         model = onnx.load(str(path))
-    except (DecodeError, OSError, ValueError, RuntimeError) as e:
+    # ValidationError: onnx.load refuses external data that points outside the model's folder.
+    except (DecodeError, OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
         raise CalibError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     try:
         onnx.checker.check_model(model)
@@ -37,11 +38,11 @@ def load_onnx(path: str | os.PathLike):
     return model
 
 
-def _as_model(path_or_model):
+def _as_model(path_or_model, name: str | None = None):
     """(model, label for messages)."""
     if isinstance(path_or_model, (str, os.PathLike)):
-        return load_onnx(path_or_model), str(path_or_model)
-    return path_or_model, f"ONNX model {path_or_model.graph.name or '<unnamed>'}"
+        return load_onnx(path_or_model), name or str(path_or_model)
+    return path_or_model, name or f"ONNX model {path_or_model.graph.name or '<unnamed>'}"
 
 
 def _constants(model) -> dict:
@@ -135,14 +136,15 @@ def summary(entries: list[dict]) -> dict:
     }
 
 
-def validate_qdq(path_or_model, target: str) -> dict:
+def validate_qdq(path_or_model, target: str, *, name: str | None = None) -> dict:
     """Check the Q/DQ nodes for ``target``; returns ``summary``, raises CalibError listing offenders.
 
     tensorrt: every Q/DQ must be signed (not uint8) with zero point 0. onnxruntime: anything goes.
+    ``name`` replaces the path (or graph name) in messages.
     """
     if target not in TARGETS:
         raise CalibError(f"Q/DQ target must be one of {', '.join(TARGETS)}, got {target!r}")
-    model, label = _as_model(path_or_model)
+    model, label = _as_model(path_or_model, name)
     entries = inspect_qdq(model)
     if target == "tensorrt":
         bad = [e for e in entries if e["dtype"] == "uint8" or not e["zero_point_zero"]]

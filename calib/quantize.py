@@ -47,8 +47,12 @@ def _model_input(model, src, input_name: str | None):
             raise CalibError(f"{src}: ONNX model has no input {input_name!r} "
                              f"(inputs: {', '.join(i.name for i in inputs)})")
     t = chosen.type.tensor_type
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+    except KeyError:
+        raise CalibError(f"{src}: input {chosen.name!r} has no known tensor element type ({t.elem_type})") from None
     dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
-    return chosen.name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+    return chosen.name, dims, dtype
 
 
 def _check_samples(x, what: str, src, name: str, dims: list, dtype) -> np.ndarray:
@@ -85,7 +89,7 @@ def _finish(model, dst, target: str) -> tuple[dict, int]:
     import onnxruntime as ort
 
     rewritten = qdq.rewrite_uint8_to_int8(model) if target == "tensorrt" else []
-    counts = qdq.validate_qdq(model, target)
+    counts = qdq.validate_qdq(model, target, name=f"{dst} (not written)")
     try:
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors; the model must not be written

@@ -33,6 +33,8 @@ def _top1(path, x, y):
 def mnist_model(tmp_path_factory):
     """A two-conv CNN trained 300 steps on 6,000 MNIST training images, exported with a dynamic batch."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: OpenMP threads only add spin-waiting on a busy 2-core box
     x, y = load_mnist(MNIST, "train")
     xt, yt = load_mnist(MNIST, "test")
     train_x, train_y = torch.from_numpy(_normalize(x[:6000])), torch.from_numpy(y[:6000])
@@ -46,6 +48,7 @@ def mnist_model(tmp_path_factory):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(train_x[i]), train_y[i]).backward()
         opt.step()
+    torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("model") / "fp32.onnx"
     torch.onnx.export(model.eval(), torch.zeros(1, 1, 28, 28), str(path), dynamo=False,
                       input_names=["input"], output_names=["logits"],
@@ -62,6 +65,7 @@ def test_onnxruntime_target_keeps_nncf_defaults_and_accuracy(mnist_model, tmp_pa
     info = quantize_onnx(mnist_model["path"], tmp_path / "int8.onnx", mnist_model["calib"])
     assert info["path"] == str(tmp_path / "int8.onnx") and info["target"] == "onnxruntime"
     assert info["n_calib"] == 256 and info["int8_rewrites"] == 0 and info["seconds"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"]  # no temp file left beside it
     q = info["qdq"]
     assert q["quantize"] == 3 and q["dequantize"] == 6  # input + 2 activations; 3 weights as DQ only
     assert q["uint8"] == 4  # NNCF's post-ReLU activations: fine for onnxruntime, not for TensorRT
@@ -88,6 +92,15 @@ def test_tensorrt_target_is_signed_symmetric_and_keeps_accuracy(mnist_model, tmp
     assert abs(acc - mnist_model["fp32"]) <= 0.01
 
 
+def test_tensorrt_output_that_fails_validation_is_not_written(mnist_model, tmp_path, monkeypatch):
+    import calib.qdq
+
+    monkeypatch.setattr(calib.qdq, "rewrite_uint8_to_int8", lambda model: [])  # as if the post-fix were lost
+    with pytest.raises(CalibError, match=r"trt.onnx \(not written\): 4 of 9 Q/DQ nodes are not valid for TensorRT"):
+        quantize_onnx(mnist_model["path"], tmp_path / "trt.onnx", mnist_model["calib"][:32], target="tensorrt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_accuracy_control_reverts_layers_when_calibration_is_bad(mnist_model, tmp_path):
     # Calibrating on images scaled down 20x clips every activation: plain INT8 loses a lot.
     bad = mnist_model["calib"] * 0.05
@@ -105,6 +118,36 @@ def test_accuracy_control_reverts_layers_when_calibration_is_bad(mnist_model, tm
     assert fp32_val - _top1(info["path"], val_x, val_y) <= 0.003 + 1e-9
 
 
+class _TinyViT(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(1, 32, 7, 7)
+        self.encoder = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_transformer_model_type_gives_tensorrt_valid_qdq(tmp_path):
+    # Random weights: only the Q/DQ form and closeness to FP32 matter here.
+    torch.manual_seed(0)
+    src = tmp_path / "vit.onnx"
+    torch.onnx.export(_TinyViT().eval(), torch.zeros(1, 1, 28, 28), str(src), dynamo=False,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    x = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32)
+    ort_info = quantize_onnx(src, tmp_path / "ort.onnx", x, model_type="transformer")
+    assert ort_info["qdq"]["nonzero_zero_point"] > 0  # NNCF's transformer default: asymmetric activations
+    info = quantize_onnx(src, tmp_path / "trt.onnx", x, target="tensorrt", model_type="transformer")
+    assert info["qdq"]["nonzero_zero_point"] == 0 and info["qdq"]["uint8"] == 0 and info["qdq"]["quantize"] > 0
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    out = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    cosine = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    assert cosine.min() > 0.95
+
+
 def test_rewrite_keeps_values_of_a_uint8_pair_and_leaves_asymmetric_ones(tmp_path):
     scale = 0.02
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
@@ -119,7 +162,7 @@ def test_rewrite_keeps_values_of_a_uint8_pair_and_leaves_asymmetric_ones(tmp_pat
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None]),
                                helper.make_tensor_value_info("y2", TensorProto.FLOAT, [None])], inits,
                               value_info=[helper.make_tensor_value_info("q", TensorProto.UINT8, [None])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     x = np.linspace(0, 255 * scale, 1000, dtype=np.float32)
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
@@ -136,7 +179,7 @@ def test_rewrite_keeps_values_of_a_uint8_pair_and_leaves_asymmetric_ones(tmp_pat
 def _no_input_model(path):
     node = helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.ones(2, np.float32)))
     graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
     return path
 
 
@@ -150,6 +193,7 @@ def _no_input_model(path):
     ("target", "target must be one of onnxruntime, tensorrt"),
     ("model_type", "model_type must be None or 'transformer'"),
     ("input_name", "has no input 'pixels'"),
+    ("untyped", "untyped.onnx: input 'input' has no known tensor element type"),
 ])
 def test_bad_inputs_raise_one_line_and_write_nothing(mnist_model, tmp_path, case, match):
     src, calib, kwargs = mnist_model["path"], mnist_model["calib"][:8], {}
@@ -172,6 +216,12 @@ def test_bad_inputs_raise_one_line_and_write_nothing(mnist_model, tmp_path, case
         kwargs = {"model_type": "cnn"}
     elif case == "input_name":
         kwargs = {"input_name": "pixels"}
+    elif case == "untyped":
+        graph = helper.make_graph([helper.make_node("Identity", ["input"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("input", 0, ["batch", 4])],
+                                  [helper.make_tensor_value_info("y", 0, ["batch", 4])])
+        src = tmp_path / "untyped.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), src)
     out = tmp_path / "out"
     with pytest.raises(CalibError, match=match) as e:
         quantize_onnx(src, out / "int8.onnx", calib, **kwargs)

@@ -1,12 +1,14 @@
 """calib.calibset: stratified, seeded, reproducible calibration sets, and loud failures on bad files."""
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from calib import CalibError, build_calibration_set, load_calibration_set
+from calib.calibset import write_atomic
 from calib.sources import load_mnist
 
 MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist"
@@ -57,6 +59,20 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_another_sample(tmp_path
     c = build_calibration_set(x, y, 20, 8, tmp_path / "c.npz")
     assert a["sha256"] == b["sha256"] != c["sha256"]
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.npz").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file, not 0600
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_temp_file(tmp_path):
+    def write(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise OSError("disk full")
+
+    (tmp_path / "old.npz").write_bytes(b"previous")
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "old.npz", write)
+    assert os.listdir(tmp_path) == ["old.npz"] and (tmp_path / "old.npz").read_bytes() == b"previous"
 
 
 def test_real_mnist_train_split(tmp_path):
@@ -103,6 +119,21 @@ def _npz(path, **arrays):
     return path
 
 
+def _npy(path, array):
+    with open(path, "wb") as f:  # np.save(path) would append ".npy" to the name
+        np.save(f, array)
+    return path
+
+
+def _huge_header(path):
+    """A .npz whose images header claims 10^15 images: must fail cleanly, not try to allocate them."""
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': (1000000000000000, 1, 4, 4), }".ljust(117) + "\n"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+        z.writestr("labels.npy", b"")
+    return path
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda p: p, "not found"),
     (lambda p: (p.write_bytes(b"this is not a zip file"), p)[1], "not a readable .npz"),
@@ -113,6 +144,8 @@ def _npz(path, **arrays):
     (lambda p: _npz(p, images=np.zeros((2, 1, 4, 4), np.uint8), labels=np.zeros(2, np.int32)), "labels must be int64"),
     (lambda p: _npz(p, images=np.zeros((2, 1, 4, 4), np.uint8), labels=np.zeros(3, np.int64)), "labels must be int64"),
     (lambda p: _npz(p, images=np.zeros((0, 1, 4, 4), np.uint8), labels=np.zeros(0, np.int64)), "empty"),
+    (lambda p: _npy(p, np.zeros((2, 1, 4, 4), np.uint8)), "a single .npy array"),
+    (lambda p: _huge_header(p), r"not a readable .npz calibration set \(MemoryError\)"),
 ])
 def test_load_rejects_bad_files_naming_them(tmp_path, make, match):
     path = make(tmp_path / "bad.npz")

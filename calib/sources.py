@@ -6,6 +6,8 @@ so calibration sets, training and inference all read the same bytes.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 import os
 from pathlib import Path
 
@@ -25,7 +27,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise CalibError(f"{path}: IDX file not found")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise CalibError(f"{path}: not a readable gzip IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
         raise CalibError(f"{path}: not an IDX file (bad magic number)")
@@ -35,7 +37,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise CalibError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge header must not wrap around
     if len(raw) - header != expected:
         raise CalibError(f"{path}: IDX payload is {len(raw) - header} bytes, header says {expected} (shape {shape}): truncated or corrupt")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))

@@ -311,6 +311,8 @@ def record_engine(onnx_path, engine_path, options: EngineOptions, *, trt_version
         if gpu is None:
             raise ExportError(f"{engine_path.name}: no CUDA GPU here to record it against")
         gpu_name, compute_capability = gpu
+    # Refuse here what check_engine_compat would refuse later: a sidecar no runtime can read.
+    _version_tuple(trt_version)
     meta = _metadata(onnx_path, engine_path, engine_path.name, options, trt_version=trt_version,
                      gpu_name=gpu_name, compute_capability=compute_capability, built_with=built_with)
     _write_json(sidecar_path(engine_path), meta)
@@ -356,11 +358,9 @@ def check_engine_compat(engine_path, *, trt_version, gpu_name, compute_capabilit
         raise ExportError(f"{engine.name}: its metadata {side.name} is missing, so where it was "
                           f"built is unknown: rebuild it on this device")
     try:
-        meta = json.loads(side.read_text())
-        missing = [k for k in SIDECAR_KEYS if k not in meta]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
+        meta = _read_sidecar(side)
         built_cc = _cc_tuple(meta["compute_capability"])
+        _version_tuple(meta["tensorrt_version"])
     except Exception as e:
         raise ExportError(f"{side.name}: not readable engine metadata ({brief(e)}): "
                           f"rebuild the engine on this device") from e
@@ -371,8 +371,9 @@ def check_engine_compat(engine_path, *, trt_version, gpu_name, compute_capabilit
                           f"{str(meta['engine_sha256'])[:12]}…): truncated or replaced, rebuild it")
     here_cc = _cc_tuple(compute_capability)
     options = meta["options"] or {}
+    # `is True`: a sidecar saying "no" (a non-empty string) must not pass as compatible.
     version_ok = _runtime_can_run(meta["tensorrt_version"], trt_version,
-                                  bool(options.get("version_compatible")))
+                                  options.get("version_compatible") is True)
     arch_ok = built_cc == here_cc or (options.get("hardware_compatibility") == "ampere_plus"
                                       and min(built_cc, here_cc) >= (8, 0))
     if not (version_ok and arch_ok):
@@ -380,6 +381,29 @@ def check_engine_compat(engine_path, *, trt_version, gpu_name, compute_capabilit
             f"{engine.name}: built for TensorRT {meta['tensorrt_version']} on {_sm(built_cc)} "
             f"({meta['gpu_name']}), this is TensorRT {trt_version} on {_sm(here_cc)} "
             f"({gpu_name}): rebuild it on this device")
+    return meta
+
+
+_SIDECAR_TYPES = {"engine_size_bytes": int, "engine_sha256": str, "tensorrt_version": str,
+                  "gpu_name": str, "compute_capability": (str, list), "options": (dict, type(None))}
+
+
+def _read_sidecar(side: Path) -> dict:
+    """The sidecar's JSON, its keys present with the types written by _metadata (ValueError if not).
+
+    The sidecar travels with the engine and may be edited or come from elsewhere: a field of
+    another type must be refused here, not crash (or pass) a comparison further down.
+    """
+    meta = json.loads(side.read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    missing = [k for k in SIDECAR_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    for key, types in _SIDECAR_TYPES.items():
+        value = meta[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"{key} is {type(value).__name__} {value!r:.40}")
     return meta
 
 
@@ -732,6 +756,10 @@ def main(argv=None) -> int:
             meta = build_engine(args.onnx, args.engine, options)
     except ExportError as e:
         print(f"FAILED | {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an unwritable folder, a full disk: one line too, not a traceback
+        # A failed rename names the temporary file first: the user asked for the second one.
+        print(f"FAILED | {e.filename2 or e.filename or args.engine}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"PASSED | {args.engine}: TensorRT {meta['tensorrt_version']} on "
           f"{_sm(_cc_tuple(meta['compute_capability']))} ({meta['gpu_name']}), {meta['precision']}")

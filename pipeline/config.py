@@ -260,6 +260,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise PipelineError(f"--set {text!r}: value nested too deeply") from None
     return parts, value
 
 
@@ -271,6 +273,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise PipelineError(f"{path}: not valid TOML (nested too deeply)") from None
     for text in overrides:
         parts, value = parse_override(text)
         node = raw

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,7 @@ def load_inputs(path: Path, manifest: dict) -> tuple[np.ndarray, list[str] | Non
     _, c, h, w = manifest["input"]["shape"]
     try:
         if path.is_dir():
-            images, labels, classes = load_image_folder(path, (h, w), c)
-            names = None
+            images, names = _read_folder(path, (h, w), c)
         else:
             images = read_idx(path)
             if images.ndim == 3:
@@ -34,6 +34,30 @@ def load_inputs(path: Path, manifest: dict) -> tuple[np.ndarray, list[str] | Non
         raise PipelineError(f"{path}: images are {images.dtype} {tuple(images.shape[1:])}, "
                             f"the bundle expects uint8 {(c, h, w)}")
     return images, names
+
+
+def _read_folder(path: Path, size, channels) -> tuple[np.ndarray, list[str]]:
+    """A flat folder of images (sorted by name), or an ImageFolder tree of class subfolders."""
+    if any(p.is_dir() for p in path.iterdir()):
+        images, _, _ = load_image_folder(path, size, channels)
+        return images, None
+    from PIL import Image, UnidentifiedImageError
+    from calib.sources import IMAGE_SUFFIXES
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PipelineError(f"{path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise PipelineError(f"{path}: the bundle expects {channels} channels; images can give 1 or 3")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert(mode).resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise PipelineError(f"{f}: unreadable image ({e})") from None
+        out.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+    return np.stack(out), [f.name for f in files]
 
 
 def pick_model(bundle: Path, manifest: dict, requested: str | None) -> tuple[Path, str]:
@@ -73,8 +97,9 @@ def open_bundle(path: Path, tmp: Path) -> Path:
         with tarfile.open(path) as tar:
             # The "data" filter refuses absolute paths, '..', links out of the folder and devices.
             tar.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError) as e:
-        raise PipelineError(f"{path}: refused or unreadable bundle archive ({e})") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        detail = "; ".join(str(e).splitlines()) or type(e).__name__
+        raise PipelineError(f"{path}: refused or unreadable bundle archive ({detail})") from None
     found = [p.parent for p in tmp.rglob("manifest.json")]
     if len(found) != 1:
         raise PipelineError(f"{path}: the archive must hold exactly one bundle (manifest.json), found {len(found)}")
@@ -94,11 +119,15 @@ def _infer(args, bundle: Path) -> int:
     try:
         manifest = json.loads(manifest_path.read_text())
         norm = manifest["input"]["normalisation"]
-    except (ValueError, KeyError) as e:
+        shape = manifest["input"]["shape"]
+        if not (isinstance(shape, list) and len(shape) == 4 and
+                all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])):
+            raise ValueError(f"input.shape must be [batch, C, H, W] with positive C, H, W, got {shape!r}")
+    except (ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{manifest_path}: unreadable manifest ({e})") from None
     if args.batch_size <= 0:
         raise PipelineError(f"--batch-size must be > 0, got {args.batch_size}")
-    images, _ = load_inputs(Path(args.input), manifest)
+    images, names = load_inputs(Path(args.input), manifest)
     x = normalize(images, norm["mean"], norm["std"])
     path, kind = pick_model(bundle, manifest, args.model)
     runner, backend = _runner(path, kind)
@@ -114,7 +143,7 @@ def _infer(args, bundle: Path) -> int:
             preds.append(np.asarray(logits).argmax(1))
     pred = np.concatenate(preds)
     for j, p in enumerate(pred[:args.limit]):
-        print(f"{j}\t{labels[p] if p < len(labels) else p}")
+        print(f"{names[j] if names else j}\t{labels[p] if p < len(labels) else p}")
     total = sum(times)
     print(f"{len(pred)} images with {path.name} on {backend}: {total:.1f} ms in {len(times)} batches of "
           f"≤{args.batch_size} ({total / len(pred):.3f} ms/image, host↔device copies included)")

@@ -104,7 +104,8 @@ def load_state(model, path: Path, unsafe_pickle: bool = False):
         hint = ("; if you made this file yourself and it holds a pickled model, "
                 "--set model.unsafe_pickle=true loads it (pickle runs code from the file)"
                 if "weights_only" in str(e) or "Unsupported global" in str(e) else "")
-        raise PipelineError(f"{path}: not a weights-only state_dict ({str(e).splitlines()[0][:160]}){hint}") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"{path}: not a weights-only state_dict ({first[:160]}){hint}") from None
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -188,13 +189,18 @@ def count(ctx: Context, model) -> tuple[int, int]:
 
 def save_weights(model, path: Path) -> None:
     import torch
-    torch.save(model.state_dict(), path)
+    try:
+        torch.save(model.state_dict(), path)
+    except RuntimeError as e:  # torch reports a failed write (disk full) as RuntimeError
+        raise PipelineError(f"{path}: could not write ({str(e).splitlines()[0][:120]}): disk full or not writable?") from None
 
 
 # ---------------------------------------------------------------- stages
 
 def baseline(ctx: Context) -> Result:
+    import torch
     cfg, data = ctx.cfg, ctx.data
+    torch.manual_seed(cfg.run.seed)  # the initial weights too, so a rerun trains the same model
     model = build(cfg)
     if cfg.model.weights:
         load_state(model, resolve_root(cfg.model.weights), cfg.model.unsafe_pickle)

@@ -261,7 +261,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     except RecursionError:
-        raise PipelineError(f"--set {text!r}: value nested too deeply") from None
+        raise PipelineError(f"--set {key.strip()}: value nested too deeply") from None
     return parts, value
 
 

@@ -4,7 +4,7 @@ CONFIG  ?= configs/cpu.toml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: deploy test test-all profile bench bench-prune bench-quant bench-vit clean venv
+.PHONY: deploy test test-all profile bench bench-prune bench-quant bench-vit bench-profile clean venv
 
 # Reinstall only when a requirements file changes: the stamp is older than it then.
 .venv/.stamp: requirements.txt
@@ -28,7 +28,7 @@ test: .venv/.stamp
 test-all: .venv/.stamp
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-prune bench-quant
+bench: bench-prune bench-quant bench-vit bench-profile
 
 bench-prune: .venv/.stamp
 	$(PY) -m benchmarks.bench_prune
@@ -38,6 +38,9 @@ bench-quant: .venv/.stamp
 
 bench-vit: .venv/.stamp
 	$(PY) -m benchmarks.bench_vit
+
+bench-profile: .venv/.stamp
+	$(PY) -m benchmarks.bench_profile
 
 clean:
 	rm -rf runs .pytest_cache

@@ -134,12 +134,15 @@ class EngineCfg:
 
 @dataclass(frozen=True)
 class ProfileCfg:
-    batches: tuple[int, ...] = (1, 64)
+    batches: tuple[int, ...] = (1, 8, 64)
     warmup: int = 10
     iters: int = 50
     time_budget_s: float = 0.0  # > 0: stop each measurement after this many seconds
     threads: int = 0
     torch: bool = True          # also time the torch models
+    rounds: int = 3             # interleaved rounds; 1 = one artifact at a time (least memory)
+    baseline_onnx: bool = True  # export the unpruned baseline to ONNX fp32 for ONNX-vs-ONNX ratios
+    slower_tolerance: float = 0.05  # flag an artifact more than this fraction slower than its parent
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,8 @@ def _check(cfg: Config, path: Path) -> None:
         bad("quantize.calib_size must be > 0")
     if any(b <= 0 for b in cfg.profile.batches) or not cfg.profile.batches:
         bad("profile.batches must be positive integers")
+    if cfg.profile.rounds < 1 or cfg.profile.slower_tolerance < 0 or cfg.profile.time_budget_s < 0:
+        bad("profile.rounds must be >= 1, profile.slower_tolerance and profile.time_budget_s >= 0")
     if cfg.run.name and ("/" in cfg.run.name or cfg.run.name.startswith(".")):
         bad(f"run.name {cfg.run.name!r} must be a plain folder name")
     for key in ("baseline.epochs", "baseline.batch_size", "finetune.batch_size", "data.reference_batch",

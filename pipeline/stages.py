@@ -499,7 +499,9 @@ def package_stage(ctx: Context) -> Result:
         "libraries": library_versions(),
         "verified": _verified(ctx),
     })
-    write_report(bundle, list(ctx.records.values()), cfg)
+    # The bundle's report is written before this stage's record exists: give it the choice now.
+    this = {"name": "package", "status": "ran", "seconds": None, "metrics": {"chosen": choice}, "gate": None}
+    write_report(bundle, [*ctx.records.values(), this], cfg)
     return Result(metrics={"files": sorted(p.name for p in bundle.iterdir()), "chosen": choice})
 
 
@@ -525,8 +527,8 @@ STAGES = [
     Stage("export_onnx", 1, ("export",), ("baseline", "finetune"), export_onnx_stage),
     Stage("quantize", 1, ("quantize", "run.seed"), ("baseline", "export_onnx"), quantize_stage),
     Stage("engine", 1, ("engine",), ("export_onnx", "quantize"), engine_stage, environment=engine_environment),
-    Stage("profile", 1, ("profile", "run.threads"), ("baseline", "finetune", "export_onnx", "quantize", "engine"),
+    Stage("profile", 2, ("profile", "run.threads", "export.opset", "export.slim"), ("baseline", "finetune", "export_onnx", "quantize", "engine"),
           profile_stage, environment=engine_environment),
-    Stage("package", 1, ("package", "run.target", "engine"), ("baseline", "export_onnx", "quantize", "engine", "profile"),
+    Stage("package", 2, ("package", "run.target", "engine"), ("baseline", "export_onnx", "quantize", "engine", "profile"),
           package_stage, folder="deploy"),
 ]

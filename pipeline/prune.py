@@ -16,7 +16,8 @@ Targets (``target=``):
     on the ratio as for MACs. Timing on a shared machine is noisy: treat it as approximate.
 
 The classifier (the model's ``classifier`` attribute, else its last ``nn.Linear``) is never pruned at its
-output, nor is anything named in ``ignored_layers``. Models with attention modules that carry
+output, nor is any layer whose output is itself a model output (a vision tower's projector), any
+module named in the model's ``prune_ignored_layers`` attribute, or anything named in ``ignored_layers``. Models with attention modules that carry
 ``num_heads`` and a ``qkv`` Linear (ViT style) get torch-pruning's head handling and their
 ``num_heads``/``head_dim`` attributes are updated after each step.
 
@@ -49,8 +50,9 @@ HISTORY_FILE = "pruning_history.json"
 SAFETENSORS_FILE = "model.safetensors"
 STATE_DICT_FILE = "state_dict.pt"
 HISTORY_FORMAT = 1
-GRID = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98)  # coarse search for the ratio
-BISECT_ITERS = 10
+RATIO_MAX = 0.98      # the highest channel ratio the search tries
+BRACKET_STEP = 0.04   # first step when bracketing the ratio that meets a MAC/latency budget
+RATIO_TOL = 0.005     # bisection stops when the bracket is this narrow
 
 
 # --------------------------------------------------------------------------------------------- counting
@@ -130,10 +132,39 @@ def _make_importance(name: str, model: nn.Module):
     raise PipelineError(f"prune.importance: unknown {name!r}; expected one of {', '.join(IMPORTANCES)}")
 
 
-def _ignored(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+def output_modules(model: nn.Module, example_input) -> list[nn.Module]:
+    """Leaf modules whose output tensor is itself one of the model's outputs (e.g. a vision tower's
+    projector and its classifier): pruning their output width would change the model's contract."""
+    seen: list[tuple[torch.Tensor, nn.Module]] = []  # keeps the tensors alive, so identity is safe
+    hooks = [m.register_forward_hook(lambda mod, _inp, out: seen.append((out, mod)))
+             for m in model.modules() if not any(True for _ in m.children())]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    found = []
+    for o in outs:
+        for t, mod in seen:
+            if t is o and mod not in found:
+                found.append(mod)
+    return found
+
+
+def _ignored(model: nn.Module, names: Iterable[str], example_input=None) -> list[nn.Module]:
+    """The classifier, the modules that produce model outputs, the model's own ``prune_ignored_layers``
+    (a tuple of module names it may declare) and the user's ``ignored_layers``."""
     modules = dict(model.named_modules())
     out = [classifier_of(model)]
-    for n in names:
+    if example_input is not None:
+        out += [m for m in output_modules(model, example_input) if m not in out]
+    declared = tuple(getattr(model, "prune_ignored_layers", ()) or ())
+    for n in (*declared, *names):
         if n not in modules:
             raise PipelineError(f"prune.ignored_layers: the model has no module named {n!r}")
         out.append(modules[n])
@@ -155,25 +186,28 @@ def _taylor_gradients(model: nn.Module, batches: list) -> None:
 
 
 def _pruner(model, example_input, importance, ratio, *, global_pruning, round_to, max_layer_ratio,
-            iterative_steps, ignored):
+            iterative_steps, ignored, layer_ratios):
     num_heads = {m.qkv: m.num_heads for m in _attention_modules(model)}
+    modules = dict(model.named_modules())
+    ratio_dict = {modules[name]: float(r) for name, r in (layer_ratios or {}).items()}
     return tp.pruner.BasePruner(
         model, example_input, importance=importance, global_pruning=global_pruning,
-        pruning_ratio=float(ratio), max_pruning_ratio=float(max_layer_ratio),
+        pruning_ratio=float(ratio), pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=float(max_layer_ratio),
         iterative_steps=int(iterative_steps), ignored_layers=ignored,
         round_to=int(round_to) if round_to and round_to > 1 else None,
         num_heads=num_heads, prune_num_heads=False, prune_head_dims=True)
 
 
 def _run_schedule(model, example_input, *, ratio, importance, global_pruning, round_to, max_layer_ratio,
-                  iterative_steps, ignored_names, taylor_batches, seed, between_steps=None, progress=None):
+                  iterative_steps, ignored_names, taylor_batches, seed, layer_ratios=None, between_steps=None,
+                  progress=None):
     """Prune ``model`` in place over ``iterative_steps`` steps; returns the replayable history."""
     torch.manual_seed(seed)
     imp = _make_importance(importance, model)
     with torch.enable_grad():
         pruner = _pruner(model, example_input, imp, ratio, global_pruning=global_pruning, round_to=round_to,
                          max_layer_ratio=max_layer_ratio, iterative_steps=iterative_steps,
-                         ignored=_ignored(model, ignored_names))
+                         ignored=_ignored(model, ignored_names, example_input), layer_ratios=layer_ratios)
         for step in range(iterative_steps):
             if importance == "taylor":
                 _taylor_gradients(model, taylor_batches)
@@ -228,14 +262,17 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                 iterative_steps: int = 1, ignored_layers: Iterable[str] = (),
                 between_steps: Callable[[int, nn.Module], None] | None = None,
                 taylor_batches: Iterable | None = None, seed: int = 0,
-                progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, dict]:
+                progress: Callable[[int, int], None] | None = None,
+                layer_ratios: dict[str, float] | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place; returns ``(model, info)``.
 
     ``info``: macs_before/after, params_before/after, ratio_used (the channel ratio applied),
     history (JSON-friendly, for :func:`save_pruned`), channels ({layer: kept output channels}),
     plus target/budget/latency fields where they apply. ``between_steps(step_index, model)`` runs
     after every iterative step but the last (e.g. a short fine-tune). ``progress(step, steps)`` is
-    called after each step.
+    called after each step. ``layer_ratios`` ({module name: channel ratio}) fixes the ratio of the named
+    layers' output channels (torch-pruning's ``pruning_ratio_dict``); the searched/given ``ratio``
+    applies to the others.
     """
     if target not in TARGETS:
         raise PipelineError(f"prune.target: unknown {target!r}; expected one of {', '.join(TARGETS)}")
@@ -249,6 +286,13 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
         _make_importance(importance, model)  # fail early and clearly
     ignored_names = tuple(ignored_layers)
     _ignored(model, ignored_names)
+    layer_ratios = dict(layer_ratios or {})
+    named = dict(model.named_modules())
+    for name, r in layer_ratios.items():
+        if name not in named:
+            raise PipelineError(f"prune.layer_ratios: the model has no module named {name!r}")
+        if not 0.0 <= float(r) < 1.0:
+            raise PipelineError(f"prune.layer_ratios: {name} ratio must be in [0, 1), got {r}")
     batches = list(taylor_batches) if taylor_batches is not None else []
     if importance == "taylor" and not batches:
         raise PipelineError("prune.importance: 'taylor' needs taylor_batches (an iterable of (x, y) tensors)")
@@ -256,7 +300,7 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     macs_before, params_before = count_macs(model, example_input)
     common = dict(importance=importance, global_pruning=global_pruning, round_to=round_to,
                   max_layer_ratio=max_layer_ratio, iterative_steps=int(iterative_steps),
-                  ignored_names=ignored_names, taylor_batches=batches, seed=seed)
+                  ignored_names=ignored_names, taylor_batches=batches, seed=seed, layer_ratios=layer_ratios)
     info: dict = {"target": target}
 
     if target == "ratio":
@@ -282,14 +326,16 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
             def cost(m):
                 return measure_latency_ms(m, example_input, latency_batch)
             what = f"ms at batch {latency_batch}"
-        ratio_used, sim_channels = _bisect_ratio(model, example_input, budget, cost, what, common)
+        ratio_used, sim_channels = _bisect_ratio(model, example_input, budget, cost, what, common,
+                                                 cost0=macs_before if target == "macs" else None)
     history = _run_schedule(model, example_input, ratio=ratio_used, between_steps=between_steps,
                             progress=progress, **common)
 
     # With fine-tuning between global steps the allocation can differ from the simulation: top up.
     if target != "ratio" and layer_channels(model) != sim_channels and cost(model) > budget:
-        extra, _ = _bisect_ratio(model, example_input, budget, cost, what, {**common, "iterative_steps": 1})
-        history += _run_schedule(model, example_input, ratio=extra, **{**common, "iterative_steps": 1})
+        once = {**common, "iterative_steps": 1, "layer_ratios": None}  # layer_ratios were applied already
+        extra, _ = _bisect_ratio(model, example_input, budget, cost, what, once)
+        history += _run_schedule(model, example_input, ratio=extra, **once)
         info["top_up_ratio"] = extra
 
     macs_after, params_after = count_macs(model, example_input)
@@ -301,38 +347,61 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     return model, info
 
 
-def _bisect_ratio(model, example_input, budget, cost, what, common) -> tuple[float, dict]:
-    """Smallest channel ratio whose (simulated) pruned copy costs <= budget; also its channels."""
+def _bisect_ratio(model, example_input, budget, cost, what, common, cost0=None) -> tuple[float, dict]:
+    """Smallest channel ratio (within RATIO_TOL) whose simulated pruned copy costs <= budget; also the
+    channels it gives. Each trial prunes a deepcopy, so trials are few: a first guess from
+    cost ~ (1 - ratio)^2, a bracket grown outwards from it, then bisection of the bracket."""
     cache: dict[float, tuple[float, dict]] = {}
 
     def trial(r):
+        r = round(min(max(r, 0.0), RATIO_MAX), 6)
         if r not in cache:
             m = copy.deepcopy(model)
-            if r > 0:
+            if r > 0 or common.get("layer_ratios"):
                 _run_schedule(m, example_input, ratio=r, **common)
             cache[r] = (cost(m), layer_channels(m))
-        return cache[r]
+        return r, cache[r][0]
 
-    if trial(0.0)[0] <= budget:
-        return 0.0, trial(0.0)[1]
-    # Cost is not monotone everywhere (global pruning refuses groups it would empty, so a huge ratio can
-    # prune *less*): walk a coarse grid upwards to the first ratio that fits, then bisect below it.
-    lo = 0.0
-    for hi in GRID:
-        if trial(hi)[0] <= budget:
-            break
-        lo = hi
+    if cost0 is None or common.get("layer_ratios"):
+        cost0 = trial(0.0)[1]
     else:
-        best = min(cache.values(), key=lambda c: c[0])[0]
-        raise PipelineError(f"prune: cannot reach {budget:,.4g} {what}: the lowest found is {best:,.4g}; "
-                            "relax the target, max_layer_ratio or ignored_layers")
-    for _ in range(BISECT_ITERS):
-        mid = (lo + hi) / 2
-        if trial(mid)[0] <= budget:
+        cache[0.0] = (cost0, layer_channels(model))
+    if cost0 <= budget:
+        return 0.0, cache[0.0][1]
+    guess = 1.0 - math.sqrt(budget / cost0)
+    r, c = trial(guess)
+    step = BRACKET_STEP
+    if c <= budget:  # grow downwards until it no longer fits
+        hi, lo = r, None
+        while lo is None:
+            r2, c2 = trial(hi - step)
+            if r2 <= 0.0 or c2 > budget:
+                lo = max(r2, 0.0) if c2 > budget else 0.0
+                if c2 <= budget:
+                    hi = r2
+            else:
+                hi = r2
+            step *= 2
+    else:  # grow upwards until it fits (global pruning can refuse to empty layers: not monotone at the top)
+        lo, hi = r, None
+        while hi is None:
+            if lo >= RATIO_MAX:
+                best = min(v[0] for v in cache.values())
+                raise PipelineError(f"prune: cannot reach {budget:,.4g} {what}: the lowest found is {best:,.4g}; "
+                                    "relax the target, max_layer_ratio or ignored_layers")
+            r2, c2 = trial(lo + step)
+            if c2 <= budget:
+                hi = r2
+            else:
+                lo = r2
+            step *= 2
+    while hi - lo > RATIO_TOL:
+        mid, c = trial((lo + hi) / 2)
+        if c <= budget:
             hi = mid
         else:
             lo = mid
-    return hi, trial(hi)[1]
+    return hi, cache[hi][1]
 
 
 # --------------------------------------------------------------------------------------------- persistence

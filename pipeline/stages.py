@@ -477,8 +477,10 @@ def package_stage(ctx: Context) -> Result:
         for name in rec.get("artifacts", {}):
             shutil.copy2(ctx.path(stage, name), bundle / name)
             files[name] = {**rec["artifacts"][name], "stage": stage, "sha256": sha256_file(bundle / name)}
-    # The bundle carries the engine builder so the target needs only this folder and TensorRT.
-    shutil.copytree(PROJECT_ROOT / "export", bundle / "export", ignore=shutil.ignore_patterns("__pycache__"))
+    # The bundle carries the engine builder and `infer` (none of which imports torch), so the target
+    # needs only this folder, numpy and TensorRT or onnxruntime.
+    for package in ("export", "calib", "pipeline"):
+        shutil.copytree(PROJECT_ROOT / package, bundle / package, ignore=shutil.ignore_patterns("__pycache__"))
     script = build_script("model_int8.onnx" if cfg.engine.source == "int8" else
                           {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}[cfg.engine.source],
                           "model.engine", engine_options(cfg, None))

@@ -57,7 +57,7 @@ def test_first_run_produces_every_stage_and_the_bundle(runs):
     assert all(r["p50_ms"] > 0 and r["p50_ms"] <= r["p99_ms"] for r in lat)
     bundle = runs / "smoke/deploy"
     for f in ("model.onnx", "model_fp16.onnx", "model_int8.onnx", "calib.npz", "manifest.json",
-              "build_engine.sh", "report.md", "config.json", "export/tensorrt.py"):
+              "build_engine.sh", "report.md", "config.json", "export/tensorrt.py", "pipeline/infer.py"):
         assert (bundle / f).exists(), f
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["input"]["normalisation"]["mean"] == [0.1307]

@@ -100,11 +100,13 @@ def test_config_error_exits_1_on_one_line(runs):
 
 
 def test_infer_on_bundle_without_torch(runs):
-    code = ("import sys; from pipeline.cli import main; rc = main(['infer', '--bundle', sys.argv[1], '--input', "
-            "'data/mnist/t10k-images-idx3-ubyte.gz', '--limit', '3']); "
+    # From inside the bundle, with its own copy of the code: what a Jetson has.
+    code = ("import os, sys, pipeline; assert os.path.abspath(pipeline.__file__).startswith(sys.argv[1]), pipeline.__file__; "
+            "from pipeline.cli import main; rc = main(['infer', '--bundle', '.', '--input', sys.argv[2], '--limit', '3']); "
             "assert 'torch' not in sys.modules, 'infer imported torch'; sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code, str(runs / "smoke/deploy")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    bundle = runs / "smoke/deploy"
+    p = subprocess.run([sys.executable, "-c", code, str(bundle), str(ROOT / "data/mnist/t10k-images-idx3-ubyte.gz")],
+                       cwd=bundle, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.strip().splitlines()
     assert lines[0].split("\t")[1] == "7"  # the first MNIST test digit is a 7

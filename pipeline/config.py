@@ -81,7 +81,7 @@ class FinetuneCfg:
     kd_temperature: float = 4.0
     kd_weight: float = 0.7      # 0 = labels only
     token_weight: float = 0.0   # encoders: weight of the token-distillation term
-    early_stop: bool = True     # stop once held-out train top-1 reaches the baseline's test top-1
+    early_stop: bool = True     # stop once held-out train top-1 reaches the teacher's on that slice
     val_size: int = 2000        # held out of the TRAIN split for early stopping
     between_steps_epochs: float = 0.0  # fine-tune between iterative prune steps
     device: str = "auto"        # auto | cpu | cuda

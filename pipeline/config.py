@@ -66,6 +66,7 @@ class PruneCfg:
     round_to: int = 1
     max_layer_ratio: float = 1.0
     iterative_steps: int = 1
+    head_ratio: float = 0.0     # > 0: remove this fraction of whole attention heads (ViTs)
     ignored_layers: tuple[str, ...] = ()
     gate: str = "warn"          # fail | warn | off
     max_drop: float = 100.0

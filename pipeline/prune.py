@@ -186,7 +186,7 @@ def _taylor_gradients(model: nn.Module, batches: list) -> None:
 
 
 def _pruner(model, example_input, importance, ratio, *, global_pruning, round_to, max_layer_ratio,
-            iterative_steps, ignored, layer_ratios):
+            iterative_steps, ignored, layer_ratios, head_ratio=0.0):
     num_heads = {m.qkv: m.num_heads for m in _attention_modules(model)}
     modules = dict(model.named_modules())
     ratio_dict = {modules[name]: float(r) for name, r in (layer_ratios or {}).items()}
@@ -195,19 +195,23 @@ def _pruner(model, example_input, importance, ratio, *, global_pruning, round_to
         pruning_ratio=float(ratio), pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=float(max_layer_ratio),
         iterative_steps=int(iterative_steps), ignored_layers=ignored,
         round_to=int(round_to) if round_to and round_to > 1 else None,
-        num_heads=num_heads, prune_num_heads=False, prune_head_dims=True)
+        # Either whole heads go (head_ratio > 0) or every head narrows: torch-pruning keeps qkv, proj
+        # and the num_heads/head_dim attributes consistent in both modes.
+        num_heads=num_heads, prune_num_heads=head_ratio > 0, prune_head_dims=head_ratio == 0,
+        head_pruning_ratio=float(head_ratio))
 
 
 def _run_schedule(model, example_input, *, ratio, importance, global_pruning, round_to, max_layer_ratio,
                   iterative_steps, ignored_names, taylor_batches, seed, layer_ratios=None, between_steps=None,
-                  progress=None):
+                  progress=None, head_ratio=0.0):
     """Prune ``model`` in place over ``iterative_steps`` steps; returns the replayable history."""
     torch.manual_seed(seed)
     imp = _make_importance(importance, model)
     with torch.enable_grad():
         pruner = _pruner(model, example_input, imp, ratio, global_pruning=global_pruning, round_to=round_to,
                          max_layer_ratio=max_layer_ratio, iterative_steps=iterative_steps,
-                         ignored=_ignored(model, ignored_names, example_input), layer_ratios=layer_ratios)
+                         ignored=_ignored(model, ignored_names, example_input), layer_ratios=layer_ratios,
+                         head_ratio=head_ratio)
         for step in range(iterative_steps):
             if importance == "taylor":
                 _taylor_gradients(model, taylor_batches)
@@ -263,7 +267,7 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                 between_steps: Callable[[int, nn.Module], None] | None = None,
                 taylor_batches: Iterable | None = None, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None,
-                layer_ratios: dict[str, float] | None = None) -> tuple[nn.Module, dict]:
+                layer_ratios: dict[str, float] | None = None, head_ratio: float = 0.0) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place; returns ``(model, info)``.
 
     ``info``: macs_before/after, params_before/after, ratio_used (the channel ratio applied),
@@ -272,12 +276,15 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     after every iterative step but the last (e.g. a short fine-tune). ``progress(step, steps)`` is
     called after each step. ``layer_ratios`` ({module name: channel ratio}) fixes the ratio of the named
     layers' output channels (torch-pruning's ``pruning_ratio_dict``); the searched/given ``ratio``
-    applies to the others.
+    applies to the others. ``head_ratio`` > 0 removes that fraction of whole attention heads (keeping
+    head_dim) instead of narrowing every head.
     """
     if target not in TARGETS:
         raise PipelineError(f"prune.target: unknown {target!r}; expected one of {', '.join(TARGETS)}")
     if importance not in IMPORTANCES:
         raise PipelineError(f"prune.importance: unknown {importance!r}; expected one of {', '.join(IMPORTANCES)}")
+    if not 0.0 <= float(head_ratio) < 1.0:
+        raise PipelineError(f"prune.head_ratio: must be in [0, 1), got {head_ratio}")
     if int(iterative_steps) < 1:
         raise PipelineError(f"prune.iterative_steps: must be >= 1, got {iterative_steps}")
     if not 0.0 < float(max_layer_ratio) <= 1.0:
@@ -300,7 +307,8 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     macs_before, params_before = count_macs(model, example_input)
     common = dict(importance=importance, global_pruning=global_pruning, round_to=round_to,
                   max_layer_ratio=max_layer_ratio, iterative_steps=int(iterative_steps),
-                  ignored_names=ignored_names, taylor_batches=batches, seed=seed, layer_ratios=layer_ratios)
+                  ignored_names=ignored_names, taylor_batches=batches, seed=seed, layer_ratios=layer_ratios,
+                  head_ratio=float(head_ratio))
     info: dict = {"target": target}
 
     if target == "ratio":

@@ -252,7 +252,8 @@ def prune(ctx: Context) -> Result:
                               latency_ms=p.latency_ms, latency_batch=p.latency_batch, importance=p.importance,
                               global_pruning=p.global_pruning, round_to=p.round_to,
                               max_layer_ratio=p.max_layer_ratio, iterative_steps=p.iterative_steps,
-                              ignored_layers=p.ignored_layers, between_steps=between, taylor_batches=taylor,
+                              ignored_layers=p.ignored_layers, head_ratio=p.head_ratio,
+                              between_steps=between, taylor_batches=taylor,
                               seed=cfg.run.seed)
     save_pruned(model, info["history"], ctx.out)
     metrics, _ = task_metrics(torch_outputs(model, data.x_test), data.test.labels, teacher_outputs(ctx))

@@ -102,22 +102,20 @@ def test_prune_macs_target_keeps_heads_consistent_and_llm_width(tmp_path):
             assert (mod_a.num_heads, mod_a.head_dim) == (mod_b.num_heads, mod_b.head_dim)
 
 
-def test_whole_head_pruning_with_torch_pruning():
-    """Removing whole heads (torch-pruning's prune_num_heads, which pipeline.prune does not switch on
-    yet) keeps num_heads/head_dim consistent once pipeline.prune's sync runs."""
-    import torch_pruning as tp
-    from pipeline.prune import _attention_modules, _sync_head_attributes, count_macs
+def test_whole_head_pruning_removes_heads_and_replays(tmp_path):
+    """head_ratio removes whole heads (head_dim kept); the JSON history replays to the same tower."""
+    from pipeline.prune import _attention_modules, count_macs, load_pruned, prune_model, save_pruned
     m = tiny()
     base, _ = count_macs(m, x(1))
-    pruner = tp.pruner.BasePruner(
-        m, torch.zeros(1, 1, 28, 28), importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.25,
-        ignored_layers=[m.classifier, m.projector], num_heads={a.qkv: a.num_heads for a in _attention_modules(m)},
-        prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5)
-    pruner.step()
-    _sync_head_attributes(m, pruner.num_heads)
+    m, info = prune_model(m, torch.zeros(1, 1, 28, 28), target="ratio", ratio=0.25, head_ratio=0.5, importance="l2")
     for a in _attention_modules(m):
         assert a.num_heads == TINY["heads"] // 2 and a.head_dim == TINY["dim"] // TINY["heads"]
     _check_pruned(m, base, TINY["llm_hidden"])
+    save_pruned(m, info["history"], tmp_path)
+    again = load_pruned(tiny(), torch.zeros(1, 1, 28, 28), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(m.eval()(x(2))[0], again(x(2))[0], atol=1e-6)
+    assert [a.num_heads for a in _attention_modules(again)] == [TINY["heads"] // 2] * TINY["depth"]
 
 
 def test_prune_ratio_global_taylor_keeps_llm_width():

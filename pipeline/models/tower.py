@@ -23,52 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-
-class TowerAttention(nn.Module):
-    """Multi-head self-attention with one ``qkv`` Linear; ``num_heads``/``head_dim`` are attributes."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
-
-
-class TowerMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class TowerBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = TowerAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = TowerMlp(dim, max(1, int(dim * mlp_ratio)))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+from pipeline.models.zoo import Block  # the same pre-norm block as ViTSmall, so pruning treats both alike
 
 
 class VisionTower(nn.Module):
@@ -91,7 +46,9 @@ class VisionTower(nn.Module):
         self.llm_hidden = llm_hidden
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, dim) * 0.02)
-        self.blocks = nn.Sequential(*[TowerBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.projector = nn.Linear(dim, llm_hidden)
         self.classifier = nn.Linear(llm_hidden, num_classes)

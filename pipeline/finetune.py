@@ -25,7 +25,6 @@ import copy
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path

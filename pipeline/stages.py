@@ -404,7 +404,7 @@ def engine_environment() -> dict:
 
 
 def engine_stage(ctx: Context) -> Result:
-    from export.tensorrt import EngineOptions, build_engine, trt_version_info
+    from export.tensorrt import build_engine, trt_version_info
     cfg, e = ctx.cfg, ctx.cfg.engine
     trt = trt_version_info()
     if trt is None:

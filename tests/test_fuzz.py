@@ -10,11 +10,9 @@ import json
 import math
 import shutil
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -418,7 +417,6 @@ def small_onnx(path: Path) -> Path:
 
 def external_data_onnx(path: Path, location: str) -> Path:
     """A model whose weight claims to live in an external file at `location` (outside its folder)."""
-    import onnx
     from onnx import TensorProto, helper
     w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1, 2, 3, 4])
     w.ClearField("float_data")

@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import time
 
 import pytest

@@ -404,7 +404,7 @@ def engine_environment() -> dict:
 
 
 def engine_stage(ctx: Context) -> Result:
-    from export.tensorrt import build_engine, trt_version_info
+    from export.tensorrt import build_engine, timing_cache_name, trt_version_info
     cfg, e = ctx.cfg, ctx.cfg.engine
     trt = trt_version_info()
     if trt is None:
@@ -414,7 +414,9 @@ def engine_stage(ctx: Context) -> Result:
         return Result(status="skipped", reason=reason)
     src = _engine_source(ctx)
     engine = ctx.out / "model.engine"
-    info = build_engine(src, engine, engine_options(cfg, ctx.out / "timing.cache"))
+    # The timing cache outlives the stage folder: one per GPU and TensorRT version, beside the runs.
+    cache = ctx.run_dir.parent / timing_cache_name(trt["gpu_name"], trt["version"])
+    info = build_engine(src, engine, engine_options(cfg, cache))
     from export.tensorrt import TrtEngineRunner
     data = ctx.data
     with TrtEngineRunner(engine) as runner:

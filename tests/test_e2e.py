@@ -111,3 +111,11 @@ def test_infer_on_bundle_without_torch(runs):
     lines = p.stdout.strip().splitlines()
     assert lines[0].split("\t")[1] == "7"  # the first MNIST test digit is a 7
     assert "10000 images with" in lines[-2] and lines[-1].startswith("PASSED | 10000 predictions")
+
+
+def test_required_engine_without_tensorrt_is_a_one_line_error(runs):
+    p = run(runs, "engine.required=true")
+    assert p.returncode == 1
+    assert p.stdout.strip().splitlines()[-1] == ("FAILED | error: engine.required = true for target cpu, but TensorRT and a CUDA GPU "
+                                "are not available on this machine; build on the target with deploy/build_engine.sh")
+    assert not (runs / "smoke/06_engine.failed").exists()

@@ -66,6 +66,21 @@ def load_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndar
     return np.ascontiguousarray(images[:, None]), labels.astype(np.int64)
 
 
+def read_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One image file as uint8 [C, H, W], converted to 1 (L) or 3 (RGB) channels and resized to (H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise CalibError(f"image channels must be 1 or 3, got {channels}")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert(mode).resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise CalibError(f"{path}: unreadable image ({e})") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
 def load_image_folder(root: str | os.PathLike, size: tuple[int, int], channels: int,
                       classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """An ImageFolder tree (one subfolder per class), resized to ``size`` (H, W).
@@ -73,8 +88,6 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int], channels: 
     ``classes`` fixes the label order (pass the training split's classes when reading test/);
     otherwise it is the sorted subfolder names.
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     if not root.is_dir():
         raise CalibError(f"{root}: image folder not found")
@@ -86,8 +99,7 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int], channels: 
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise CalibError(f"{root}: class folders {unknown} are not among the training classes {classes}")
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
+    if channels not in (1, 3):  # before reading any file
         raise CalibError(f"image channels must be 1 or 3, got {channels}")
     images, labels = [], []
     for label, name in enumerate(classes):
@@ -97,13 +109,7 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int], channels: 
         for f in sorted(folder.iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise CalibError(f"{f}: unreadable image ({e})") from None
-            images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            images.append(read_image(f, size, channels))
             labels.append(label)
     if not images:
         raise CalibError(f"{root}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from calib.errors import CalibError
-from calib.sources import load_image_folder, read_idx
+from calib.sources import IMAGE_SUFFIXES, load_image_folder, read_idx, read_image
 from pipeline.data import normalize
 from pipeline.errors import PipelineError
 
@@ -41,22 +41,10 @@ def _read_folder(path: Path, size, channels) -> tuple[np.ndarray, list[str]]:
     if any(p.is_dir() for p in path.iterdir()):
         images, _, _ = load_image_folder(path, size, channels)
         return images, None
-    from PIL import Image, UnidentifiedImageError
-    from calib.sources import IMAGE_SUFFIXES
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise PipelineError(f"{path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise PipelineError(f"{path}: the bundle expects {channels} channels; images can give 1 or 3")
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert(mode).resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise PipelineError(f"{f}: unreadable image ({e})") from None
-        out.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+    out = [read_image(f, size, channels) for f in files]
     return np.stack(out), [f.name for f in files]
 
 

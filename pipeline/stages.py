@@ -18,6 +18,7 @@ from pipeline import gate as gates
 from pipeline.config import Config
 from pipeline.data import PROJECT_ROOT, load_split, normalize, resolve_root
 from pipeline.errors import PipelineError
+from pipeline.progress import step_progress
 from pipeline.runner import Context, Result, Stage, library_versions, sha256_file, write_json
 
 
@@ -211,7 +212,7 @@ def baseline(ctx: Context) -> Result:
                 f"on {len(data.train.labels)} images")
         losses = train_classifier(model, data.x_train, data.train.labels, epochs=cfg.baseline.epochs,
                                   lr=cfg.baseline.lr, batch_size=cfg.baseline.batch_size, seed=cfg.run.seed,
-                                  progress=_progress_bar(ctx, "baseline"))
+                                  progress=step_progress("baseline"))
         trained = {"epochs": cfg.baseline.epochs, "losses": losses}
     save_weights(model, ctx.out / "model.pt")
     outs = torch_outputs(model, data.x_test)
@@ -430,9 +431,13 @@ def engine_stage(ctx: Context) -> Result:
                                                                        "label": f"TensorRT engine ({e.source})"}})
 
 
+# engine.source -> the ONNX file the engine is built from
+ENGINE_SOURCES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+
+
 def _engine_source(ctx: Context) -> Path:
     e = ctx.cfg.engine
-    name = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}[e.source]
+    name = ENGINE_SOURCES[e.source]
     path = ctx.path("quantize" if e.source == "int8" else "export_onnx", name)
     if not path.is_file():
         raise PipelineError(f"engine.source = {e.source!r} but {path} was not produced "
@@ -487,9 +492,7 @@ def package_stage(ctx: Context) -> Result:
     # needs only this folder, numpy and TensorRT or onnxruntime.
     for package in ("export", "calib", "pipeline"):
         shutil.copytree(PROJECT_ROOT / package, bundle / package, ignore=shutil.ignore_patterns("__pycache__"))
-    script = build_script("model_int8.onnx" if cfg.engine.source == "int8" else
-                          {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}[cfg.engine.source],
-                          "model.engine", engine_options(cfg, None))
+    script = build_script(ENGINE_SOURCES[cfg.engine.source], "model.engine", engine_options(cfg, None))
     (bundle / "build_engine.sh").write_text(script)
     (bundle / "build_engine.sh").chmod(0o755)
     write_json(bundle / "config.json", cfg.to_dict())
@@ -521,11 +524,6 @@ def _verified(ctx: Context) -> dict:
         "tensorrt": ("engine built and gated on this machine" if engine.get("status") in ("ran", "cached")
                      else "NOT executed: no TensorRT/GPU here; build_engine.sh builds it on the target"),
     }
-
-
-def _progress_bar(ctx: Context, label: str):
-    from pipeline.progress import step_progress
-    return step_progress(label)
 
 
 STAGES = [

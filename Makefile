@@ -4,13 +4,15 @@ CONFIG  ?= configs/cpu.toml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: deploy test test-all profile bench bench-prune bench-quant bench-vit bench-profile clean venv
+.PHONY: deploy test test-all lint profile bench bench-prune bench-quant bench-vit bench-profile clean venv
 
-# Reinstall only when a requirements file changes: the stamp is older than it then.
-.venv/.stamp: requirements.txt
+# Reinstall only when the dependency list or the pinned set changes: the stamp is older than them then.
+# Editable, so the checkout's code is what runs; `.venv/bin/edgepipe` is the console entry point.
+.venv/.stamp: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[cpu,dev]"
+	test -x .venv/bin/edgepipe
 	touch $@
 
 venv: .venv/.stamp
@@ -23,10 +25,13 @@ profile: .venv/.stamp
 
 # Fast suite plus the end-to-end smoke test; tests marked slow or gpu are left out.
 test: .venv/.stamp
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS)
 
 test-all: .venv/.stamp
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+lint: .venv/.stamp
+	.venv/bin/ruff check .
 
 bench: bench-prune bench-quant bench-vit bench-profile
 
@@ -43,4 +48,4 @@ bench-profile: .venv/.stamp
 	$(PY) -m benchmarks.bench_profile
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build *.egg-info

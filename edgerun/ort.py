@@ -1,0 +1,132 @@
+"""onnxruntime runner with the same contract as Polygraphy's: a context manager with
+`infer(feed: dict[str, ndarray]) -> dict[str, ndarray]`.
+
+Runtime code: a Jetson runs it, so it never imports torch, pipeline, export or calib;
+onnxruntime itself is imported inside the functions that need it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgerun.errors import EdgeError, brief
+
+
+class OrtError(EdgeError):
+    """A model onnxruntime cannot load or run here, a missing provider, or a bad feed."""
+
+
+def available_ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+class OrtRunner:
+    """An onnxruntime session on `path`.
+
+    `providers` is passed to onnxruntime as given: names, or (name, options) pairs such as those
+    of ort_tensorrt_provider_options. A provider missing from this onnxruntime build is an error,
+    not a silent fall back to the CPU (which would make every timing lie). `threads` = 0 lets
+    onnxruntime choose; `provider_options` is onnxruntime's list of option dicts, one per
+    provider name.
+    """
+
+    def __init__(self, path, providers=("CPUExecutionProvider",), threads=0, provider_options=None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        name = self.path.name
+        if not self.path.is_file():
+            raise OrtError(f"{name}: no such file ({self.path})")
+        providers = list(providers)
+        wanted = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+        available = ort.get_available_providers()
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise OrtError(f"{name}: onnxruntime here has no {', '.join(missing)} "
+                           f"(available: {', '.join(available)})")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options,
+                                                providers=providers,
+                                                provider_options=provider_options)
+        except Exception as e:
+            raise OrtError(f"{name}: onnxruntime cannot load it ({brief(e)})") from e
+        self.providers = self.session.get_providers()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.session = None
+
+    def infer(self, feed: dict) -> dict:
+        if self.session is None:
+            raise OrtError(f"{self.path.name}: this runner was closed")
+        if set(feed) != set(self.input_names):
+            raise OrtError(f"{self.path.name}: expected inputs {self.input_names}, "
+                           f"got {sorted(feed)}")
+        try:
+            outputs = self.session.run(self.output_names, {k: np.asarray(v) for k, v in feed.items()})
+        except Exception as e:
+            raise OrtError(f"{self.path.name}: onnxruntime failed ({brief(e)})") from e
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def run_onnx(path, inputs: np.ndarray, batch_size=256, **runner_kwargs) -> dict:
+    """Run a single-input model over `inputs` in batches; outputs concatenated along axis 0."""
+    inputs = np.asarray(inputs)
+    if len(inputs) == 0 or batch_size < 1:
+        raise OrtError(f"{Path(path).name}: run_onnx needs at least one input row and "
+                       f"batch_size ≥ 1 (got {len(inputs)} rows, batch_size {batch_size})")
+    with OrtRunner(path, **runner_kwargs) as runner:
+        if len(runner.input_names) != 1:
+            raise OrtError(f"{Path(path).name}: run_onnx needs a single-input model, "
+                           f"this one has {runner.input_names}")
+        (input_name,) = runner.input_names
+        chunks = [runner.infer({input_name: inputs[i:i + batch_size]})
+                  for i in range(0, len(inputs), batch_size)]
+    return {name: np.concatenate([c[name] for c in chunks]) for name in runner.output_names}
+
+
+def ort_tensorrt_provider_options(trt_major: int, *, cache_dir, fp16=False, int8=False,
+                                  min_batch, opt_batch, max_batch, input_name,
+                                  input_shape) -> list:
+    """onnxruntime providers: TensorRT EP (engine + timing cache, profile shapes), CUDA, CPU.
+
+    trt_fp16_enable/trt_int8_enable exist for TensorRT 10 only; on 11 the precision is the
+    ONNX's (FP16 tensors, Q/DQ), so asking for them there is an error rather than a silent FP32.
+    Pass the result as OrtRunner(path, providers=...). Not executed on hardware here (no GPU):
+    the option names are onnxruntime's documented TensorRT EP options.
+    """
+    if (fp16 or int8) and trt_major >= 11:
+        raise OrtError(f"TensorRT {trt_major}: precision comes from the ONNX (FP16 tensors, "
+                       f"Q/DQ nodes), not from trt_fp16_enable/trt_int8_enable: pass "
+                       f"fp16=False, int8=False with an FP16 or Q/DQ ONNX")
+
+    def shapes(batch):
+        return f"{input_name}:" + "x".join(str(d) for d in (batch, *input_shape))
+
+    cache_dir = str(cache_dir)
+    trt_options = {
+        "device_id": 0,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": cache_dir,
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": cache_dir,
+        "trt_profile_min_shapes": shapes(min_batch),
+        "trt_profile_opt_shapes": shapes(opt_batch),
+        "trt_profile_max_shapes": shapes(max_batch),
+    }
+    if fp16:
+        trt_options["trt_fp16_enable"] = True
+    if int8:
+        trt_options["trt_int8_enable"] = True
+    return [("TensorrtExecutionProvider", trt_options),
+            ("CUDAExecutionProvider", {"device_id": 0}),
+            ("CPUExecutionProvider", {})]

@@ -1,24 +1,31 @@
-"""Repeatability of the latency profile: how far apart are the p50s of the same artifacts, run again?
+"""Does the measurement protocol hold on a shared machine? Naive p50 quotients vs interleaved ratios.
 
-    python -m benchmarks.bench_profile [--run runs/cpu] [--config configs/cpu.toml] [--repeats 3]
-                                       [--set profile.iters=200 ...] [--also-threads 1]
+    python -m benchmarks.bench_profile [--batches 1,64] [--processes 3] [--rounds 25] [--block-ms 30]
+                                       [--threads 1] [--load 0]
 
-Profiles the artifacts of a finished default run (`make deploy` writes runs/cpu/) `--repeats` times
-in this one process, exactly as the profile stage does (pipeline.profile.profile_artifacts, the
-stage's config), and reports for every artifact x backend x batch the p50 of each repeat, their
-min / max and the relative spread (max - min) / median, plus whether the "slower than its parent"
-flags of the realized-speedup table come out the same every time; `--also-threads N` repeats it
-all with profile.threads = N for comparison. Writes
-benchmarks/profile_repeatability.md and .json. A measurement of the measurement, not a timed test.
+The project's MNIST CNN (pipeline.models.cnn.SimpleCNN, channels 16/32, random weights: latency does
+not depend on their values) and the same network pruned to channels 8/16 (what channel pruning
+leaves: 4x fewer MACs in conv2), both exported to ONNX with the pipeline's exporter. Then, at each
+batch, in ``--processes`` fresh processes each:
+
+* naive: p50 of A's calls, then p50 of B's calls (edgerun.timing.measure, one after the other),
+  and their quotient: what a profile without the protocol compares;
+* protocol: edgerun.timing.compare, interleaved blocks >= ``--block-ms``, ``--rounds`` rounds,
+  median of per-round ratios (edgerun.timing.repeat_in_processes).
+
+and, in this process, the same comparison of the two torch models three times (the profile compares
+torch models in-process). Reports per batch the spread (max / min) across processes of the
+absolute p50s, of the naive quotients and of the protocol's medians; ``--load N`` starts N busy
+processes (numpy matmuls) for the duration, to see it under load. Writes ``--out``.md and .json
+(default benchmarks/profile_repeatability). A measurement of the measurement, not a timed test.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
-import os
-import shutil
+import multiprocessing as mp
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,195 +33,183 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT_MD = ROOT / "benchmarks" / "profile_repeatability.md"
-OUT_JSON = ROOT / "benchmarks" / "profile_repeatability.json"
+OUT = ROOT / "benchmarks" / "profile_repeatability"   # .md and .json
+CHANNELS = {"baseline": (16, 32), "pruned": (8, 16)}
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def build_models(folder: Path):
+    """(torch models, ONNX paths, MACs) of the baseline and the pruned CNN."""
+    import torch
+
+    from export.onnx_export import export_onnx
+    from pipeline.models.cnn import SimpleCNN
+    from pipeline.prune import count_macs
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    models, paths, macs = {}, {}, {}
+    for name, ch in CHANNELS.items():
+        m = SimpleCNN(channels=ch).eval()
+        models[name], paths[name] = m, folder / f"{name}.onnx"
+        export_onnx(m, x, paths[name])
+        macs[name] = count_macs(m, x[:1])[0]
+    return models, paths, macs
 
 
-def load_run(run_dir: Path, cfg):
-    """(records, folders) of a finished run; None if its models are not there."""
-    from pipeline.runner import Runner, intact, read_record
-    from pipeline.stages import STAGES
-    folders = Runner(cfg, STAGES, run_dir, None, data_identity=lambda: "").folder
-    records = {}
-    for stage in STAGES:
-        rec = read_record(folders[stage.name])
-        if rec is not None and intact(folders[stage.name], rec):
-            records[stage.name] = rec
-    if not {"baseline", "finetune", "export_onnx"} <= set(records):
-        return None
-    return records, folders
-
-
-def spread_table(repeats: list[list[dict]]) -> list[dict]:
-    """One entry per artifact x backend x batch: the p50 of each repeat and their spread."""
-    keys = list(dict.fromkeys((r["artifact"], r["backend"], r["batch"]) for rows in repeats for r in rows))
-    out = []
-    for art, backend, batch in keys:
-        p50 = [next((r["p50_ms"] for r in rows if (r["artifact"], r["backend"], r["batch"]) == (art, backend, batch)),
-                    None) for rows in repeats]
-        p99 = [next((r["p99_ms"] for r in rows if (r["artifact"], r["backend"], r["batch"]) == (art, backend, batch)),
-                    None) for rows in repeats]
-        vals = [v for v in p50 if v is not None]
-        med = float(np.median(vals))
-        within = [next((r.get("p50_spread_pct") for r in rows
-                        if (r["artifact"], r["backend"], r["batch"]) == (art, backend, batch)), None) for rows in repeats]
-        within = [w for w in within if w is not None]
-        out.append({"artifact": art, "backend": backend, "batch": batch, "p50_ms": [round(v, 6) for v in vals],
-                    "p99_ms": [round(v, 6) for v in p99 if v is not None],
-                    "min_ms": round(min(vals), 6), "max_ms": round(max(vals), 6), "median_ms": round(med, 6),
-                    "spread_pct": round(100.0 * (max(vals) - min(vals)) / med, 2),
-                    "within_run_round_spread_pct": round(float(np.median(within)), 2) if within else None})
+def naive_worker(paths: dict, batch: int, threads: int, iters: int) -> dict:
+    """One fresh process: p50 of every model's calls, one model after the other."""
+    from edgerun.benchmark import open_session
+    from edgerun.timing import measure
+    x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
+    out = {}
+    for name, path in paths.items():
+        s = open_session(path, "onnxruntime-cpu", threads=threads)
+        try:
+            out[name] = measure(lambda s=s: s.run(x), warmup=10, iters=iters).p50_ms
+        finally:
+            s.close()
     return out
 
 
-def flag_stability(repeats: list[list[dict]], tolerance: float) -> list[dict]:
-    from pipeline.profile import speedup_table
-    per = [{(s["artifact"], s["backend"], s["batch"]): s for s in speedup_table(rows, tolerance)} for rows in repeats]
-    keys = list(dict.fromkeys(k for p in per for k, s in p.items() if s.get("parent")))
-    out = []
-    for k in keys:
-        flags = [bool(p.get(k, {}).get("slower_than_parent")) for p in per]
-        ratios = [p[k]["vs_parent"] for p in per if k in p and p[k].get("vs_parent") is not None]
-        out.append({"artifact": k[0], "backend": k[1], "batch": k[2], "parent": per[0].get(k, {}).get("parent"),
-                    "flagged": sum(flags), "of": len(flags), "vs_parent": ratios})
-    return out
+def _naive_in_fresh_process(paths, batch, threads, iters) -> dict:
+    code = ("import json, sys; from benchmarks.bench_profile import naive_worker; "
+            f"print(json.dumps(naive_worker({json.dumps({k: str(v) for k, v in paths.items()})}, {batch}, "
+            f"{threads}, {iters})))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def analyse(repeats: list[list[dict]], env: dict, tolerance: float) -> dict:
-    rows = spread_table(repeats)
-    spreads = [r["spread_pct"] for r in rows]
-    worst = max(rows, key=lambda r: r["spread_pct"])
-    return {"threads": env.get("threads"), "environment": env,
-            "summary": {"rows": len(rows), "median_spread_pct": float(np.median(spreads)),
-                        "max_spread_pct": float(max(spreads)),
-                        "worst": f"{worst['artifact']} on {worst['backend']} at batch {worst['batch']}",
-                        "within_5pct": sum(s <= 5 for s in spreads), "within_10pct": sum(s <= 10 for s in spreads)},
-            "rows": rows, "flags": flag_stability(repeats, tolerance), "raw": repeats}
+def _busy(stop) -> None:
+    a = np.random.default_rng(0).standard_normal((256, 256))
+    while not stop.is_set():
+        a = np.tanh(a @ a)
 
 
-def _section(a: dict, tolerance: float, level: str = "##") -> list[str]:
-    s = a["summary"]
-    lines = [f"{level} Summary", "",
-             f"- Median spread of the p50 across repeats: **{s['median_spread_pct']:.1f} %**; "
-             f"worst: {s['max_spread_pct']:.1f} % ({s['worst']}).",
-             f"- Rows within 5 % / 10 %: {s['within_5pct']} / {s['within_10pct']} of {s['rows']}.",
-             f"- The report flags an artifact slower than its parent when it is more than "
-             f"{tolerance * 100:.0f} % slower (profile.slower_tolerance). A difference smaller than the "
-             "spread here is noise.", "",
-             f"{level} p50 per repeat", "",
-             "| artifact | backend | batch | p50 per repeat (ms) | min | max | spread | within-run round spread |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
-    for r in a["rows"]:
-        w = r["within_run_round_spread_pct"]
-        lines.append(f"| {r['artifact']} | {r['backend']} | {r['batch']} | {', '.join(f'{v:.4f}' for v in r['p50_ms'])} | "
-                     f"{r['min_ms']:.4f} | {r['max_ms']:.4f} | {r['spread_pct']:.1f} % | "
-                     f"{'–' if w is None else f'{w:.1f} %'} |")
-    lines += ["", f"{level} Are the \"slower than parent\" flags stable?", "",
-              "| artifact | backend | batch | parent | flagged | parent p50 / p50 per repeat |",
-              "|---|---|---:|---|---:|---|"]
-    for f in a["flags"]:
-        lines.append(f"| {f['artifact']} | {f['backend']} | {f['batch']} | {f['parent']} | {f['flagged']} of {f['of']} | "
-                     f"{', '.join(f'{v:.3g}×' for v in f['vs_parent'])} |")
-    unstable = [f for f in a["flags"] if 0 < f["flagged"] < f["of"]]
-    lines += ["", (f"{len(unstable)} flag(s) changed between repeats: their difference is within the noise."
-                   if unstable else "Every flag came out the same in every repeat.")]
-    return lines
+def _spread(values) -> float:
+    return float(max(values) / min(values))
 
 
-def to_markdown(result: dict) -> str:
-    env, m = result["environment"], result["environment"].get("method", {})
-    lines = ["# Profile repeatability", "",
-             f"`{result['command']}`: {result['repeats']} profiles of `{result['run']}`'s artifacts, one after "
-             f"another in one process ({result['date']}). Each profile: {m.get('warmup')} warm-up calls, "
-             f"{m.get('iters')} timed calls per artifact × backend × batch in {m.get('rounds')} interleaved round(s), "
-             f"threads {env.get('threads')} (0/default: torch and onnxruntime choose).",
-             "",
-             f"CPU: {env.get('cpu')} ({env.get('cores')} logical cores). Load average before: "
-             f"{result['load_avg_before']}, after: {result['load_avg_after']}. Other processes on a shared machine "
-             "widen these spreads; on a quiet target they are the floor to compare changes against.", ""]
-    lines += _section(result, result["tolerance"])
-    other = result.get("also_threads")
-    if other:
-        lines += ["", f"## The same with profile.threads = {other['threads']}", "",
-                  "Same artifacts, same process, right after the runs above. Compare the torch rows: on an "
-                  "oversubscribed machine multi-threaded torch (OpenMP) waits at every operator's barrier.", ""]
-        lines += _section(other, result["tolerance"], "###")
+def measure_batch(paths, models, batch: int, args) -> dict:
+    import torch
+
+    from edgerun.timing import Spec, SpecItem, compare, repeat_in_processes
+    naive = [_naive_in_fresh_process(paths, batch, args.threads, args.iters) for _ in range(args.processes)]
+    naive_q = [n["pruned"] / n["baseline"] for n in naive]
+    spec = Spec((SpecItem("baseline", str(paths["baseline"]), "onnxruntime-cpu"),
+                 SpecItem("pruned", str(paths["pruned"]), "onnxruntime-cpu")), "baseline", (batch,), (1, 28, 28),
+                threads=args.threads, block_ms=args.block_ms, rounds=args.rounds)
+    (rep,) = repeat_in_processes(spec, args.processes)
+    pair = rep.pair("pruned")
+    torch.set_num_threads(args.threads)
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.inference_mode():
+        runs = {n: (lambda m=m: m(x)) for n, m in models.items()}
+        torch_cmp = [compare(runs, reference="baseline", block_ms=args.block_ms, rounds=args.rounds)
+                     for _ in range(3)]
+    torch_medians = [c.ratio("pruned").median for c in torch_cmp]
+    return {
+        "batch": batch,
+        "naive": {"baseline_p50_ms": [n["baseline"] for n in naive], "pruned_p50_ms": [n["pruned"] for n in naive],
+                  "quotient": naive_q, "quotient_spread": _spread(naive_q),
+                  "baseline_p50_spread": _spread([n["baseline"] for n in naive])},
+        "protocol": {"process_medians": list(pair.process_medians), "median": pair.median, "p10": pair.p10,
+                     "p90": pair.p90, "spread": pair.spread, "reproducible": pair.reproducible,
+                     "remeasured": rep.remeasured, "first_spread": rep.first_spread,
+                     "pruned_p50_ms": pair.p50_ms, "baseline_p50_ms": pair.to_p50_ms,
+                     "baseline_block_p50_spread": _spread([float(np.median(c.per_call_ms("baseline")))
+                                                           for c in rep.comparisons]),
+                     "calls_per_block": [list(c.calls_per_block) for c in rep.comparisons],
+                     "load": [[c.load_before, c.load_after] for c in rep.comparisons]},
+        "torch_in_process": {"medians": torch_medians, "spread": _spread(torch_medians),
+                             "p10": [c.ratio("pruned").p10 for c in torch_cmp],
+                             "p90": [c.ratio("pruned").p90 for c in torch_cmp]},
+    }
+
+
+def _remeasured(p: dict) -> str:
+    if not p["remeasured"]:
+        return ""
+    first = p.get("first_spread")
+    return f" (re-measured; first attempt's spread {first:.2f})" if first else " (re-measured)"
+
+
+def to_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = ["# Profile repeatability: naive p50 quotients vs the interleaved protocol", "",
+             f"`{r['command']}` ({r['date']}). {m['cpu']}, {m['usable_cores']} usable cores, SIMD "
+             f"{', '.join(m['simd']) or 'none'} (block {m['simd_block']}); threads {r['threads']}; "
+             f"{r['load_processes']} extra busy process(es) started by the benchmark. Load average before "
+             f"{r['load_before']}, after {r['load_after']} (other agents share this machine).", "",
+             f"Models: SimpleCNN 16/32 channels ({r['macs']['baseline']:,} MACs) vs 8/16 "
+             f"({r['macs']['pruned']:,} MACs, MAC ratio {r['macs']['baseline'] / r['macs']['pruned']:.2f}), ONNX on "
+             f"onnxruntime CPU. Each figure comes from {r['processes']} fresh processes: *naive* = p50 of "
+             f"{r['iters']} calls of one model, then of the other, and their quotient; *protocol* = "
+             f"edgerun.timing.compare ({r['rounds']} rounds, blocks >= {r['block_ms']} ms, order alternating), "
+             "median of per-round ratios. Ratio = pruned time / baseline time (< 1: pruned is faster). "
+             "Spread = max / min across processes; the protocol accepts <= 1.2.", "",
+             "| batch | baseline p50 per process (ms) | p50 spread | naive quotient per process | naive spread | "
+             "protocol median per process | protocol spread | p10–p90 (pooled) | reproducible | "
+             "torch in-process medians | torch spread |",
+             "|---:|---|---:|---|---:|---|---:|---|---|---|---:|"]
+    for b in r["batches"]:
+        n, p, t = b["naive"], b["protocol"], b["torch_in_process"]
+        lines.append(
+            f"| {b['batch']} | {', '.join(f'{v:.4f}' for v in n['baseline_p50_ms'])} | "
+            f"{n['baseline_p50_spread']:.2f} | "
+            f"{', '.join(f'{v:.3f}' for v in n['quotient'])} | {n['quotient_spread']:.2f} | "
+            f"{', '.join(f'{v:.3f}' for v in p['process_medians'])} | {p['spread']:.2f} | "
+            f"{p['p10']:.3f}–{p['p90']:.3f} | {p['reproducible']}{_remeasured(p)} | "
+            f"{', '.join(f'{v:.3f}' for v in t['medians'])} | {t['spread']:.2f} |")
+    lines += ["", "Reading: compare *naive spread* with *protocol spread* on the same row. The absolute p50 "
+              "moves with the machine's load; a ratio of two p50s taken at different moments inherits that; "
+              "the interleaved ratio sees the load on both sides of each round. The torch column is "
+              "the in-process comparison the profile uses for torch models (one process, three repeats)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/cpu", help="a finished run folder (default: make deploy's)")
-    ap.add_argument("--config", default="configs/cpu.toml")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--also-threads", type=int, metavar="N",
-                    help="then repeat everything with profile.threads = N and report it beside")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--processes", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--block-ms", type=float, default=30.0)
+    ap.add_argument("--iters", type=int, default=200, help="naive: timed calls per model")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--load", type=int, default=0, help="busy processes to start while measuring")
+    ap.add_argument("--out", default=str(OUT), help="output path without suffix (.md and .json are written)")
     argv_used = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    run_dir = Path(args.run) if Path(args.run).is_absolute() else ROOT / args.run
+    from edgerun.machine import load_average, machine
 
-    from pipeline.config import load_config
-    from pipeline.errors import PipelineError
-    try:
-        cfg = load_config(ROOT / args.config if not Path(args.config).is_absolute() else args.config, args.overrides)
-    except PipelineError as e:
-        print(f"FAILED | error: {e}")
-        return 1
-    loaded = load_run(run_dir, cfg) if run_dir.is_dir() else None
-    if loaded is None:
-        print(f"FAILED | {args.run}/ has no finished run (baseline, finetune and export_onnx): run `make deploy` first")
-        return 1
-    records, folders = loaded
-
-    from pipeline.profile import BASELINE_ONNX, profile_artifacts
-    from pipeline.report import DEFAULT_TOLERANCE
-    from pipeline.runner import Context
-    from pipeline.stages import _artifacts
-
-    load_before = [round(v, 2) for v in os.getloadavg()]
-    tolerance = float(getattr(cfg.profile, "slower_tolerance", DEFAULT_TOLERANCE))
-    out = Path(tempfile.mkdtemp(prefix="bench_profile_"))
-    try:
-        cached = folders["profile"] / BASELINE_ONNX
-        if cached.is_file():  # the profile stage's export of the unpruned baseline: reuse it
-            shutil.copy2(cached, out / BASELINE_ONNX)
-
-        def series(c, label):
-            ctx = Context(c, run_dir, out, records, folders, None, lambda m: None)
-            artifacts = _artifacts(ctx)
-            reps, env = [], {}
-            for i in range(args.repeats):
-                print(f"{label}repeat {i + 1}/{args.repeats}: profiling {len(artifacts)} artifacts",
-                      file=sys.stderr, flush=True)
-                rows, env = profile_artifacts(ctx, artifacts)
-                reps.append(rows)
-            return analyse(reps, env, tolerance)
-
-        main_series = series(cfg, "")
-        other = None
-        if args.also_threads is not None:
-            c2 = dataclasses.replace(cfg, profile=dataclasses.replace(cfg.profile, threads=args.also_threads))
-            other = series(c2, f"threads={args.also_threads}: ")
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    result = {
-        "command": "python -m benchmarks.bench_profile" + (f" {' '.join(argv_used)}" if argv_used else ""),
-        "run": args.run, "date": datetime.datetime.now().isoformat(timespec="seconds"), "repeats": args.repeats,
-        "tolerance": tolerance, "load_avg_before": load_before, "load_avg_after": [round(v, 2) for v in os.getloadavg()],
-        **main_series, "also_threads": other,
-    }
-    _write(OUT_JSON, json.dumps(result, indent=2, default=str) + "\n")
+    batches = [int(b) for b in args.batches.split(",")]
+    stop = mp.Event()
+    busy = [mp.Process(target=_busy, args=(stop,), daemon=True) for _ in range(args.load)]
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="bench_profile_") as tmp:
+        models, paths, macs = build_models(Path(tmp))
+        for p in busy:
+            p.start()
+        try:
+            results = []
+            for b in batches:
+                print(f"batch {b}: {args.processes} naive + {args.processes} protocol processes", file=sys.stderr,
+                      flush=True)
+                results.append(measure_batch(paths, models, b, args))
+        finally:
+            stop.set()
+            for p in busy:
+                p.join(timeout=5)
+    result = {"command": "python -m benchmarks.bench_profile" + (f" {' '.join(argv_used)}" if argv_used else ""),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine().to_json(),
+              "threads": args.threads, "processes": args.processes, "rounds": args.rounds, "block_ms": args.block_ms,
+              "iters": args.iters, "load_processes": args.load, "load_before": load_before,
+              "load_after": load_average(), "macs": macs, "batches": results}
+    from edgerun.io import atomic_write, write_json
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), result)
     md = to_markdown(result)
-    _write(OUT_MD, md)
+    atomic_write(out.with_suffix(".md"), md)
     print(md)
-    print(f"wrote {OUT_MD.relative_to(ROOT)} and {OUT_JSON.relative_to(ROOT)}")
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
 
 

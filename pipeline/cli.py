@@ -1,107 +1,135 @@
-"""Command line: `python -m pipeline run ...` and `python -m pipeline infer ...`.
+"""`edgepipe` (also `python -m pipeline`): run the pipeline, show its config, and the runtime's verbs.
 
-Exit codes: 0 passed, 1 user error (one line, no traceback unless --debug), 2 a gate failed.
-The last line printed is always `PASSED | ...` or `FAILED | ...`.
+Exit codes: 0 passed, 1 user error (one line, no traceback unless --debug; usage errors too),
+2 a failed gate or check. The last line printed is always `PASSED | ...` or `FAILED | ...`.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 import time
-from pathlib import Path
 
-from pipeline.errors import GateFailed, PipelineError
+from edgerun import __version__
+from edgerun.cli import UsageError, _Parser, add_verbs, dispatch
+from edgerun.errors import EdgeError
+
+SECTIONS = ("run", "data", "model", "baseline", "prune", "finetune", "export", "quantize", "engine", "profile",
+            "package")
+STAGE_NAMES = ("baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package")
 
 
-def _user_errors() -> tuple:
-    """Errors that are the user's input, from our libraries too (imported lazily: they are light)."""
-    from calib.errors import CalibError
-    from export.errors import ExportError
-    return PipelineError, CalibError, ExportError
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    ap = _Parser(prog="edgepipe", description=__doc__.splitlines()[0], parents=[common],
+                 epilog=f"stages, in order: {', '.join(STAGE_NAMES)}. config sections: {', '.join(SECTIONS)}.")
+    ap.add_argument("--version", action="version", version=f"edgepipe {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="VERB", parser_class=_Parser)
+    r = sub.add_parser("run", parents=[common], help="run the stages of a target config",
+                       epilog=f"stages, in order: {', '.join(STAGE_NAMES)}")
+    _config_args(r)
+    r.add_argument("--run", dest="run_name", help="run folder name under --runs (default: the config's name)")
+    r.add_argument("--runs", default="runs", help="where run folders and the shared stage store live")
+    r.add_argument("--from", dest="start", metavar="STAGE", help="first stage to run (earlier ones must be cached)")
+    r.add_argument("--until", metavar="STAGE", help="last stage to run")
+    r.add_argument("--force", nargs="*", metavar="STAGE", help="rerun these stages (no names: every selected stage)")
+    c = sub.add_parser("config", parents=[common], help="config tools")
+    csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    show = csub.add_parser("show", parents=[common], help="print the resolved config, defaults included (TOML-like JSON)")
+    _config_args(show)
+    add_verbs(sub)
+    for verb in ("infer", "check", "benchmark", "record"):
+        if verb in sub.choices:
+            sub.choices[verb].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                           help="show tracebacks")
+    return ap
+
+
+def _config_args(p) -> None:
+    p.add_argument("--config", default="configs/cpu.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM ends like Ctrl-C: finished stages kept, resumable
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the stages of a target config")
-    r.add_argument("--config", default="configs/cpu.toml")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    r.add_argument("--run", dest="run_name", help="run folder name under --runs (default: the config's name)")
-    r.add_argument("--runs", default="runs", help="where run folders live")
-    r.add_argument("--from", dest="start", help="first stage to run (earlier ones must be cached)")
-    r.add_argument("--until", help="last stage to run")
-    r.add_argument("--force", nargs="*", metavar="STAGE", help="rerun these stages (no names: every selected stage)")
-    i = sub.add_parser("infer", help="predict with a deploy bundle (TensorRT if present, else onnxruntime)")
-    i.add_argument("--bundle", required=True)
-    i.add_argument("--input", required=True, help="an IDX file (.gz or not) or a folder of images")
-    i.add_argument("--model", help="file in the bundle to run (default: the chosen variant)")
-    i.add_argument("--batch-size", type=int, default=64)
-    i.add_argument("--limit", type=int, default=10, help="predictions to print")
-    args = ap.parse_args(argv)
-    debug = args.debug
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    signal.signal(signal.SIGTERM, _terminate)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "run":
             return _run(args)
-        from pipeline.infer import infer
-        return infer(args)
-    except GateFailed as e:
-        print(f"FAILED | gate: {e.args[0]}", flush=True)
-        return 2
-    except _user_errors() as e:
+        if args.command == "config":
+            return _config_show(args)
+        return dispatch(args)
+    except UsageError as e:
+        print(f"FAILED | error: {e}", flush=True)
+        return 1
+    except EdgeError as e:
         if debug:
             raise
         print(f"FAILED | error: {e}", flush=True)
-        return 1
-    except OSError as e:
-        # Disk full, read-only folder, permissions: the user's environment, not a bug.
-        if debug:
-            raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"FAILED | error: {where}{e.strerror or e}", flush=True)
         return 1
     except KeyboardInterrupt:
         print("FAILED | interrupted: finished stages are kept; rerun to resume", flush=True)
         return 130
 
 
-def _run(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.report import write_report
-    from pipeline.runner import Runner
-    from pipeline.stages import STAGES, Data
-    import dataclasses
-
-    cfg = load_config(args.config, args.overrides)
-    if args.run_name:
-        if "/" in args.run_name or args.run_name.startswith("."):
-            raise PipelineError(f"--run {args.run_name!r}: must be a plain folder name")
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=args.run_name))
-    if cfg.run.threads:
-        import os
-        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads))
-    run_dir = Path(args.runs) / cfg.run.name
-    data = Data(cfg)
-    runner = Runner(cfg, STAGES, run_dir, data, data_identity=data.identity,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
-    t0 = time.perf_counter()
-    print(f"run {run_dir} (config {args.config})", file=sys.stderr, flush=True)
-    try:
-        records = runner.run(args.start, args.until, args.force)
-    except GateFailed as e:
-        failed = e.args[1]
-        write_report(run_dir, [*runner.records.values(), failed], cfg,
-                     outcome={"passed": False, "message": e.args[0], "stage": failed["name"]})
-        print(f"report: {run_dir / 'report.md'}", flush=True)
-        raise
-    write_report(run_dir, records, cfg, outcome={"passed": True})
-    counts = {s: sum(r["status"] == s for r in records) for s in ("ran", "cached", "skipped")}
-    last = records[-1]
-    print(f"run folder: {run_dir}\nreport:     {run_dir / 'report.md'}\nreport json:{run_dir / 'report.json'}")
-    if (run_dir / "deploy").is_dir() and last["name"] == "package":
-        print(f"bundle:     {run_dir / 'deploy'}")
-    top = [r for r in records if r.get("metrics", {}).get("top1") is not None]
-    headline = f" | final top1 {top[-1]['metrics']['top1']:.2f} % ({top[-1]['name']})" if top else ""
-    print(f"PASSED | {len(records)} stages: {counts['ran']} ran, {counts['cached']} cached, "
-          f"{counts['skipped']} skipped in {time.perf_counter() - t0:.1f} s{headline} | {run_dir}", flush=True)
+def _config_show(args) -> int:
+    from pipeline.api import load
+    cfg, warnings = load(args.config, args.overrides)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    print(f"PASSED | {args.config} resolved ({len(warnings)} ignored keys)")
     return 0
+
+
+def _run(args) -> int:
+    from pipeline.api import run
+    t0 = time.perf_counter()
+    result = run(args.config, args.overrides, run_name=args.run_name, runs=args.runs, start=args.start,
+                 until=args.until, force=args.force)
+    print(f"run folder:  {result.run_dir}\nreport:      {result.report}\nreport json: {result.run_dir / 'report.json'}")
+    if not result.passed:
+        print(f"FAILED | gate: {result.message}", flush=True)
+        return 2
+    counts = {s: sum(r.status == s for r in result.records) for s in ("ran", "cached", "skipped")}
+    if result.bundle is not None:
+        print(_next_block(result))
+    print(f"PASSED | {len(result.records)} stages: {counts['ran']} ran, {counts['cached']} cached, "
+          f"{counts['skipped']} skipped in {time.perf_counter() - t0:.1f} s{_headline(result)} | {result.run_dir}",
+          flush=True)
+    return 0
+
+
+def _headline(result) -> str:
+    pkg = result.record("package")
+    chosen = (pkg.metrics.get("chosen") or {}) if pkg else {}
+    if chosen.get("file"):
+        top1 = chosen.get("top1")
+        return f" | ship {chosen['file']}" + (f" (top1 {top1:.2f} %)" if top1 is not None else "")
+    top = [r for r in result.records if r.top1 is not None]
+    return f" | final top1 {top[-1].top1:.2f} % ({top[-1].name})" if top else ""
+
+
+def _next_block(result) -> str:
+    """What to ship and the exact commands on the target (they use the bundle's own sample)."""
+    pkg = result.record("package").metrics
+    chosen, recipe = pkg.get("chosen") or {}, pkg.get("engine_recipe") or {}
+    bundle = result.bundle
+    lines = ["", "Next:", f"  ship the folder {bundle}/ (chosen here: {chosen.get('file')}; on the target: "
+             f"{(chosen.get('on_target') or {}).get('file')})",
+             "  on the target (python3 with numpy and onnxruntime; TensorRT from JetPack for the engine):",
+             f"    cd {bundle.name}"]
+    if recipe.get("offered"):
+        lines.append("    bash build_engine.sh          # pre-flight, trtexec build + timing, sidecar "
+                     "(NOT executed here: no TensorRT)")
+    lines += ["    python3 -m edgerun infer --bundle . --input sample/images-idx3-ubyte.gz --format json",
+              "    python3 -m edgerun benchmark .", ""]
+    return "\n".join(lines)

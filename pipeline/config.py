@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.trt_options import EngineOptions
 from pipeline.errors import PipelineError
+from pipeline.profile import ProfileOptions
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ModelCfg:
     weights: str = ""           # a state_dict to start from (loaded weights-only); empty = train
     # Loading a pickled checkpoint runs whatever code the file contains: only for files you made.
     unsafe_pickle: bool = False
+    weights_strict: bool = True  # false: load what fits, report missing / unexpected / reshaped keys
     num_classes: int = 10
 
 
@@ -52,6 +56,9 @@ class BaselineCfg:
     epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 64
+    gate: str = "fail"          # the baseline must beat chance: a run on a broken baseline proves nothing
+    min_top1: float = -1.0      # -1 = chance (100 / num_classes) + 10 pt
+    max_train_eval_gap: float = 10.0  # pt; a larger gap (BatchNorm statistics not settled) is reported
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,8 @@ class FinetuneCfg:
 
 @dataclass(frozen=True)
 class ExportCfg:
-    opset: int = 18
+    opset: int = 18             # the dynamo exporter writes opset 18 or newer
+    example_batch: int = 2      # >= 2: a batch-1 example lets torch.export specialise the batch
     slim: bool = False
     fp16: bool = True           # also write the FP16-typed ONNX (TensorRT 11 strong typing)
     gate: str = "fail"
@@ -108,6 +116,7 @@ class QuantizeCfg:
     target: str = "onnxruntime"  # onnxruntime | tensorrt (symmetric int8 Q/DQ)
     calib_size: int = 512
     accuracy_control: bool = False
+    tensorrt_form: bool = True  # also write symmetric signed-int8 Q/DQ when the CPU form differs (TensorRT)
     model_type: str = ""        # "" | transformer
     gate: str = "fail"
     max_drop: float = 0.3
@@ -116,34 +125,17 @@ class QuantizeCfg:
 
 
 @dataclass(frozen=True)
-class EngineCfg:
+class EngineCfg(EngineOptions):
+    """The engine build options (export.trt_options.EngineOptions) plus what the pipeline does with them."""
     required: bool = False      # true: no TensorRT here is an error, not a skip
-    source: str = "int8"        # which ONNX to build from: fp32 | fp16 | int8
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 64
-    workspace_mb: int = 1024
-    opt_level: int = 3
-    dla_core: int = -1
-    gpu_fallback: bool = True
-    hardware_compatibility: str = ""  # "" | ampere_plus
-    version_compatible: bool = False
-    legacy_fp16_flag: bool = False    # TRT 10 only
+    source: str = "int8"        # which ONNX to build from: fp32 | fp16 | int8 (the TensorRT Q/DQ form)
     gate: str = "fail"
     max_drop: float = 0.3
 
 
 @dataclass(frozen=True)
-class ProfileCfg:
-    batches: tuple[int, ...] = (1, 8, 64)
-    warmup: int = 10
-    iters: int = 50
-    time_budget_s: float = 0.0  # > 0: stop each measurement after this many seconds
-    threads: int = 0
-    torch: bool = True          # also time the torch models
-    rounds: int = 3             # interleaved rounds; 1 = one artifact at a time (least memory)
-    baseline_onnx: bool = True  # export the unpruned baseline to ONNX fp32 for ONNX-vs-ONNX ratios
-    slower_tolerance: float = 0.05  # flag an artifact more than this fraction slower than its parent
+class ProfileCfg(ProfileOptions):
+    """The profile stage's options are pipeline.profile.ProfileOptions (the measurement protocol's too)."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +181,7 @@ CHOICES = {
     "package.backend": ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"),
     "package.objective": ("p50_ms", "p99_ms", "size_bytes"),
 }
-for _s in ("prune", "finetune", "export", "quantize", "engine"):
+for _s in ("baseline", "prune", "finetune", "export", "quantize", "engine"):
     CHOICES[f"{_s}.gate"] = ("fail", "warn", "off")
 
 
@@ -208,6 +200,8 @@ def _coerce(key: str, value, tp):
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise PipelineError(f"config: {key} must be a finite number, got {value}")
     elif tp is str:
         ok = isinstance(value, str)
     elif tp is dict or origin is dict:
@@ -269,7 +263,18 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return parts, value
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def _flat_keys(raw: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in raw.items():
+        if isinstance(v, dict) and prefix == "" and k in {f.name for f in dataclasses.fields(Config)}:
+            out |= _flat_keys(v, f"{k}.")
+        else:
+            out.add(f"{prefix}{k}")
+    return out
+
+
+def read_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, frozenset[str]]:
+    """The config and the keys the file and the overrides set explicitly (for ignored-key warnings)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: config file not found")
@@ -294,31 +299,83 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not cfg.run.name:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=path.stem))
     _check(cfg, path)
-    return cfg
+    return cfg, frozenset(_flat_keys(raw))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    return read_config(path, overrides)[0]
+
+
+MIN_OPSET = 18   # torch.onnx's dynamo exporter cannot write older opsets
 
 
 def _check(cfg: Config, path: Path) -> None:
-    """Cross-field rules the types cannot say."""
+    """Cross-field rules and values of the right type but no meaning."""
     def bad(msg):
         raise PipelineError(f"{path}: config: {msg}")
-    if len(cfg.data.mean) != cfg.data.channels or len(cfg.data.std) != cfg.data.channels:
-        bad(f"data.mean and data.std need {cfg.data.channels} values (data.channels)")
-    if any(s <= 0 for s in cfg.data.std):
+    d = cfg.data
+    if d.channels not in (1, 3):
+        bad(f"data.channels must be 1 or 3, got {d.channels}")
+    if len(d.size) != 2 or any(v <= 0 for v in d.size):
+        bad(f"data.size must be two positive integers [H, W], got {list(d.size)}")
+    if len(d.mean) != d.channels or len(d.std) != d.channels:
+        bad(f"data.mean and data.std need {d.channels} values (data.channels)")
+    if any(s <= 0 for s in d.std):
         bad("data.std values must be > 0")
+    if d.train_subset < 0 or d.test_subset < 0:
+        bad("data.train_subset and data.test_subset must be >= 0 (0 = the whole split)")
+    if cfg.model.num_classes < 2:
+        bad(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
     if not 0.0 <= cfg.prune.ratio < 1.0:
         bad(f"prune.ratio must be in [0, 1), got {cfg.prune.ratio}")
+    if not 0.0 <= cfg.prune.head_ratio < 1.0:
+        bad(f"prune.head_ratio must be in [0, 1), got {cfg.prune.head_ratio}")
+    if not 0.0 < cfg.prune.max_layer_ratio <= 1.0:
+        bad(f"prune.max_layer_ratio must be in (0, 1], got {cfg.prune.max_layer_ratio}")
     if cfg.prune.target == "macs" and cfg.prune.macs <= 0:
         bad("prune.target = 'macs' needs prune.macs > 0 (<= 1: fraction kept, > 1: absolute MACs)")
     if cfg.prune.target == "latency_ms" and cfg.prune.latency_ms <= 0:
         bad("prune.target = 'latency_ms' needs prune.latency_ms > 0")
+    if cfg.prune.round_to < 1 or cfg.prune.iterative_steps < 1 or cfg.prune.latency_batch < 1:
+        bad("prune.round_to, prune.iterative_steps and prune.latency_batch must be >= 1")
+    f = cfg.finetune
+    if f.epochs < 0 or f.between_steps_epochs < 0 or f.lr <= 0 or cfg.baseline.lr <= 0:
+        bad("finetune.epochs and between_steps_epochs must be >= 0, learning rates > 0")
+    if f.kd_temperature <= 0:
+        bad(f"finetune.kd_temperature must be > 0, got {f.kd_temperature}")
+    if not 0.0 <= f.kd_weight <= 1.0 or f.token_weight < 0:
+        bad("finetune.kd_weight must be in [0, 1] and finetune.token_weight >= 0")
+    if f.nproc < 1 or f.val_size < 0:
+        bad("finetune.nproc must be >= 1 and finetune.val_size >= 0")
+    if f.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            bad("finetune.device = 'cuda' but no CUDA device is present here (use 'auto' or 'cpu')")
+    if cfg.export.opset < MIN_OPSET:
+        bad(f"export.opset = {cfg.export.opset}: the exporter (torch.onnx, dynamo) writes opset >= {MIN_OPSET}")
+    if cfg.export.example_batch < 2:
+        bad("export.example_batch must be >= 2: with a batch-1 example torch.export may fix the batch to 1")
+    if cfg.export.max_abs is not None and cfg.export.max_abs < 0 or not 0 < cfg.export.min_cosine <= 1:
+        bad("export.max_abs must be >= 0 and export.min_cosine in (0, 1]")
     if not (1 <= cfg.engine.min_batch <= cfg.engine.opt_batch <= cfg.engine.max_batch):
         bad("engine batches must satisfy 1 <= min_batch <= opt_batch <= max_batch")
     if cfg.quantize.calib_size <= 0:
         bad("quantize.calib_size must be > 0")
+    if not 0 <= cfg.quantize.min_agreement <= 100 or not 0 < cfg.quantize.min_cosine <= 1:
+        bad("quantize.min_agreement must be in [0, 100] and quantize.min_cosine in (0, 1]")
+    for key in ("baseline.max_drop", "prune.max_drop", "finetune.max_drop", "export.max_drop", "quantize.max_drop",
+                "engine.max_drop"):
+        sec, k = key.split(".")
+        if hasattr(getattr(cfg, sec), k) and getattr(getattr(cfg, sec), k) < 0:
+            bad(f"{key} must be >= 0")
     if any(b <= 0 for b in cfg.profile.batches) or not cfg.profile.batches:
         bad("profile.batches must be positive integers")
     if cfg.profile.rounds < 1 or cfg.profile.slower_tolerance < 0 or cfg.profile.time_budget_s < 0:
         bad("profile.rounds must be >= 1, profile.slower_tolerance and profile.time_budget_s >= 0")
+    if cfg.run.threads < 0 or cfg.profile.threads < 0:
+        bad("run.threads and profile.threads must be >= 0 (0 = the library's default)")
+    if cfg.package.batch < 1:
+        bad("package.batch must be >= 1")
     if cfg.run.name and ("/" in cfg.run.name or cfg.run.name.startswith(".")):
         bad(f"run.name {cfg.run.name!r} must be a plain folder name")
     for key in ("baseline.epochs", "baseline.batch_size", "finetune.batch_size", "data.reference_batch",

@@ -15,24 +15,27 @@ Targets (``target=``):
     (the copy is exported with the TorchScript exporter and timed, median of repeated runs); bisection
     on the ratio as for MACs. Timing on a shared machine is noisy: treat it as approximate.
 
-The classifier (the model's ``classifier`` attribute, else its last ``nn.Linear``) is never pruned at its
-output, nor is any layer whose output is itself a model output (a vision tower's projector), any
-module named in the model's ``prune_ignored_layers`` attribute, or anything named in ``ignored_layers``. Models with attention modules that carry
-``num_heads`` and a ``qkv`` Linear (ViT style) get torch-pruning's head handling and their
-``num_heads``/``head_dim`` attributes are updated after each step.
+What stays fixed (pipeline.prune_scope): the output channels of the layers that produce the model's
+outputs (a classifier's last layer, a vision tower's projector), modules named in the model's
+``prune_ignored_layers`` attribute and anything in ``ignored_layers``. Everything else, hidden layers
+of a classifier head included, may shrink. Attention heads (pipeline.prune_attention): torch's
+``nn.MultiheadAttention``, fused-``qkv`` and separate q/k/v modules keep whole heads under every target;
+``head_ratio`` > 0 removes whole heads instead of narrowing them. Bare parameters (class tokens,
+position embeddings, layer scales) follow torch-pruning's default dim unless ``unwrapped_parameters``
+says otherwise. Any failure is one line naming the part of the model that failed.
 
-Persistence never pickles: ``pruning_history.json`` (the replayable history plus those attributes)
-and the weights (``model.safetensors`` when safetensors is installed, else ``state_dict.pt`` loaded
-with ``weights_only=True``).
+MACs are counted two ways: ``count_macs`` is torch-pruning's op count (it also counts bias adds,
+norms and activations); ``conv_linear_macs`` counts multiply-accumulates of conv, linear and attention
+layers only, the convention of thop/fvcore and of the seed experiment (pruning targets use the first).
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -41,15 +44,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from edgerun.errors import brief
+from pipeline import prune_attention as attn
+from pipeline import prune_scope as scope
 from pipeline.errors import PipelineError
+from pipeline.models import forward_named
+from pipeline.prune_store import (HISTORY_FILE, SAFETENSORS_FILE, STATE_DICT_FILE, json_history,  # noqa: F401
+                                  layer_channels, load_pruned, save_pruned)
 from pipeline.train import logits_of
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "lamp", "random")
 TARGETS = ("ratio", "macs", "latency_ms")
-HISTORY_FILE = "pruning_history.json"
-SAFETENSORS_FILE = "model.safetensors"
-STATE_DICT_FILE = "state_dict.pt"
-HISTORY_FORMAT = 1
 RATIO_MAX = 0.98      # the highest channel ratio the search tries
 BRACKET_STEP = 0.04   # first step when bracketing the ratio that meets a MAC/latency budget
 RATIO_TOL = 0.005     # bisection stops when the bracket is this narrow
@@ -57,62 +62,71 @@ RATIO_TOL = 0.005     # bisection stops when the bracket is this narrow
 
 # --------------------------------------------------------------------------------------------- counting
 def count_macs(model: nn.Module, example_input) -> tuple[int, int]:
-    """(MACs, params) for one forward of ``example_input`` (torch-pruning's counter returns MACs)."""
+    """(MACs, params) for one forward of ``example_input``, torch-pruning's counter (all ops)."""
     was_training = model.training
     macs, params = tp.utils.count_ops_and_params(model, example_input)
     model.train(was_training)
     return int(macs), int(params)
 
 
-def layer_channels(model: nn.Module) -> dict[str, int]:
-    """Output channels/features of every conv and linear layer, by module name."""
-    out = {}
-    for name, m in model.named_modules():
+def _mha_macs(m: nn.MultiheadAttention, args, kwargs) -> int:
+    q = args[0] if args else kwargs["query"]
+    k = args[1] if len(args) > 1 else kwargs.get("key", q)
+    if q.dim() == 2:  # unbatched (L, E)
+        n, lq, lk = 1, q.shape[0], k.shape[0]
+    elif m.batch_first:
+        n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    else:
+        n, lq, lk = q.shape[1], q.shape[0], k.shape[0]
+    e = m.embed_dim
+    projections = lq * e * e + lk * m.kdim * e + lk * m.vdim * e + lq * e * e  # q, k, v, out
+    return n * (projections + 2 * lq * lk * e)  # + q @ k^T and attn @ v over all heads
+
+
+def conv_linear_macs(model: nn.Module, example_input) -> int:
+    """Multiply-accumulates of conv (grouped/depthwise included), linear and nn.MultiheadAttention layers
+    (projections and its two attention matmuls) for one forward of ``example_input`` (all of its batch),
+    counted by forward hooks as thop/fvcore count them. Matmuls written as ``@`` in a forward are not
+    layers and are not counted (as in thop)."""
+    total = [0]
+
+    def conv(m, inp, out):
+        k = math.prod(m.kernel_size)
+        if m.transposed:
+            total[0] += inp[0].numel() * (m.out_channels // m.groups) * k
+        else:
+            total[0] += out.numel() * (m.in_channels // m.groups) * k
+
+    def linear(m, _inp, out):
+        total[0] += out.numel() * m.in_features
+
+    def mha(m, args, kwargs, _out):
+        total[0] += _mha_macs(m, args, kwargs)
+
+    hooks = []
+    for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
-            out[name] = int(m.out_channels)
+            hooks.append(m.register_forward_hook(conv))
         elif isinstance(m, nn.Linear):
-            out[name] = int(m.out_features)
-    return out
+            hooks.append(m.register_forward_hook(linear))
+        elif isinstance(m, nn.MultiheadAttention):
+            hooks.append(m.register_forward_hook(mha, with_kwargs=True))
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
+    try:
+        model.eval()
+        # The fused TransformerEncoderLayer kernel skips the module calls the hooks count.
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return int(total[0])
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def classifier_of(model: nn.Module) -> nn.Module:
-    head = getattr(model, "classifier", None)
-    if isinstance(head, nn.Module):
-        return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise PipelineError("prune: the model has no `classifier` attribute and no nn.Linear to keep as its head")
-    return linears[-1]
-
-
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that declare ``num_heads`` and own a ``qkv`` Linear (ViT-style attention)."""
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "qkv", None), nn.Linear)]
-
-
-def _sync_head_attributes(model: nn.Module, num_heads: dict | None = None) -> None:
-    """After pruning, make each attention module's ``num_heads``/``head_dim`` match its ``qkv`` layer."""
-    for m in _attention_modules(model):
-        if num_heads is not None and m.qkv in num_heads:
-            m.num_heads = int(num_heads[m.qkv])
-        m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-    attns = _attention_modules(model)
-    if attns and not isinstance(getattr(model, "qkv", None), nn.Linear):
-        # the model-level mirror (ViTSmall.num_heads/head_dim), when there is one
-        if isinstance(getattr(model, "num_heads", None), int):
-            model.num_heads = attns[0].num_heads
-        if isinstance(getattr(model, "head_dim", None), int):
-            model.head_dim = attns[0].head_dim
-
-
-def _head_attributes(model: nn.Module) -> dict[str, dict[str, int]]:
-    names = {m: n for n, m in model.named_modules()}
-    return {names[m]: {"num_heads": int(m.num_heads), "head_dim": int(getattr(m, "head_dim", 0))}
-            for m in _attention_modules(model)}
-
-
 def _make_importance(name: str, model: nn.Module):
     if name == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1)
@@ -132,42 +146,17 @@ def _make_importance(name: str, model: nn.Module):
     raise PipelineError(f"prune.importance: unknown {name!r}; expected one of {', '.join(IMPORTANCES)}")
 
 
-def output_modules(model: nn.Module, example_input) -> list[nn.Module]:
-    """Leaf modules whose output tensor is itself one of the model's outputs (e.g. a vision tower's
-    projector and its classifier): pruning their output width would change the model's contract."""
-    seen: list[tuple[torch.Tensor, nn.Module]] = []  # keeps the tensors alive, so identity is safe
-    hooks = [m.register_forward_hook(lambda mod, _inp, out: seen.append((out, mod)))
-             for m in model.modules() if not any(True for _ in m.children())]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    found = []
-    for o in outs:
-        for t, mod in seen:
-            if t is o and mod not in found:
-                found.append(mod)
-    return found
-
-
-def _ignored(model: nn.Module, names: Iterable[str], example_input=None) -> list[nn.Module]:
-    """The classifier, the modules that produce model outputs, the model's own ``prune_ignored_layers``
-    (a tuple of module names it may declare) and the user's ``ignored_layers``."""
+def _ignored(model: nn.Module, names: Iterable[str], example_input=None) -> list:
+    """The layers (and bare parameters) producing the model's outputs, the model's own
+    ``prune_ignored_layers`` (module names it may declare) and the user's ``ignored_layers``."""
     modules = dict(model.named_modules())
-    out = [classifier_of(model)]
-    if example_input is not None:
-        out += [m for m in output_modules(model, example_input) if m not in out]
+    out = scope.output_producers(model, example_input) if example_input is not None else []
     declared = tuple(getattr(model, "prune_ignored_layers", ()) or ())
     for n in (*declared, *names):
         if n not in modules:
             raise PipelineError(f"prune.ignored_layers: the model has no module named {n!r}")
-        out.append(modules[n])
+        if not any(modules[n] is o for o in out):
+            out.append(modules[n])
     return out
 
 
@@ -186,48 +175,92 @@ def _taylor_gradients(model: nn.Module, batches: list) -> None:
 
 
 def _pruner(model, example_input, importance, ratio, *, global_pruning, round_to, max_layer_ratio,
-            iterative_steps, ignored, layer_ratios, head_ratio=0.0):
-    num_heads = {m.qkv: m.num_heads for m in _attention_modules(model)}
+            iterative_steps, ignored, layer_ratios, head_ratio, narrow_heads, unwrapped, attentions):
     modules = dict(model.named_modules())
     ratio_dict = {modules[name]: float(r) for name, r in (layer_ratios or {}).items()}
+    for a in attentions:
+        if a.kind == "mha" and not narrow_heads:  # heads keep their width: an MHA loses only whole heads
+            ratio_dict.setdefault(a.module, 0.0)
+        elif a.kind != "mha" and not global_pruning:
+            # Local mode names each group's ranking scope after its root module, and torch-pruning roots
+            # an attention group at its output Linear, the root of the residual group too when that
+            # comes first in its graph: one overwrites the other and the residual never shrinks. An
+            # explicit scope per attention, at the same ratio, keeps them apart.
+            ratio_dict.setdefault(a.projections if len(a.projections) > 1 else a.projections[0], float(ratio))
     return tp.pruner.BasePruner(
         model, example_input, importance=importance, global_pruning=global_pruning,
         pruning_ratio=float(ratio), pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=float(max_layer_ratio),
         iterative_steps=int(iterative_steps), ignored_layers=ignored,
         round_to=int(round_to) if round_to and round_to > 1 else None,
-        # Either whole heads go (head_ratio > 0) or every head narrows: torch-pruning keeps qkv, proj
-        # and the num_heads/head_dim attributes consistent in both modes.
-        num_heads=num_heads, prune_num_heads=head_ratio > 0, prune_head_dims=head_ratio == 0,
-        head_pruning_ratio=float(head_ratio))
+        # fresh dicts: torch-pruning 1.6.1 mutates these arguments' shared defaults across pruners
+        in_channel_groups={}, out_channel_groups={},
+        num_heads=attn.torch_pruning_heads(attentions), prune_num_heads=head_ratio > 0,
+        prune_head_dims=narrow_heads, head_pruning_ratio=float(head_ratio),
+        customized_pruners=dict(attn.CUSTOMIZED_PRUNERS),
+        unwrapped_parameters=scope.unwrapped_for_torch_pruning(model, unwrapped))
 
 
 def _run_schedule(model, example_input, *, ratio, importance, global_pruning, round_to, max_layer_ratio,
-                  iterative_steps, ignored_names, taylor_batches, seed, layer_ratios=None, between_steps=None,
-                  progress=None, head_ratio=0.0):
+                  iterative_steps, ignored_names, taylor_batches, seed, unwrapped, layer_ratios=None,
+                  between_steps=None, progress=None, head_ratio=0.0, narrow_heads=True):
     """Prune ``model`` in place over ``iterative_steps`` steps; returns the replayable history."""
     torch.manual_seed(seed)
     imp = _make_importance(importance, model)
-    with torch.enable_grad():
-        pruner = _pruner(model, example_input, imp, ratio, global_pruning=global_pruning, round_to=round_to,
-                         max_layer_ratio=max_layer_ratio, iterative_steps=iterative_steps,
-                         ignored=_ignored(model, ignored_names, example_input), layer_ratios=layer_ratios,
-                         head_ratio=head_ratio)
-        for step in range(iterative_steps):
-            if importance == "taylor":
-                _taylor_gradients(model, taylor_batches)
-            pruner.step()
-            if importance == "taylor":
-                model.zero_grad(set_to_none=True)
-            _sync_head_attributes(model, pruner.num_heads)
-            if progress:
-                progress(step + 1, iterative_steps)
-            if between_steps is not None and step < iterative_steps - 1:
-                between_steps(step, model)
-    return _json_history(pruner.pruning_history())
+    attentions = attn.find_attention(model)
+    heads0 = {a.module: a.heads()[0] for a in attentions}
+    pruner = None
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            # bare parameters are reported in info["unwrapped"], dim by dim
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            ignored = _ignored(model, ignored_names, example_input)
+            pruner = _pruner(model, example_input, imp, ratio, global_pruning=global_pruning, round_to=round_to,
+                             max_layer_ratio=max_layer_ratio, iterative_steps=iterative_steps, ignored=ignored,
+                             layer_ratios=layer_ratios, head_ratio=head_ratio, narrow_heads=narrow_heads,
+                             unwrapped=unwrapped, attentions=attentions)
+            for step in range(iterative_steps):
+                if importance == "taylor":
+                    _taylor_gradients(model, taylor_batches)
+                if head_ratio > 0:
+                    active = [a for a in attentions if a.module not in pruner.ignored_layers]
+                    attn.schedule_torch_pruning_heads(pruner, active, heads0, head_ratio, step, iterative_steps)
+                    attn.remove_mha_heads(pruner, active, heads0, head_ratio, step, iterative_steps)
+                pruner.step()
+                if importance == "taylor":
+                    model.zero_grad(set_to_none=True)
+                attn.sync_attributes(model, attentions, pruner.num_heads)
+                attn.check_consistent(attentions)
+                try:
+                    _runs(model, example_input)
+                except PipelineError as e:  # a mis-indexed graph shows here first
+                    raise PipelineError(f"{e}{scope.split_hint(pruner.DG)}") from None
+                if progress:
+                    progress(step + 1, iterative_steps)
+                if between_steps is not None and step < iterative_steps - 1:
+                    between_steps(step, model)
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch-pruning's failures are tracebacks deep in its graph code
+        raise PipelineError(f"prune: torch-pruning failed ({brief(e)})"
+                            f"{scope.split_hint(pruner.DG if pruner else None)}") from None
+    return json_history(pruner.pruning_history())
 
 
-def _json_history(history) -> list:
-    return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]
+def _runs(model, example_input) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_named(model, example_input, "prune: the pruned model fails")
+    finally:
+        model.train(was_training)
+
+
+def _check_outputs(model, example_input, shapes_before) -> None:
+    after = scope.output_shapes(model, example_input)
+    if after != shapes_before:
+        raise PipelineError(f"prune: pruning changed the model's output shapes from {shapes_before} to {after}; "
+                            "list the layer producing that output in prune.ignored_layers")
 
 
 # --------------------------------------------------------------------------------------------- latency
@@ -260,6 +293,34 @@ def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, batch: int
 
 
 # --------------------------------------------------------------------------------------------- pruning
+def _validate(model, *, target, importance, head_ratio, iterative_steps, max_layer_ratio, ignored_layers,
+              layer_ratios, attentions) -> None:
+    if target not in TARGETS:
+        raise PipelineError(f"prune.target: unknown {target!r}; expected one of {', '.join(TARGETS)}")
+    if importance not in IMPORTANCES:
+        raise PipelineError(f"prune.importance: unknown {importance!r}; expected one of {', '.join(IMPORTANCES)}")
+    if not 0.0 <= float(head_ratio) < 1.0:
+        raise PipelineError(f"prune.head_ratio: must be in [0, 1), got {head_ratio}")
+    if head_ratio > 0 and not attentions:
+        raise PipelineError(f"prune.head_ratio: {head_ratio} asks to remove attention heads but the model has none "
+                            "(recognised: nn.MultiheadAttention, and modules with an int num_heads and a qkv Linear "
+                            "or q/k/v Linears); set it to 0")
+    if int(iterative_steps) < 1:
+        raise PipelineError(f"prune.iterative_steps: must be >= 1, got {iterative_steps}")
+    if not 0.0 < float(max_layer_ratio) <= 1.0:
+        raise PipelineError(f"prune.max_layer_ratio: must be in (0, 1], got {max_layer_ratio}")
+    if importance == "bn_scale":
+        _make_importance(importance, model)  # fail early and clearly
+    _ignored(model, ignored_layers)
+    named = dict(model.named_modules())
+    for name, r in layer_ratios.items():
+        if name not in named:
+            raise PipelineError(f"prune.layer_ratios: the model has no module named {name!r}")
+        if not 0.0 <= float(r) < 1.0:
+            raise PipelineError(f"prune.layer_ratios: {name} ratio must be in [0, 1), got {r}")
+    attn.check_supported(attentions)
+
+
 def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio: float = 0.5,
                 macs: float = 0.0, latency_ms: float = 0.0, latency_batch: int = 1, importance: str = "l2",
                 global_pruning: bool = False, round_to: int = 1, max_layer_ratio: float = 1.0,
@@ -267,48 +328,42 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                 between_steps: Callable[[int, nn.Module], None] | None = None,
                 taylor_batches: Iterable | None = None, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None,
-                layer_ratios: dict[str, float] | None = None, head_ratio: float = 0.0) -> tuple[nn.Module, dict]:
+                layer_ratios: dict[str, float] | None = None, head_ratio: float = 0.0,
+                unwrapped_parameters: dict[str, int] | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place; returns ``(model, info)``.
 
-    ``info``: macs_before/after, params_before/after, ratio_used (the channel ratio applied),
-    history (JSON-friendly, for :func:`save_pruned`), channels ({layer: kept output channels}),
-    plus target/budget/latency fields where they apply. ``between_steps(step_index, model)`` runs
-    after every iterative step but the last (e.g. a short fine-tune). ``progress(step, steps)`` is
-    called after each step. ``layer_ratios`` ({module name: channel ratio}) fixes the ratio of the named
-    layers' output channels (torch-pruning's ``pruning_ratio_dict``); the searched/given ``ratio``
-    applies to the others. ``head_ratio`` > 0 removes that fraction of whole attention heads (keeping
-    head_dim) instead of narrowing every head.
+    ``info``: macs_before/after (torch-pruning's count), conv_linear_macs_before/after (see
+    conv_linear_macs), params_before/after, ratio_used (the channel ratio applied), history
+    (JSON-friendly, for :func:`save_pruned`), channels ({layer: kept output channels}), heads
+    ({attention module: kind, num_heads/head_dim before and after}), unwrapped ({bare parameter:
+    "pruned along dim d" | "kept"}), plus target/budget/latency fields where they apply.
+    ``between_steps(step_index, model)`` runs after every iterative step but the last (e.g. a short
+    fine-tune); ``progress(step, steps)`` after each step. ``layer_ratios`` ({module name: channel
+    ratio}) fixes the ratio of the named layers' output channels (torch-pruning's
+    ``pruning_ratio_dict``). ``head_ratio`` > 0 removes that fraction of whole attention heads (rounded
+    up, never all) instead of narrowing every head. ``unwrapped_parameters`` ({parameter name: dim})
+    overrides the dim along which a bare parameter is pruned; pass the same dict to save_pruned.
     """
-    if target not in TARGETS:
-        raise PipelineError(f"prune.target: unknown {target!r}; expected one of {', '.join(TARGETS)}")
-    if importance not in IMPORTANCES:
-        raise PipelineError(f"prune.importance: unknown {importance!r}; expected one of {', '.join(IMPORTANCES)}")
-    if not 0.0 <= float(head_ratio) < 1.0:
-        raise PipelineError(f"prune.head_ratio: must be in [0, 1), got {head_ratio}")
-    if int(iterative_steps) < 1:
-        raise PipelineError(f"prune.iterative_steps: must be >= 1, got {iterative_steps}")
-    if not 0.0 < float(max_layer_ratio) <= 1.0:
-        raise PipelineError(f"prune.max_layer_ratio: must be in (0, 1], got {max_layer_ratio}")
-    if importance == "bn_scale":
-        _make_importance(importance, model)  # fail early and clearly
+    attentions = attn.find_attention(model)
     ignored_names = tuple(ignored_layers)
-    _ignored(model, ignored_names)
     layer_ratios = dict(layer_ratios or {})
-    named = dict(model.named_modules())
-    for name, r in layer_ratios.items():
-        if name not in named:
-            raise PipelineError(f"prune.layer_ratios: the model has no module named {name!r}")
-        if not 0.0 <= float(r) < 1.0:
-            raise PipelineError(f"prune.layer_ratios: {name} ratio must be in [0, 1), got {r}")
+    _validate(model, target=target, importance=importance, head_ratio=head_ratio, iterative_steps=iterative_steps,
+              max_layer_ratio=max_layer_ratio, ignored_layers=ignored_names, layer_ratios=layer_ratios,
+              attentions=attentions)
+    unwrapped = scope.unwrapped_dims(model, unwrapped_parameters)
     batches = list(taylor_batches) if taylor_batches is not None else []
     if importance == "taylor" and not batches:
         raise PipelineError("prune.importance: 'taylor' needs taylor_batches (an iterable of (x, y) tensors)")
 
+    shapes_before = scope.output_shapes(model, example_input)
+    bare_before = {n: tuple(p.shape) for n, p in model.named_parameters() if n in unwrapped}
+    heads_before = attn.head_table(attentions)
     macs_before, params_before = count_macs(model, example_input)
+    cl_macs_before = conv_linear_macs(model, example_input)
     common = dict(importance=importance, global_pruning=global_pruning, round_to=round_to,
                   max_layer_ratio=max_layer_ratio, iterative_steps=int(iterative_steps),
                   ignored_names=ignored_names, taylor_batches=batches, seed=seed, layer_ratios=layer_ratios,
-                  head_ratio=float(head_ratio))
+                  head_ratio=float(head_ratio), narrow_heads=float(head_ratio) == 0.0, unwrapped=unwrapped)
     info: dict = {"target": target}
 
     if target == "ratio":
@@ -339,17 +394,26 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     history = _run_schedule(model, example_input, ratio=ratio_used, between_steps=between_steps,
                             progress=progress, **common)
 
-    # With fine-tuning between global steps the allocation can differ from the simulation: top up.
+    # With fine-tuning between global steps the allocation can differ from the simulation: top up
+    # (heads were removed already: the top-up only narrows what the main schedule may narrow).
     if target != "ratio" and layer_channels(model) != sim_channels and cost(model) > budget:
-        once = {**common, "iterative_steps": 1, "layer_ratios": None}  # layer_ratios were applied already
+        once = {**common, "iterative_steps": 1, "layer_ratios": None, "head_ratio": 0.0}
         extra, _ = _bisect_ratio(model, example_input, budget, cost, what, once)
         history += _run_schedule(model, example_input, ratio=extra, **once)
         info["top_up_ratio"] = extra
 
+    _check_outputs(model, example_input, shapes_before)
     macs_after, params_after = count_macs(model, example_input)
-    info.update({"macs_before": macs_before, "macs_after": macs_after, "params_before": params_before,
-                 "params_after": params_after, "ratio_used": ratio_used, "history": history,
-                 "channels": layer_channels(model)})
+    heads_after = attn.head_table(attn.find_attention(model))
+    info.update({"macs_before": macs_before, "macs_after": macs_after,
+                 "conv_linear_macs_before": cl_macs_before,
+                 "conv_linear_macs_after": conv_linear_macs(model, example_input),
+                 "params_before": params_before, "params_after": params_after, "ratio_used": ratio_used,
+                 "history": history, "channels": layer_channels(model),
+                 "heads": {n: {"kind": h["kind"], "num_heads_before": h["num_heads"],
+                               "head_dim_before": h["head_dim"], "num_heads": heads_after[n]["num_heads"],
+                               "head_dim": heads_after[n]["head_dim"]} for n, h in heads_before.items()},
+                 "unwrapped": scope.unwrapped_report(bare_before, model)})
     if target == "latency_ms":
         info["latency_ms_after"] = measure_latency_ms(model, example_input, latency_batch)
     return model, info
@@ -365,12 +429,12 @@ def _bisect_ratio(model, example_input, budget, cost, what, common, cost0=None) 
         r = round(min(max(r, 0.0), RATIO_MAX), 6)
         if r not in cache:
             m = copy.deepcopy(model)
-            if r > 0 or common.get("layer_ratios"):
+            if r > 0 or common.get("layer_ratios") or common.get("head_ratio"):
                 _run_schedule(m, example_input, ratio=r, **common)
             cache[r] = (cost(m), layer_channels(m))
         return r, cache[r][0]
 
-    if cost0 is None or common.get("layer_ratios"):
+    if cost0 is None or common.get("layer_ratios") or common.get("head_ratio"):
         cost0 = trial(0.0)[1]
     else:
         cache[0.0] = (cost0, layer_channels(model))
@@ -410,80 +474,3 @@ def _bisect_ratio(model, example_input, budget, cost, what, common, cost0=None) 
         else:
             lo = mid
     return hi, cache[hi][1]
-
-
-# --------------------------------------------------------------------------------------------- persistence
-def save_pruned(model: nn.Module, history, folder) -> Path:
-    """Write ``pruning_history.json`` and the weights into ``folder`` (created); returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": HISTORY_FORMAT, "history": _json_history(history), "heads": _head_attributes(model),
-            "channels": layer_channels(model)}
-    (folder / HISTORY_FILE).write_text(json.dumps(meta))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        (folder / SAFETENSORS_FILE).unlink(missing_ok=True)
-        torch.save(state, folder / STATE_DICT_FILE)
-    else:
-        (folder / STATE_DICT_FILE).unlink(missing_ok=True)
-        save_file(state, str(folder / SAFETENSORS_FILE))
-    return folder
-
-
-def load_pruned(fresh_model: nn.Module, example_input, folder) -> nn.Module:
-    """Replay the saved history on ``fresh_model`` (an unpruned instance), then load the weights."""
-    folder = Path(folder)
-    hist_path = folder / HISTORY_FILE
-    if not hist_path.is_file():
-        raise PipelineError(f"prune: {hist_path} not found (expected a folder written by save_pruned)")
-    try:
-        meta = json.loads(hist_path.read_text())
-        history = meta["history"] if isinstance(meta, dict) else meta
-        heads = meta.get("heads", {}) if isinstance(meta, dict) else {}
-    except (ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"prune: {hist_path} is not a pruning history ({e})") from None
-    modules = dict(fresh_model.named_modules())
-    try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(fresh_model, example_inputs=example_input)
-            for name, _, idxs in history:
-                if name not in modules:
-                    raise PipelineError(f"prune: {hist_path} names layer {name!r}, which this model does not have")
-            dg.load_pruning_history(history)
-    except PipelineError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any replay failure means the history is for another model
-        raise PipelineError(f"prune: {hist_path} does not fit this model ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    for name, attrs in heads.items():
-        m = modules.get(name)
-        if m is not None:
-            for k, v in attrs.items():
-                setattr(m, k, v)
-    _sync_head_attributes(fresh_model)
-    state = _load_weights(folder)
-    own = fresh_model.state_dict()
-    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    if bad or missing:
-        what = bad[0] if bad else missing[0]
-        detail = (f"shape {tuple(state[what].shape)} vs {tuple(own[what].shape)}" if what in state and what in own
-                  else "missing" if what in own else "unexpected")
-        raise PipelineError(f"prune: the weights in {folder} do not fit the replayed model ({what}: {detail})")
-    fresh_model.load_state_dict(state)
-    return fresh_model
-
-
-def _load_weights(folder: Path) -> dict:
-    st, pt = folder / SAFETENSORS_FILE, folder / STATE_DICT_FILE
-    if st.is_file():
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise PipelineError(f"prune: {st} needs the safetensors package") from None
-        return load_file(str(st))
-    if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise PipelineError(f"prune: no weights in {folder} (expected {SAFETENSORS_FILE} or {STATE_DICT_FILE})")

@@ -1,76 +1,96 @@
-"""Runs stages in order: fingerprints, cache, atomic stage folders, --from/--until/--force, one lock.
+"""Runs stages in order: contracts, fingerprints, a content-verified cache, a shared store, gates.
 
-A stage writes only into the temporary folder it is given. The runner renames that folder into
-place after the stage and its gate succeed, so a folder without `.tmp`/`.failed` is always finished.
+A stage writes only into the temporary folder it is given; the runner renames it into place after
+the stage ran, so a folder without `.tmp`/`.failed` is always finished. Every file's sha256 is
+recorded and verified before reuse. A finished result is also kept in a content-addressed store
+shared by every run folder (`<runs>/.store/<stage>-<fingerprint>`), so a new run folder or an
+override toggled back reuses it. Gates are evaluated after every stage, on fresh and on cached
+results alike: a gate's settings are not part of the fingerprint, so relaxing one never reruns.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
-import hashlib
-import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
+from edgerun.io import hash_json, sha256_file, write_json
 from pipeline.config import Config
-from pipeline.errors import GateFailed, PipelineError
+from pipeline.contract import ConfigView, expand, fingerprint_values
+from pipeline.errors import ContractError, GateFailed, PipelineError
+from pipeline.records import Artifact, GateResult, StageRecord
 
 LIBRARIES = ("torch", "torch-pruning", "onnx", "onnxruntime", "onnxruntime-gpu", "nncf", "numpy",
              "polygraphy", "onnxconverter-common", "tensorrt")
 RECORD = "stage.json"
+# What the dataset (pipeline.data.Data) is made from: a stage that reads it depends on all of these.
+DATA_KEYS = ("data.kind", "data.root", "data.size", "data.channels", "data.mean", "data.std", "data.train_subset",
+             "data.test_subset", "model.num_classes", "run.seed")
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a stage function returns; the runner adds everything else."""
+    metrics: dict = field(default_factory=dict)
+    artifacts: tuple[Artifact, ...] = ()
+    status: str = "ran"               # ran | skipped
+    reason: str = ""
+    notices: tuple[str, ...] = ()
+
+
+GateFn = Callable[[dict, dict, ConfigView], "GateResult | None"]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    version: int                      # bump when the stage's code changes what it writes
-    config: tuple[str, ...]           # config sections (or section.key) that change its output
-    reads: tuple[str, ...]            # earlier stages whose folders it reads
-    fn: Callable[["Context"], "Result"]
-    folder: str = ""                  # defaults to NN_name
-    environment: Callable[[], dict] | None = None  # extra fingerprint facts (GPU, TensorRT version)
+    version: int                                   # bump when the stage's code changes what it writes
+    fn: Callable[["Context"], Output]
+    config: tuple[str, ...] | Callable[[Config], Iterable[str]] = ()  # keys it reads (may depend on the mode)
+    reads: tuple[str, ...] = ()                    # earlier stages whose folders and records it reads
+    uses_data: bool = False                        # reads the dataset: DATA_KEYS join its keys
+    gate: GateFn | None = None                     # (metrics, input records, view of gate_config) -> GateResult
+    gate_config: tuple[str, ...] = ()
+    environment: Callable[[], dict] | None = None  # machine facts that change its output (GPU, TensorRT)
+    folder: str = ""                               # defaults to NN_name
+
+    def keys(self, cfg: Config) -> tuple[str, ...]:
+        declared = self.config(cfg) if callable(self.config) else self.config
+        return expand(cfg, (*declared, *(DATA_KEYS if self.uses_data else ())))
 
 
-@dataclass
-class Result:
-    metrics: dict = field(default_factory=dict)
-    gate: dict | None = None
-    status: str = "ran"               # ran | skipped
-    reason: str = ""
-    artifacts: dict = field(default_factory=dict)  # file name -> {"kind", "precision", ...}
-
-
-@dataclass
 class Context:
-    cfg: Config
-    run_dir: Path
-    out: Path
-    records: dict                     # stage name -> its stage.json of this run
-    folders: dict                     # stage name -> its finished folder
-    data: object                      # pipeline.stages.Data, loaded lazily
-    log: Callable[[str], None]
+    """A stage's view of the run: its config keys, its input stages, its output folder."""
+
+    def __init__(self, stage: Stage, cfg: ConfigView, out: Path, inputs: dict, data, log):
+        self.stage, self.cfg, self.out, self.log = stage, cfg, out, log
+        self._inputs = inputs          # name -> (folder, StageRecord)
+        self._data = data
+
+    def _input(self, name: str):
+        if name not in self._inputs:
+            raise ContractError(f"stage {self.stage.name} read stage {name!r} without declaring it in reads")
+        return self._inputs[name]
 
     def path(self, stage: str, name: str = "") -> Path:
-        folder = self.folders[stage]
+        folder = self._input(stage)[0]
         return folder / name if name else folder
 
+    def record(self, stage: str) -> StageRecord:
+        return self._input(stage)[1]
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    @property
+    def data(self):
+        if not self.stage.uses_data:
+            raise ContractError(f"stage {self.stage.name} read the dataset without declaring uses_data")
+        self.cfg.seen.update(DATA_KEYS)
+        return self._data
 
 
 def library_versions() -> dict:
@@ -86,28 +106,24 @@ def file_table(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RECORD}
 
 
-def intact(folder: Path, record: dict) -> bool:
-    """Every recorded file is there with its size; sizes catch truncation, hashing all is too slow
-    for big engines on every rerun."""
-    for name, meta in record.get("files", {}).items():
+def changed_files(folder: Path, record: StageRecord) -> list[str]:
+    """Recorded files that are missing or whose bytes differ (sha256), plus files that appeared."""
+    bad = []
+    for name, meta in record.files.items():
         p = folder / name
-        if not p.is_file() or p.stat().st_size != meta["size"]:
-            return False
-    return True
+        if not p.is_file() or p.stat().st_size != meta["size"] or sha256_file(p) != meta["sha256"]:
+            bad.append(name)
+    return bad
 
 
-def read_record(folder: Path) -> dict | None:
+def read_record(folder: Path) -> StageRecord | None:
+    import json
     try:
-        return json.loads((folder / RECORD).read_text())
-    except (OSError, ValueError):
+        return StageRecord.from_json(json.loads((folder / RECORD).read_text()))
+    except FileNotFoundError:
         return None
-
-
-def write_json(path: Path, obj) -> None:
-    """Write-then-rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None   # not the structure we write: treated as not done, the stage reruns
 
 
 @contextlib.contextmanager
@@ -130,42 +146,41 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copies, not hard links: a file edited in place in a run folder must not damage the store's copy."""
+    shutil.copytree(src, dst)
+
+
 class Runner:
     def __init__(self, cfg: Config, stages: list[Stage], run_dir: Path, data, *, data_identity: Callable[[], str],
-                 log: Callable[[str], None] = print):
+                 store: Path | None = None, log: Callable[[str], None] = print):
         self.cfg, self.stages, self.run_dir, self.data = cfg, stages, run_dir, data
-        self.data_identity, self.log = data_identity, log
-        self.records: dict[str, dict] = {}  # this run's records so far, also after a failure
+        self.data_identity, self.store, self.log = data_identity, store, log
+        self.records: dict[str, StageRecord] = {}   # this run's records so far, also after a failure
+        self.views: dict[str, ConfigView] = {}      # what each stage that ran actually read
         self.folder = {s.name: run_dir / (s.folder or f"{i + 1:02d}_{s.name}") for i, s in enumerate(stages)}
 
-    def fingerprint(self, stage: Stage, records: dict) -> dict:
+    # ------------------------------------------------------------ fingerprints
+
+    def fingerprint(self, stage: Stage) -> dict:
         return {
             "stage": stage.name,
             "version": stage.version,
-            "config": {key: self._config_value(key) for key in stage.config},
-            # What an input stage wrote, not only how it was asked to: a rerun that writes other bytes
-            # (a nondeterministic kernel, say) must rerun its readers.
-            "inputs": {name: hash_json([records[name]["fingerprint_hash"], records[name]["files"]])
+            "config": fingerprint_values(self.cfg, stage.keys(self.cfg), self.data_identity),
+            # What an input stage wrote, not only how it was asked to: other bytes rerun its readers.
+            "inputs": {name: hash_json([self.records[name].fingerprint_hash, self.records[name].files])
                        for name in stage.reads},
-            "data": self.data_identity(),
             "libraries": library_versions(),
             "environment": stage.environment() if stage.environment else {},
         }
 
-    def _config_value(self, key: str):
-        """``section`` or ``section.key``: only what changes the stage's output belongs here."""
-        section, _, name = key.partition(".")
-        values = self.cfg.section(section)
-        return values[name] if name else values
+    # ------------------------------------------------------------ selection
 
     def select(self, start: str | None, until: str | None, force) -> tuple[set, set]:
         names = [s.name for s in self.stages]
-        for opt, value in (("--from", start), ("--until", until)):
+        for opt, value in (("--from", start), ("--until", until), *(("--force", f) for f in force or ())):
             if value is not None and value not in names:
                 raise PipelineError(f"{opt} {value!r}: no such stage (stages: {', '.join(names)})")
-        for f in force or ():
-            if f not in names:
-                raise PipelineError(f"--force {f!r}: no such stage (stages: {', '.join(names)})")
         lo = names.index(start) if start else 0
         hi = names.index(until) if until else len(names) - 1
         if lo > hi:
@@ -174,82 +189,146 @@ class Runner:
         forced = selected if force == [] else set(force or ())
         return selected, forced
 
-    def run(self, start=None, until=None, force=None) -> list[dict]:
+    def run(self, start=None, until=None, force=None) -> list[StageRecord]:
         """Returns the stage records in order; raises GateFailed / PipelineError."""
         selected, forced = self.select(start, until, force)
-        records = self.records = {}
+        last = max(i for i, s in enumerate(self.stages) if s.name in selected)
+        self.records = {}
         with run_lock(self.run_dir):
-            for i, stage in enumerate(self.stages):
-                if stage.name not in selected and records and self._after_selection(stage, selected):
-                    break
-                records[stage.name] = self._one(i, stage, records, selected, forced)
-        return [records[s.name] for s in self.stages if s.name in records]
+            for i, stage in enumerate(self.stages[:last + 1]):
+                self.records[stage.name] = self._one(i, stage, stage.name in selected, stage.name in forced)
+        return list(self.records.values())
 
-    def _after_selection(self, stage: Stage, selected: set) -> bool:
-        names = [s.name for s in self.stages]
-        last = max(names.index(n) for n in selected)
-        return names.index(stage.name) > last
+    # ------------------------------------------------------------ one stage
 
-    def _one(self, i: int, stage: Stage, records: dict, selected: set, forced: set) -> dict:
+    def _one(self, i: int, stage: Stage, selected: bool, forced: bool) -> StageRecord:
         final = self.folder[stage.name]
-        fp = self.fingerprint(stage, records)
+        failed = final.with_name(final.name + ".failed")
+        fp = self.fingerprint(stage)
         fp_hash = hash_json(fp)
         label = f"[{i + 1}/{len(self.stages)}] {stage.name}"
-        old = read_record(final)
-        fresh = old is not None and old.get("fingerprint_hash") == fp_hash and intact(final, old)
-        if fresh and stage.name not in forced:
-            self.log(f"{label}: cached ({_summary(old)})")
-            return {**old, "status": "cached" if old["status"] != "skipped" else "skipped"}
-        if stage.name not in selected:
+        if not forced:
+            found = self._reusable(stage, fp_hash, final, failed, label)
+            if found is not None:
+                return self._finish(stage, found[0], found[1], label, cached=True)
+        if not selected:
             raise PipelineError(f"stage {stage.name} has no up-to-date result in {final} "
                                 f"and is outside --from/--until: run it first")
         tmp = final.with_name(final.name + ".tmp")
-        failed = final.with_name(final.name + ".failed")
         for stale in (tmp, failed):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.log(f"{label}: running")
-        ctx = Context(self.cfg, self.run_dir, tmp, records, self.folder, self.data, self.log)
+        view = self.views[stage.name] = ConfigView(stage.name, self.cfg, stage.keys(self.cfg))
+        inputs = {name: (self.folder[name], self.records[name]) for name in stage.reads}
         t0 = time.perf_counter()
-        # A crash here leaves only the .tmp folder, which never counts as finished.
-        result = stage.fn(ctx)
-        seconds = round(time.perf_counter() - t0, 3)
-        record = {
-            "name": stage.name, "status": result.status, "reason": result.reason, "seconds": seconds,
-            "metrics": result.metrics, "gate": result.gate, "artifacts": result.artifacts,
-            "fingerprint": fp, "fingerprint_hash": fp_hash, "files": file_table(tmp),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        gate = result.gate
-        if gate and not gate["passed"] and gate.get("mode", "fail") == "fail":
-            record["status"] = "failed"
-            write_json(tmp / RECORD, record)
-            os.replace(tmp, failed)
-            self.log(f"{label}: FAILED gate ({_summary(record)})")
-            raise GateFailed(gate_message(stage.name, gate), record)
-        write_json(tmp / RECORD, record)
+        # A crash or an interrupt here leaves only the .tmp folder, which never counts as finished.
+        out = stage.fn(Context(stage, view, tmp, inputs, self.data, self.log))
+        record = StageRecord(
+            name=stage.name, status=out.status, reason=out.reason, seconds=round(time.perf_counter() - t0, 3),
+            metrics=out.metrics, artifacts=tuple(replace(a, stage=stage.name) for a in out.artifacts),
+            fingerprint=fp, fingerprint_hash=fp_hash, files=file_table(tmp),
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), notices=out.notices)
+        for a in record.artifacts:
+            if a.file and a.file not in record.files and not (tmp / a.file).is_dir():
+                raise ContractError(f"stage {stage.name} declared artifact {a.file!r} but did not write it")
+        write_json(tmp / RECORD, record.to_json())
+        self._put_in_store(stage, fp_hash, tmp)
         trash = final.with_name(final.name + ".old")
         shutil.rmtree(trash, ignore_errors=True)
         if final.exists():
             os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
-        self.log(f"{label}: {result.status} in {seconds:.1f} s ({_summary(record)})")
+        return self._finish(stage, final, record, label, cached=False)
+
+    def _reusable(self, stage: Stage, fp_hash: str, final: Path, failed: Path, label: str):
+        """(folder, record) of a verified earlier result with this fingerprint: this run's, a failed gate's, the store's."""
+        for folder in (final, failed):
+            rec = read_record(folder)
+            if rec is None:
+                if (folder / RECORD).exists():
+                    self.log(f"{label}: {folder / RECORD} is not a stage record; rerunning")
+                continue
+            if rec.fingerprint_hash != fp_hash:
+                continue
+            bad = changed_files(folder, rec)
+            if bad:
+                self.log(f"{label}: {folder.name}/{bad[0]} changed on disk since it was written "
+                         f"(sha256 mismatch{f', {len(bad)} files' if len(bad) > 1 else ''}); rerunning")
+                continue
+            if folder == failed:   # the gate may pass now: the result itself is sound
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(failed, final)
+            return final, rec
+        entry = self._store_entry(stage, fp_hash)
+        if entry is not None and entry.is_dir():
+            rec = read_record(entry)
+            if rec is not None and rec.fingerprint_hash == fp_hash and not changed_files(entry, rec):
+                shutil.rmtree(final, ignore_errors=True)
+                tmp = final.with_name(final.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                _copy_tree(entry, tmp)
+                os.replace(tmp, final)
+                self.log(f"{label}: reusing the result in {entry}")
+                return final, rec
+            shutil.rmtree(entry, ignore_errors=True)   # damaged: never serve it again
+        return None
+
+    def _store_entry(self, stage: Stage, fp_hash: str) -> Path | None:
+        return self.store / f"{stage.name}-{fp_hash[:24]}" if self.store else None
+
+    def _put_in_store(self, stage: Stage, fp_hash: str, folder: Path) -> None:
+        entry = self._store_entry(stage, fp_hash)
+        if entry is None or entry.exists():
+            return
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            _copy_tree(folder, tmp)
+            os.replace(tmp, entry)
+        except OSError as e:   # the store is an optimisation: a full disk there costs reuse, not the run
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.log(f"  note: could not add {stage.name} to the shared store {self.store} ({e.strerror or e})")
+
+    def _finish(self, stage: Stage, folder: Path, record: StageRecord, label: str, *, cached: bool) -> StageRecord:
+        """Evaluate the gate (on fresh and cached results alike) and stop the run if it fails."""
+        gate = None
+        if stage.gate is not None and record.status != "skipped":
+            view = ConfigView(stage.name, self.cfg, expand(self.cfg, stage.gate_config))
+            gate = stage.gate(record.metrics, {n: self.records[n] for n in stage.reads}, view)
+        status = record.status
+        if cached and status not in ("skipped",):
+            status = "cached"
+        record = replace(record, gate=gate, status=status)
+        if gate is not None and gate.stops:
+            record = replace(record, status="failed")
+            failed = folder.with_name(folder.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            write_json(folder / RECORD, record.to_json())
+            os.replace(folder, failed)
+            self.records[stage.name] = record
+            self.log(f"{label}: FAILED gate ({_summary(record)})")
+            raise GateFailed(gate_message(stage.name, gate), record)
+        if not cached:
+            write_json(folder / RECORD, replace(record, status=record.status).to_json())
+        for notice in record.notices if not cached else ():
+            self.log(f"  note: {notice}")
+        verb = "cached" if cached else f"{record.status} in {record.seconds:.1f} s"
+        self.log(f"{label}: {verb} ({_summary(record)})")
         return record
 
 
-def gate_message(stage: str, gate: dict) -> str:
-    bad = next((c for c in gate.get("checks", [gate]) if not c["passed"]), gate)
-    if "drop" in bad and bad.get("drop") is not None:
-        return (f"stage {stage}: {bad['metric']} dropped {bad['drop']:.3f} pt "
-                f"({bad['reference']:.3f} -> {bad['value']:.3f}) > max_drop {bad['max_drop']} pt")
-    return f"stage {stage}: {bad['metric']} = {bad['value']:.6g} violates its limit {bad['limit']}"
+def gate_message(stage: str, gate: GateResult) -> str:
+    bad = gate.first_failure()
+    return f"stage {stage}: {bad.message()}" if bad is not None else f"stage {stage}: gate failed"
 
 
-def _summary(record: dict) -> str:
-    if record.get("status") == "skipped":
-        return f"skipped: {record.get('reason')}"
-    m = record.get("metrics", {})
+def _summary(record: StageRecord) -> str:
+    if record.status == "skipped":
+        return f"skipped: {record.reason}"
+    m = record.metrics
     parts = []
     if "top1" in m:
         parts.append(f"top1 {m['top1']:.2f} %")
@@ -257,4 +336,6 @@ def _summary(record: dict) -> str:
         parts.append(f"MACs {m['macs']:,}")
     if "size_bytes" in m:
         parts.append(f"{m['size_bytes'] / 1024:.0f} KiB")
+    if record.gate is not None:
+        parts.append(f"gate {record.gate.summary()}")
     return ", ".join(parts) or "done"

@@ -1,540 +1,377 @@
-"""Every stage of the pipeline, in order. Start reading here.
+"""Every stage of the pipeline, in order. Start reading here (the list is at the bottom).
 
-Each stage reads finished folders of earlier stages (``ctx.path``) and writes only into
-``ctx.out``; the runner owns paths, caching and atomic renames. Heavy libraries are imported
-inside the stages so that `pipeline infer` stays free of torch.
+A stage declares the config keys it reads (they may depend on the mode: `prune.ratio` only under
+`target = "ratio"`), the earlier stages it reads and whether it reads the dataset. It gets exactly
+that (anything else raises ContractError), writes only into `ctx.out`, and returns an Output. Its
+gate is a separate function of its metrics, so changing a gate re-evaluates it without a rerun.
+Heavy libraries are imported inside the stages.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
 from pipeline import gate as gates
-from pipeline.config import Config
-from pipeline.data import PROJECT_ROOT, load_split, normalize, resolve_root
+from pipeline import modelio
 from pipeline.errors import PipelineError
-from pipeline.progress import step_progress
-from pipeline.runner import Context, Result, Stage, library_versions, sha256_file, write_json
+from pipeline.package import ENGINE_OPTION_KEYS, package_stage, package_keys
+from pipeline.records import Artifact
+from pipeline.runner import Context, Output, Stage
 
 
-class Data:
-    """The run's images, loaded once per process and only when a stage needs them."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.teacher = None  # the baseline's test outputs, kept for token fidelity of encoders
-
-    def _split(self, split: str, subset: int, classes=None):
-        d = self.cfg.data
-        return load_split(d.kind, d.root, split, size=d.size, channels=d.channels, subset=subset,
-                          seed=self.cfg.run.seed, classes=classes)
-
-    @cached_property
-    def train(self):
-        return self._split("train", self.cfg.data.train_subset)
-
-    @cached_property
-    def test(self):
-        return self._split("test", self.cfg.data.test_subset, classes=self.train.classes if
-                           self.cfg.data.kind == "imagefolder" else None)
-
-    def norm(self, images: np.ndarray) -> np.ndarray:
-        return normalize(images, self.cfg.data.mean, self.cfg.data.std)
-
-    @cached_property
-    def x_train(self):
-        return self.norm(self.train.images)
-
-    @cached_property
-    def x_test(self):
-        return self.norm(self.test.images)
-
-    def identity(self) -> str:
-        """What the data is, for fingerprints: file hashes for MNIST, names/sizes/mtimes for folders."""
-        if getattr(self, "_identity", None) is None:
-            d = self.cfg.data
-            root = resolve_root(d.root)
-            if not root.is_dir():
-                raise PipelineError(f"data.root: {root} is not a folder")
-            h = hashlib.sha256(json.dumps([d.kind, d.size, d.channels, d.mean, d.std, d.train_subset,
-                                           d.test_subset, d.reference_batch, self.cfg.run.seed]).encode())
-            for p in sorted(root.rglob("*")):
-                if p.is_file():
-                    st = p.stat()
-                    h.update(f"{p.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}".encode())
-                    if d.kind == "mnist":
-                        h.update(sha256_file(p).encode())
-            self._identity = h.hexdigest()
-        return self._identity
+def model_keys(cfg) -> list[str]:
+    """What building the model reads: the name only when no factory replaces it."""
+    keys = ["model.factory", "model.kwargs", "model.num_classes"]
+    return keys if cfg.model.factory else [*keys, "model.name"]
 
 
-# ---------------------------------------------------------------- models
-
-def build(cfg: Config):
-    from pipeline.models import build_model
-    kwargs = dict(cfg.model.kwargs)
-    kwargs.setdefault("num_classes", cfg.model.num_classes)
-    if not cfg.model.factory:
-        kwargs.setdefault("in_channels", cfg.data.channels)
-    return build_model(cfg.model.factory or cfg.model.name, **kwargs)
+def _baseline(ctx: Context):
+    return modelio.load_state_fresh(ctx.cfg, ctx.path("baseline", "model.pt"))
 
 
-def example_input(cfg: Config, batch: int = 1):
-    import torch
-    return torch.zeros(batch, cfg.data.channels, *cfg.data.size)
-
-
-def output_names(model) -> tuple[str, ...]:
-    """A model may name its outputs (an encoder returns tokens and logits); else one 'logits'."""
-    return tuple(getattr(model, "output_names", ("logits",)))
-
-
-def load_state(model, path: Path, unsafe_pickle: bool = False):
-    """Weights only: a checkpoint never runs code when it loads, unless the user says it may."""
-    import torch
-    if not path.is_file():
-        raise PipelineError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
-    except Exception as e:  # torch raises many types for a corrupt or pickled file
-        hint = ("; if you made this file yourself and it holds a pickled model, "
-                "--set model.unsafe_pickle=true loads it (pickle runs code from the file)"
-                if "weights_only" in str(e) or "Unsupported global" in str(e) else "")
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise PipelineError(f"{path}: not a weights-only state_dict ({first[:160]}){hint}") from None
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise PipelineError(f"{path}: expected a state_dict, got {type(state).__name__}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()
-        detail = " ".join(line.strip() for line in first[1:3])[:300]
-        raise PipelineError(f"{path}: does not match the model ({detail})") from None
-    return model.eval()
-
-
-def load_baseline(ctx: Context):
-    return load_state(build(ctx.cfg), ctx.path("baseline", "model.pt"))
-
-
-def load_pruned_from(ctx: Context, stage: str):
+def _pruned(ctx: Context, stage: str):
     from pipeline.prune import load_pruned
-    return load_pruned(build(ctx.cfg), example_input(ctx.cfg), ctx.path(stage)).eval()
+    return load_pruned(modelio.build(ctx.cfg.model, ctx.cfg.data), modelio.example_input(ctx.cfg.data),
+                       ctx.path(stage)).eval()
 
 
-def torch_outputs(model, x: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
-    import torch
-    names = output_names(model)
-    chunks: dict[str, list] = {n: [] for n in names}
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out = model(torch.from_numpy(x[i:i + batch]))
-            out = out if isinstance(out, (tuple, list)) else (out,)
-            for n, o in zip(names, out):
-                chunks[n].append(o.numpy())
-    return {n: np.concatenate(c) for n, c in chunks.items()}
-
-
-def onnx_outputs(path: Path, x: np.ndarray, threads: int = 0) -> dict[str, np.ndarray]:
-    from export.runners import run_onnx
-    return run_onnx(path, x, threads=threads)
-
-
-def task_metrics(outputs: dict[str, np.ndarray], labels: np.ndarray, teacher: dict | None = None):
-    """Top-1 from the logits; for an encoder (a 'tokens' output), token fidelity against the teacher."""
-    logits = outputs.get("logits", list(outputs.values())[-1])
-    pred = logits.argmax(1)
-    metrics = {"top1": round(float((pred == labels).mean() * 100), 4)}
-    if teacher is not None and "tokens" in outputs and "tokens" in teacher:
-        metrics.update(token_fidelity(outputs["tokens"], teacher["tokens"]))
-    return metrics, pred
-
-
-def token_fidelity(tokens: np.ndarray, reference: np.ndarray) -> dict:
-    """Cosine of each image's projected tokens (flattened) against the reference: mean and 1st percentile."""
-    a = tokens.reshape(len(tokens), -1).astype(np.float64)
-    b = reference.reshape(len(reference), -1).astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return {"token_cos_mean": round(float(cos.mean()), 6), "token_cos_p1": round(float(np.percentile(cos, 1)), 6)}
-
-
-def teacher_outputs(ctx: Context) -> dict | None:
-    """The unpruned model's test-set outputs, for token fidelity; None for plain classifiers."""
-    outputs = json.loads(ctx.path("baseline", "model.json").read_text())["outputs"]
-    if "tokens" not in outputs:
+def _teacher_tokens(ctx: Context) -> dict | None:
+    """The unpruned model's test outputs, for token fidelity of encoders; None for plain classifiers."""
+    if "tokens" not in json.loads(ctx.path("baseline", "model.json").read_text())["outputs"]:
         return None
-    if ctx.data.teacher is None:
-        ctx.data.teacher = torch_outputs(load_baseline(ctx), ctx.data.x_test)
-    return ctx.data.teacher
+    return {"tokens": np.load(ctx.path("baseline", "test_tokens.npy"))}
 
 
-def model_size(path: Path) -> int:
-    return path.stat().st_size
+# ---------------------------------------------------------------- 1 baseline
+
+def baseline_keys(cfg):
+    keys = [*model_keys(cfg), "model.weights", "data.reference_batch"]
+    if cfg.model.weights:
+        return [*keys, "model.unsafe_pickle", "model.weights_strict"]
+    return [*keys, "baseline.epochs", "baseline.lr", "baseline.batch_size"]
 
 
-def count(ctx: Context, model) -> tuple[int, int]:
-    from pipeline.prune import count_macs
-    macs, params = count_macs(model, example_input(ctx.cfg))
-    return int(macs), int(params)
-
-
-def save_weights(model, path: Path) -> None:
+def baseline(ctx: Context) -> Output:
     import torch
-    try:
-        torch.save(model.state_dict(), path)
-    except RuntimeError as e:  # torch reports a failed write (disk full) as RuntimeError
-        raise PipelineError(f"{path}: could not write ({str(e).splitlines()[0][:120]}): disk full or not writable?") from None
 
-
-# ---------------------------------------------------------------- stages
-
-def baseline(ctx: Context) -> Result:
-    import torch
+    from pipeline.data import resolve_root
+    from pipeline.models import probe_model
     cfg, data = ctx.cfg, ctx.data
     torch.manual_seed(cfg.run.seed)  # the initial weights too, so a rerun trains the same model
-    model = build(cfg)
+    model = modelio.build(cfg.model, cfg.data)
+    probe_model(model, cfg.data.channels, tuple(cfg.data.size), cfg.model.num_classes)  # before any training
+    notices = []
     if cfg.model.weights:
-        load_state(model, resolve_root(cfg.model.weights), cfg.model.unsafe_pickle)
-        trained = {"weights": cfg.model.weights}
+        loaded = modelio.load_state(model, resolve_root(cfg.model.weights), unsafe_pickle=cfg.model.unsafe_pickle,
+                                    strict=cfg.model.weights_strict)
+        trained = {"weights": cfg.model.weights, "weights_load": loaded}
+        if any(loaded.values()):
+            notices.append("model.weights loaded non-strictly: " + ", ".join(f"{len(v)} {k}" for k, v in loaded.items()))
     else:
-        from pipeline.train import train_classifier
+        from pipeline.train import train
         ctx.log(f"  training {cfg.model.factory or cfg.model.name} for {cfg.baseline.epochs} epochs "
                 f"on {len(data.train.labels)} images")
-        losses = train_classifier(model, data.x_train, data.train.labels, epochs=cfg.baseline.epochs,
-                                  lr=cfg.baseline.lr, batch_size=cfg.baseline.batch_size, seed=cfg.run.seed,
-                                  progress=step_progress("baseline"))
-        trained = {"epochs": cfg.baseline.epochs, "losses": losses}
-    save_weights(model, ctx.out / "model.pt")
-    outs = torch_outputs(model, data.x_test)
-    data.teacher = outs if "tokens" in outs else None
-    metrics, _ = task_metrics(outs, data.test.labels)
-    macs, params = count(ctx, model)
+        info = train(model, None, data.x_train, data.train.labels, epochs=cfg.baseline.epochs, lr=cfg.baseline.lr,
+                     batch_size=cfg.baseline.batch_size, seed=cfg.run.seed, schedule="constant",
+                     progress="baseline")
+        trained = {"epochs": cfg.baseline.epochs, "losses": info["losses"]}
+    modelio.save_weights(model, ctx.out / "model.pt")
+    outs = modelio.torch_outputs(model, data.x_test)
+    if "tokens" in outs:
+        np.save(ctx.out / "test_tokens.npy", outs["tokens"])
+    metrics, _ = modelio.task_metrics(outs, data.test.labels)
+    gap = modelio.train_eval_gap(model, data.x_train, data.train.labels)
+    if gap is not None and abs(gap) > TRAIN_EVAL_GAP:
+        notices.append(f"train-mode vs eval-mode top-1 differ by {gap:+.1f} pt: BatchNorm running statistics have "
+                       "not settled (raise BatchNorm momentum, train longer, or recompute the statistics)")
     # The reference batch: a fixed, seeded slice of the test set that every parity check reuses.
     rng = np.random.default_rng(cfg.run.seed)
     idx = np.sort(rng.permutation(len(data.test.labels))[:cfg.data.reference_batch])
-    ref_out = {f"out_{k}": v[idx] for k, v in outs.items()}
-    np.savez(ctx.out / "reference.npz", inputs=data.x_test[idx], labels=data.test.labels[idx], **ref_out)
-    write_json(ctx.out / "model.json", {"model": cfg.model.factory or cfg.model.name,
-                                        "kwargs": cfg.model.kwargs, "outputs": list(output_names(model))})
-    metrics.update(macs=macs, params=params, size_bytes=model_size(ctx.out / "model.pt"), **trained)
-    return Result(metrics=metrics, artifacts={"model.pt": {"kind": "torch", "precision": "fp32",
-                                                           "label": "baseline (torch)"}})
+    np.savez(ctx.out / "reference.npz", inputs=data.x_test[idx], labels=data.test.labels[idx],
+             **{f"out_{k}": v[idx] for k, v in outs.items()})
+    (ctx.out / "model.json").write_text(json.dumps({"model": cfg.model.factory or cfg.model.name,
+                                                    "kwargs": cfg.model.kwargs, "outputs": list(modelio.output_names(model))}))
+    metrics.update(**modelio.count(model, cfg.data), size_bytes=(ctx.out / "model.pt").stat().st_size,
+                   chance_top1=round(100.0 / cfg.model.num_classes, 4), train_eval_gap=gap, **trained)
+    return Output(metrics=metrics, notices=tuple(notices),
+                  artifacts=(Artifact("baseline-torch", "torch", "model.pt", label="baseline (torch)"),))
 
 
-def prune(ctx: Context) -> Result:
+TRAIN_EVAL_GAP = 10.0   # pt: beyond this the baseline's BatchNorm statistics are reported as unsettled
+
+
+def baseline_gate(m, inputs, cfg):
+    floor = cfg.baseline.min_top1 if cfg.baseline.min_top1 >= 0 else m["chance_top1"] + 10.0
+    return gates.gate(cfg.baseline.gate, gates.limit_check("top1_vs_chance", m["top1"], round(floor, 4), at_least=True))
+
+
+# ---------------------------------------------------------------- 2 prune
+
+FINETUNE_TRAIN_KEYS = ("finetune.lr", "finetune.batch_size", "finetune.optimizer", "finetune.schedule",
+                       "finetune.kd_temperature", "finetune.kd_weight", "finetune.token_weight", "finetune.val_size",
+                       "finetune.device", "finetune.nproc")
+PRUNE_TARGET_KEYS = {"ratio": ("prune.ratio",), "macs": ("prune.macs",),
+                     "latency_ms": ("prune.latency_ms", "prune.latency_batch")}
+
+
+def prune_keys(cfg):
+    p = cfg.prune
+    keys = [*model_keys(cfg), "prune.target", "prune.importance", "prune.global_pruning", "prune.round_to",
+            "prune.max_layer_ratio", "prune.iterative_steps", "prune.head_ratio", "prune.ignored_layers",
+            *PRUNE_TARGET_KEYS[p.target]]
+    if p.iterative_steps > 1:
+        keys.append("finetune.between_steps_epochs")
+        if cfg.finetune.between_steps_epochs > 0:
+            keys += FINETUNE_TRAIN_KEYS
+    return keys
+
+
+TAYLOR_IMAGES = 512   # images whose gradients rank channels for Taylor importance
+
+
+def prune(ctx: Context) -> Output:
     from pipeline.prune import prune_model, save_pruned
     cfg, data, p = ctx.cfg, ctx.data, ctx.cfg.prune
-    model = load_baseline(ctx)
-    base = ctx.records["baseline"]["metrics"]
+    model = _baseline(ctx)
+    target_args = {k.split(".")[1]: getattr(p, k.split(".")[1]) for k in PRUNE_TARGET_KEYS[p.target]}
     between = None
     if p.iterative_steps > 1 and cfg.finetune.between_steps_epochs > 0:
-        teacher = load_baseline(ctx)
+        teacher = _baseline(ctx)
 
         def between(step, m):
             ctx.log(f"  fine-tune between steps ({step + 1}/{p.iterative_steps - 1})")
-            _finetune(ctx, m, teacher, epochs=cfg.finetune.between_steps_epochs, early_stop=False)
+            finetune_model(ctx, m, teacher, epochs=cfg.finetune.between_steps_epochs, early_stop=False)
     taylor = None
     if p.importance == "taylor":
         import torch
-        n = min(len(data.train.labels), 8 * cfg.finetune.batch_size)
+        n = min(len(data.train.labels), TAYLOR_IMAGES)
         xs, ys = torch.from_numpy(data.x_train[:n]), torch.from_numpy(data.train.labels[:n])
         taylor = [(xs[i:i + 64], ys[i:i + 64]) for i in range(0, n, 64)]
-    model, info = prune_model(model, example_input(cfg), target=p.target, ratio=p.ratio, macs=p.macs,
-                              latency_ms=p.latency_ms, latency_batch=p.latency_batch, importance=p.importance,
-                              global_pruning=p.global_pruning, round_to=p.round_to,
-                              max_layer_ratio=p.max_layer_ratio, iterative_steps=p.iterative_steps,
-                              ignored_layers=p.ignored_layers, head_ratio=p.head_ratio,
-                              between_steps=between, taylor_batches=taylor,
-                              seed=cfg.run.seed)
+    model, info = prune_model(model, modelio.example_input(cfg.data), target=p.target, importance=p.importance,
+                              global_pruning=p.global_pruning, round_to=p.round_to, max_layer_ratio=p.max_layer_ratio,
+                              iterative_steps=p.iterative_steps, ignored_layers=p.ignored_layers,
+                              head_ratio=p.head_ratio, between_steps=between, taylor_batches=taylor,
+                              seed=cfg.run.seed, **target_args)
     save_pruned(model, info["history"], ctx.out)
-    metrics, _ = task_metrics(torch_outputs(model, data.x_test), data.test.labels, teacher_outputs(ctx))
-    macs, params = count(ctx, model)
-    metrics.update(macs=macs, params=params, size_bytes=_weights_size(ctx.out),
-                   macs_reduction=round(base["macs"] / macs, 3), params_reduction=round(base["params"] / params, 3),
-                   ratio_used=info.get("ratio_used"), channels=info.get("channels"))
-    g = gates.gate(p.gate, gates.drop_check("top1", metrics["top1"], base["top1"], p.max_drop))
-    return Result(metrics=metrics, gate=g)
+    metrics, _ = modelio.task_metrics(modelio.torch_outputs(model, data.x_test), data.test.labels, _teacher_tokens(ctx))
+    base = ctx.record("baseline").metrics
+    counts = modelio.count(model, cfg.data)
+    metrics.update(**counts, size_bytes=_weights_size(ctx),
+                   macs_reduction=round(base["macs"] / counts["macs"], 3),
+                   ops_tp_reduction=round(base["ops_tp"] / counts["ops_tp"], 3),
+                   params_reduction=round(base["params"] / counts["params"], 3),
+                   **{k: info.get(k) for k in ("ratio_used", "channels", "heads", "unwrapped") if k in info})
+    return Output(metrics=metrics)
 
 
-def _weights_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".pt", ".safetensors"))
+def _weights_size(ctx: Context) -> int:
+    return sum(f.stat().st_size for f in ctx.out.iterdir() if f.suffix in (".pt", ".safetensors"))
 
 
-def _split_val(ctx: Context):
-    """Early stopping looks at a held-out slice of the TRAIN split: the test set only gates."""
-    data, n = ctx.data, ctx.cfg.finetune.val_size
-    n = min(n, len(data.train.labels) // 5)
+def _drop_gate(section: str, parent: str):
+    def check(m, inputs, cfg):
+        s = getattr(cfg, section)
+        return gates.gate(s.gate, gates.drop_check("top1", m["top1"], inputs[parent].metrics["top1"], s.max_drop))
+    return check
+
+
+# ---------------------------------------------------------------- 3 fine-tune
+
+def finetune_keys(cfg):
+    return [*model_keys(cfg), *FINETUNE_TRAIN_KEYS, "finetune.epochs", "finetune.early_stop"]
+
+
+def finetune_model(ctx: Context, student, teacher, *, epochs: float, early_stop: bool) -> dict:
+    """Distil ``teacher`` into ``student``; early stopping looks at a held-out slice of the TRAIN split."""
+    from pipeline.train import train, train_ddp
+    f, data = ctx.cfg.finetune, ctx.data
+    n = min(f.val_size, len(data.train.labels) // 5)
     perm = np.random.default_rng(ctx.cfg.run.seed + 1).permutation(len(data.train.labels))
-    val, tr = perm[:n], perm[n:]
-    return (data.x_train[tr], data.train.labels[tr]), (data.x_train[val], data.train.labels[val])
-
-
-def _finetune(ctx: Context, student, teacher, *, epochs: float, early_stop: bool) -> dict:
-    from pipeline.finetune import finetune, finetune_ddp
-    f = ctx.cfg.finetune
-    (x, y), val = _split_val(ctx)
+    val = (data.x_train[perm[:n]], data.train.labels[perm[:n]])
+    x, y = data.x_train[perm[n:]], data.train.labels[perm[n:]]
     # Stop once the student matches the teacher on the same held-out slice: comparing with the
     # teacher's *test* top-1 would stop too early, as held-out train images are easier.
-    target = task_metrics(torch_outputs(teacher, val[0]), val[1])[0]["top1"] if early_stop else None
+    target = modelio.task_metrics(modelio.torch_outputs(teacher, val[0]), val[1])[0]["top1"] if early_stop else None
     kwargs = dict(epochs=epochs, lr=f.lr, batch_size=f.batch_size, kd_temperature=f.kd_temperature,
                   kd_weight=f.kd_weight, schedule=f.schedule, optimizer=f.optimizer, seed=ctx.cfg.run.seed,
-                  early_stop_top1=target,
-                  val=val, device=f.device, token_weight=f.token_weight)
+                  early_stop_top1=target, val=val, device=f.device, token_weight=f.token_weight,
+                  progress="fine-tune")
     if f.nproc > 1:
-        return finetune_ddp(student, teacher, x, y, nproc=f.nproc, **kwargs)
-    return finetune(student, teacher, x, y, **kwargs)
+        return train_ddp(student, teacher, x, y, nproc=f.nproc, **kwargs)
+    return train(student, teacher, x, y, **kwargs)
 
 
-def finetune_stage(ctx: Context) -> Result:
+def finetune(ctx: Context) -> Output:
     from pipeline.prune import save_pruned
     cfg, data = ctx.cfg, ctx.data
-    teacher = load_baseline(ctx)
-    student = load_pruned_from(ctx, "prune")
-    info = _finetune(ctx, student, teacher, epochs=cfg.finetune.epochs, early_stop=cfg.finetune.early_stop)
+    teacher, student = _baseline(ctx), _pruned(ctx, "prune")
+    info = finetune_model(ctx, student, teacher, epochs=cfg.finetune.epochs, early_stop=cfg.finetune.early_stop)
     history = json.loads(ctx.path("prune", "pruning_history.json").read_text())["history"]
     save_pruned(student, history, ctx.out)
-    metrics, _ = task_metrics(torch_outputs(student, data.x_test), data.test.labels, teacher_outputs(ctx))
-    macs, params = count(ctx, student)
-    base = ctx.records["baseline"]["metrics"]
-    metrics.update(macs=macs, params=params, size_bytes=_weights_size(ctx.out),
-                   macs_reduction=round(base["macs"] / macs, 3),
+    metrics, _ = modelio.task_metrics(modelio.torch_outputs(student, data.x_test), data.test.labels,
+                                      _teacher_tokens(ctx))
+    base = ctx.record("baseline").metrics
+    counts = modelio.count(student, cfg.data)
+    metrics.update(**counts, size_bytes=_weights_size(ctx), macs_reduction=round(base["macs"] / counts["macs"], 3),
+                   ops_tp_reduction=round(base["ops_tp"] / counts["ops_tp"], 3),
                    **{k: info[k] for k in ("epochs_run", "steps", "stopped_early") if k in info})
-    g = gates.gate(cfg.finetune.gate, gates.drop_check("top1", metrics["top1"], base["top1"], cfg.finetune.max_drop))
-    return Result(metrics=metrics, gate=g, artifacts={"pruned": {"kind": "torch", "precision": "fp32",
-                                                                 "label": "pruned + fine-tuned (torch)"}})
+    return Output(metrics=metrics, artifacts=(Artifact("pruned-torch", "torch", "", label="pruned + fine-tuned (torch)"),))
 
 
-def _parity_checks(par: dict, max_abs: float | None, min_cosine: float) -> list[dict]:
-    checks = []
-    if max_abs is not None:
-        checks.append(gates.limit_check("parity_max_abs", par["max_abs"], max_abs, at_least=False))
-    checks.append(gates.limit_check("parity_min_mean_cosine", par["min_mean_cosine"], min_cosine, at_least=True))
-    return checks
+# ---------------------------------------------------------------- 4 export
+
+def export_keys(cfg):
+    return [*model_keys(cfg), "export.opset", "export.example_batch", "export.slim", "export.fp16",
+            "profile.baseline_onnx"]
 
 
-def export_onnx_stage(ctx: Context) -> Result:
+def export_onnx(ctx: Context) -> Output:
     from export.fp16 import to_fp16
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_onnx as to_onnx
     from export.parity import compare_outputs
     cfg, data, e = ctx.cfg, ctx.data, ctx.cfg.export
-    model = load_pruned_from(ctx, "finetune")
-    names = output_names(model)
+
+    def write(model, path):
+        return to_onnx(model, modelio.example_input(cfg.data, e.example_batch), path, opset=e.opset,
+                       output_names=modelio.output_names(model), slim=e.slim)
+    model = _pruned(ctx, "finetune")
     onnx_path = ctx.out / "model.onnx"
-    info = export_onnx(model, example_input(cfg), onnx_path, opset=e.opset, output_names=names, slim=e.slim)
+    info = write(model, onnx_path)
     ref = np.load(ctx.path("baseline", "reference.npz"))
-    torch_ref = torch_outputs(model, ref["inputs"])
-    ort_ref = onnx_outputs(onnx_path, ref["inputs"])
-    par = compare_outputs(torch_ref, ort_ref)
-    outs = onnx_outputs(onnx_path, data.x_test, cfg.run.threads)
-    metrics, _ = task_metrics(outs, data.test.labels, teacher_outputs(ctx))
-    metrics.update(size_bytes=model_size(onnx_path), macs=ctx.records["finetune"]["metrics"]["macs"],
-                   params=ctx.records["finetune"]["metrics"]["params"], opset=info["opset"],
-                   parity={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
-    artifacts = {"model.onnx": {"kind": "onnx", "precision": "fp32", "label": "ONNX fp32"}}
+    ort_ref = modelio.onnx_outputs(onnx_path, ref["inputs"])
+    par = compare_outputs(modelio.torch_outputs(model, ref["inputs"]), ort_ref)
+    metrics, _ = modelio.task_metrics(modelio.onnx_outputs(onnx_path, data.x_test), data.test.labels,
+                                      _teacher_tokens(ctx))
+    fm = ctx.record("finetune").metrics
+    metrics.update(size_bytes=onnx_path.stat().st_size, macs=fm["macs"], ops_tp=fm["ops_tp"], params=fm["params"],
+                   opset=info["opset"], parity={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
+    artifacts = [Artifact("onnx-fp32", "onnx", "model.onnx", "fp32", "ONNX fp32")]
     if e.fp16:
-        fp16_path = ctx.out / "model_fp16.onnx"
-        to_fp16(onnx_path, fp16_path)
-        p16 = compare_outputs(ort_ref, onnx_outputs(fp16_path, ref["inputs"]))
-        m16, _ = task_metrics(onnx_outputs(fp16_path, data.x_test, cfg.run.threads), data.test.labels)
-        metrics["fp16"] = {"top1": m16["top1"], "size_bytes": model_size(fp16_path),
+        fp16 = ctx.out / "model_fp16.onnx"
+        to_fp16(onnx_path, fp16)
+        p16 = compare_outputs(ort_ref, modelio.onnx_outputs(fp16, ref["inputs"]))
+        m16, _ = modelio.task_metrics(modelio.onnx_outputs(fp16, data.x_test), data.test.labels)
+        metrics["fp16"] = {"top1": m16["top1"], "size_bytes": fp16.stat().st_size,
                            "parity_vs_fp32": {"max_abs": p16["max_abs"], "min_mean_cosine": p16["min_mean_cosine"]}}
-        artifacts["model_fp16.onnx"] = {"kind": "onnx", "precision": "fp16", "label": "ONNX fp16",
-                                        "top1": m16["top1"]}
-    parent = ctx.records["finetune"]["metrics"]["top1"]
-    g = gates.gate(e.gate, gates.drop_check("top1", metrics["top1"], parent, e.max_drop),
-                   *_parity_checks(par, e.max_abs, e.min_cosine))
-    return Result(metrics=metrics, gate=g, artifacts=artifacts)
+        artifacts.append(Artifact("onnx-fp16", "onnx", "model_fp16.onnx", "fp16", "ONNX fp16", top1=m16["top1"]))
+    if cfg.profile.baseline_onnx:   # the unpruned reference, so that speedups compare ONNX with ONNX
+        base = ctx.out / "baseline_fp32.onnx"
+        write(_baseline(ctx), base)
+        mb, _ = modelio.task_metrics(modelio.onnx_outputs(base, data.x_test), data.test.labels)
+        metrics["baseline_onnx_top1"] = mb["top1"]
+        artifacts.append(Artifact("baseline-onnx", "onnx", "baseline_fp32.onnx", "fp32",
+                                  "baseline ONNX fp32 (unpruned)", top1=mb["top1"]))
+    return Output(metrics=metrics, artifacts=tuple(artifacts))
 
 
-def quantize_stage(ctx: Context) -> Result:
-    if not ctx.cfg.quantize.enabled:
-        return Result(status="skipped", reason="quantize.enabled = false")
-    from calib.calibset import build_calibration_set, load_calibration_set
-    from calib.quantize import quantize_onnx, quantize_onnx_with_accuracy_control
-    from export.parity import compare_outputs
-    cfg, data, q = ctx.cfg, ctx.data, ctx.cfg.quantize
-    calib_info = build_calibration_set(data.train.images, data.train.labels, q.calib_size, cfg.run.seed,
-                                       ctx.out / "calib.npz", split="train")
-    images, _ = load_calibration_set(ctx.out / "calib.npz", expect_shape=(cfg.data.channels, *cfg.data.size))
-    src, dst = ctx.path("export_onnx", "model.onnx"), ctx.out / "model_int8.onnx"
-    model_type = q.model_type or None
-    if q.accuracy_control:
-        n = min(len(data.train.labels), 1000)
-        info = quantize_onnx_with_accuracy_control(src, dst, data.norm(images), data.x_train[-n:],
-                                                   data.train.labels[-n:], target=q.target,
-                                                   max_drop=q.max_drop / 100.0, model_type=model_type)
-    else:
-        info = quantize_onnx(src, dst, data.norm(images), target=q.target, model_type=model_type)
-    fp32 = onnx_outputs(src, data.x_test, cfg.run.threads)
-    int8 = onnx_outputs(dst, data.x_test, cfg.run.threads)
-    fp32_metrics, fp32_pred = task_metrics(fp32, data.test.labels)
-    metrics, pred = task_metrics(int8, data.test.labels, teacher_outputs(ctx))
-    agreement = round(float((pred == fp32_pred).mean() * 100), 4)
-    checks = [gates.drop_check("top1", metrics["top1"], fp32_metrics["top1"], q.max_drop),
-              gates.limit_check("agreement_with_fp32", agreement, q.min_agreement, at_least=True)]
-    if "tokens" in int8:
-        vs_fp32 = token_fidelity(int8["tokens"], fp32["tokens"])
-        metrics["token_cos_vs_fp32"] = vs_fp32
-        checks.append(gates.limit_check("token_cos_mean_vs_fp32", vs_fp32["token_cos_mean"], q.min_cosine, at_least=True))
-    ref = np.load(ctx.path("baseline", "reference.npz"))
-    par = compare_outputs(onnx_outputs(src, ref["inputs"]), onnx_outputs(dst, ref["inputs"]))
-    metrics.update(size_bytes=model_size(dst), macs=ctx.records["finetune"]["metrics"]["macs"],
-                   params=ctx.records["finetune"]["metrics"]["params"], agreement_with_fp32=agreement,
-                   calibration={k: calib_info[k] for k in ("n", "sha256", "seed", "per_class")},
-                   target=q.target, qdq=info.get("qdq"), reverted=info.get("reverted"),
-                   parity_vs_fp32={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
-    g = gates.gate(q.gate, *checks)
-    return Result(metrics=metrics, gate=g, artifacts={
-        "model_int8.onnx": {"kind": "onnx", "precision": "int8", "label": f"ONNX int8 ({q.target} Q/DQ)"},
-        "calib.npz": {"kind": "calibration"}})
+def export_gate(m, inputs, cfg):
+    e = cfg.export
+    return gates.gate(e.gate, gates.drop_check("top1", m["top1"], inputs["finetune"].metrics["top1"], e.max_drop),
+                      gates.limit_check("parity_max_abs", m["parity"]["max_abs"], e.max_abs, at_least=False),
+                      gates.limit_check("parity_min_mean_cosine", m["parity"]["min_mean_cosine"], e.min_cosine,
+                                        at_least=True))
 
+
+# ---------------------------------------------------------------- 5 quantize
+
+def quantize_keys(cfg):
+    q = cfg.quantize
+    if not q.enabled:
+        return ["quantize.enabled"]
+    keys = ["quantize.enabled", "quantize.target", "quantize.calib_size", "quantize.accuracy_control",
+            "quantize.model_type"]
+    if q.target == "onnxruntime":
+        keys.append("quantize.tensorrt_form")
+    return [*keys, "quantize.max_drop"] if q.accuracy_control else keys
+
+
+def quantize(ctx: Context) -> Output:
+    q = ctx.cfg.quantize
+    if not q.enabled:
+        return Output(status="skipped", reason="quantize.enabled = false")
+    from pipeline.quantize_stage import quantize_artifacts
+    return quantize_artifacts(ctx, teacher=_teacher_tokens(ctx))
+
+
+def quantize_gate(m, inputs, cfg):
+    q = cfg.quantize
+    checks = [gates.drop_check("top1", m["top1"], m["fp32_top1"], q.max_drop),
+              gates.limit_check("agreement_with_fp32", m["agreement_with_fp32"], q.min_agreement, at_least=True)]
+    if "token_cos_vs_fp32" in m:
+        checks.append(gates.limit_check("token_cos_mean_vs_fp32", m["token_cos_vs_fp32"]["token_cos_mean"],
+                                        q.min_cosine, at_least=True))
+    for name, form in (m.get("forms") or {}).items():   # the TensorRT form is gated like the CPU form
+        checks.append(gates.drop_check(f"top1 ({name})", form["top1"], m["fp32_top1"], q.max_drop))
+    return gates.gate(q.gate, *checks)
+
+
+# ---------------------------------------------------------------- 6 engine
 
 def engine_environment() -> dict:
-    from export.tensorrt import trt_version_info
+    from edgerun.trt import trt_version_info
     return trt_version_info() or {"tensorrt": None}
 
 
-def engine_stage(ctx: Context) -> Result:
-    from export.tensorrt import build_engine, timing_cache_name, trt_version_info
-    cfg, e = ctx.cfg, ctx.cfg.engine
+def engine(ctx: Context) -> Output:
+    from edgerun.trt import trt_version_info
+    e = ctx.cfg.engine
     trt = trt_version_info()
     if trt is None:
-        reason = "TensorRT and a CUDA GPU are not available on this machine; build on the target with deploy/build_engine.sh"
+        reason = ("TensorRT and a CUDA GPU are not available on this machine; the bundle's build_engine.sh "
+                  "builds the engine on the target")
         if e.required:
-            raise PipelineError(f"engine.required = true for target {cfg.run.target}, but {reason}")
-        return Result(status="skipped", reason=reason)
-    src = _engine_source(ctx)
-    engine = ctx.out / "model.engine"
-    # The timing cache outlives the stage folder: one per GPU and TensorRT version, beside the runs.
-    cache = ctx.run_dir.parent / timing_cache_name(trt["gpu_name"], trt["version"])
-    info = build_engine(src, engine, engine_options(cfg, cache))
-    from export.tensorrt import TrtEngineRunner
-    data = ctx.data
-    with TrtEngineRunner(engine) as runner:
-        logits = np.concatenate([list(runner.infer({runner.input_names[0]: data.x_test[i:i + e.max_batch]}).values())[-1]
-                                 for i in range(0, len(data.x_test), e.max_batch)])
-    metrics, _ = task_metrics({"logits": logits}, data.test.labels)
-    metrics.update(size_bytes=model_size(engine), tensorrt=trt, build=info)
-    parent = ctx.records["export_onnx"]["metrics"]["top1"]
-    g = gates.gate(e.gate, gates.drop_check("top1", metrics["top1"], parent, e.max_drop))
-    return Result(metrics=metrics, gate=g, artifacts={"model.engine": {"kind": "engine", "precision": e.source,
-                                                                       "label": f"TensorRT engine ({e.source})"}})
+            raise PipelineError(f"engine.required = true, but {reason}")
+        return Output(status="skipped", reason=reason)
+    from pipeline.engine_stage import build_and_check   # NOT executed here: no TensorRT/GPU on these machines
+    return build_and_check(ctx, trt)
 
 
-# engine.source -> the ONNX file the engine is built from
-ENGINE_SOURCES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+def engine_keys(cfg):
+    return [*ENGINE_OPTION_KEYS, "engine.required", "engine.source"]
 
 
-def _engine_source(ctx: Context) -> Path:
-    e = ctx.cfg.engine
-    name = ENGINE_SOURCES[e.source]
-    path = ctx.path("quantize" if e.source == "int8" else "export_onnx", name)
-    if not path.is_file():
-        raise PipelineError(f"engine.source = {e.source!r} but {path} was not produced "
-                            f"(quantize.enabled / export.fp16 off?)")
-    return path
+# ---------------------------------------------------------------- 7 profile
+
+def profile_environment() -> dict:
+    from edgerun.machine import cpu_name, simd_block
+    return {"cpu": cpu_name(), "simd_block": simd_block(), **engine_environment()}
 
 
-def engine_options(cfg: Config, timing_cache: Path | None):
-    from export.tensorrt import EngineOptions
-    e = cfg.engine
-    return EngineOptions(min_batch=e.min_batch, opt_batch=e.opt_batch, max_batch=e.max_batch, input_name="input",
-                         input_shape=(cfg.data.channels, *cfg.data.size), workspace_mb=e.workspace_mb,
-                         builder_optimization_level=e.opt_level, timing_cache=str(timing_cache) if timing_cache else None,
-                         dla_core=e.dla_core, gpu_fallback=e.gpu_fallback, hardware_compatibility=e.hardware_compatibility,
-                         version_compatible=e.version_compatible, legacy_fp16_flag=e.legacy_fp16_flag,
-                         precision=e.source)
+def profile_keys(cfg):
+    threads = ["run.threads"] if cfg.profile.threads == 0 else []   # run.threads is the fallback only
+    return [*model_keys(cfg), "profile", *threads, "data.channels", "data.size"]
 
 
-def profile_stage(ctx: Context) -> Result:
-    from pipeline.profile import profile_artifacts
-    rows, env = profile_artifacts(ctx, _artifacts(ctx))
-    return Result(metrics={"latency": rows, "environment": env})
+def profile(ctx: Context) -> Output:
+    from pipeline.profile_stage import profile_run
+    return profile_run(ctx, load_torch=lambda located: _load_torch(ctx, located))
 
 
-def _artifacts(ctx: Context) -> list[dict]:
-    """Every model artifact made so far, with the stage that gated it."""
-    out = []
-    for stage, record in ctx.records.items():
-        for name, meta in (record.get("artifacts") or {}).items():
-            if meta.get("kind") in ("torch", "onnx", "engine"):
-                out.append({**meta, "stage": stage, "name": name,
-                            "path": str(ctx.path(stage, name)) if meta["kind"] != "torch" or name == "model.pt"
-                            else str(ctx.path(stage)),
-                            "top1": meta.get("top1", record["metrics"].get("top1"))})
-    return out
+def _load_torch(ctx: Context, located):
+    return _baseline(ctx) if located.artifact.role == "baseline-torch" else _pruned(ctx, "finetune")
 
 
-def package_stage(ctx: Context) -> Result:
-    from export.tensorrt import build_script
-    from pipeline.report import choose_variant, write_report
-    cfg = ctx.cfg
-    bundle = ctx.out
-    files = {}
-    for stage in ("export_onnx", "quantize", "engine"):
-        rec = ctx.records.get(stage)
-        if not rec or rec["status"] == "skipped":
-            continue
-        for name in rec.get("artifacts", {}):
-            shutil.copy2(ctx.path(stage, name), bundle / name)
-            files[name] = {**rec["artifacts"][name], "stage": stage, "sha256": sha256_file(bundle / name)}
-    # The bundle carries the engine builder and `infer` (none of which imports torch), so the target
-    # needs only this folder, numpy and TensorRT or onnxruntime.
-    for package in ("export", "calib", "pipeline"):
-        shutil.copytree(PROJECT_ROOT / package, bundle / package, ignore=shutil.ignore_patterns("__pycache__"))
-    script = build_script(ENGINE_SOURCES[cfg.engine.source], "model.engine", engine_options(cfg, None))
-    (bundle / "build_engine.sh").write_text(script)
-    (bundle / "build_engine.sh").chmod(0o755)
-    write_json(bundle / "config.json", cfg.to_dict())
-    latency = ctx.records["profile"]["metrics"]["latency"]
-    choice = choose_variant(ctx.records, latency, cfg.package, shipped=set(files))
-    write_json(bundle / "manifest.json", {
-        "model": json.loads(ctx.path("baseline", "model.json").read_text()),
-        "input": {"name": "input", "shape": ["batch", cfg.data.channels, *cfg.data.size], "dtype": "float32",
-                  "layout": "NCHW", "normalisation": {"scale": 1 / 255, "mean": list(cfg.data.mean),
-                                                      "std": list(cfg.data.std)}},
-        "labels": ctx.data.train.classes,
-        "target": cfg.run.target,
-        "files": files,
-        "chosen": choice,
-        "libraries": library_versions(),
-        "verified": _verified(ctx),
-    })
-    # The bundle's report is written before this stage's record exists: give it the choice now.
-    this = {"name": "package", "status": "ran", "seconds": None, "metrics": {"chosen": choice}, "gate": None}
-    write_report(bundle, [*ctx.records.values(), this], cfg)
-    return Result(metrics={"files": sorted(p.name for p in bundle.iterdir()), "chosen": choice})
+# ---------------------------------------------------------------- the list
 
-
-def _verified(ctx: Context) -> dict:
-    """What ran where: the report and manifest must never claim a path that did not execute."""
-    engine = ctx.records.get("engine", {})
-    return {
-        "onnxruntime_cpu": "accuracy, parity and latency measured on this machine",
-        "tensorrt": ("engine built and gated on this machine" if engine.get("status") in ("ran", "cached")
-                     else "NOT executed: no TensorRT/GPU here; build_engine.sh builds it on the target"),
-    }
-
-
+GATE_KEYS = ("gate", "max_drop")
 STAGES = [
-    Stage("baseline", 1, ("data", "model", "baseline", "run.seed"), (), baseline),
-    Stage("prune", 1, ("prune", "run.seed", "finetune.between_steps_epochs"), ("baseline",), prune),
-    Stage("finetune", 2, ("finetune", "run.seed"), ("baseline", "prune"), finetune_stage),
-    Stage("export_onnx", 1, ("export",), ("baseline", "finetune"), export_onnx_stage),
-    Stage("quantize", 1, ("quantize", "run.seed"), ("baseline", "export_onnx"), quantize_stage),
-    Stage("engine", 1, ("engine",), ("export_onnx", "quantize"), engine_stage, environment=engine_environment),
-    Stage("profile", 2, ("profile", "run.threads", "export.opset", "export.slim"), ("baseline", "finetune", "export_onnx", "quantize", "engine"),
-          profile_stage, environment=engine_environment),
-    Stage("package", 2, ("package", "run.target", "engine"), ("baseline", "export_onnx", "quantize", "engine", "profile"),
-          package_stage, folder="deploy"),
+    Stage("baseline", 3, baseline, baseline_keys, uses_data=True, gate=baseline_gate,
+          gate_config=("baseline.gate", "baseline.min_top1")),
+    Stage("prune", 2, prune, prune_keys, ("baseline",), uses_data=True, gate=_drop_gate("prune", "baseline"),
+          gate_config=("prune.gate", "prune.max_drop")),
+    Stage("finetune", 3, finetune, finetune_keys, ("baseline", "prune"), uses_data=True,
+          gate=_drop_gate("finetune", "baseline"), gate_config=("finetune.gate", "finetune.max_drop")),
+    Stage("export_onnx", 2, export_onnx, export_keys, ("baseline", "finetune"), uses_data=True, gate=export_gate,
+          gate_config=("export.gate", "export.max_drop", "export.max_abs", "export.min_cosine")),
+    Stage("quantize", 2, quantize, quantize_keys, ("baseline", "export_onnx"), uses_data=True, gate=quantize_gate,
+          gate_config=("quantize.gate", "quantize.max_drop", "quantize.min_agreement", "quantize.min_cosine")),
+    Stage("engine", 2, engine, engine_keys, ("export_onnx", "quantize"), uses_data=True,
+          gate=_drop_gate("engine", "export_onnx"), gate_config=("engine.gate", "engine.max_drop"),
+          environment=engine_environment),
+    Stage("profile", 3, profile, profile_keys, ("baseline", "finetune", "export_onnx", "quantize", "engine"),
+          environment=profile_environment),
+    Stage("package", 3, package_stage, package_keys,
+          ("baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile"), uses_data=True,
+          folder="deploy"),
 ]

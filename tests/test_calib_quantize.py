@@ -13,9 +13,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from calib import (CalibError, inspect_qdq, quantize_onnx, quantize_onnx_with_accuracy_control,
-                   rewrite_uint8_to_int8, validate_qdq)
-from calib.sources import load_mnist
+from calib import (
+    CalibError,
+    inspect_qdq,
+    quantize_onnx,
+    quantize_onnx_with_accuracy_control,
+    rewrite_uint8_to_int8,
+    single_input_channel_convs,
+    validate_qdq,
+)
+from edgerun.readers import load_mnist
 
 MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist"
 
@@ -43,7 +50,7 @@ def mnist_model(tmp_path_factory):
         torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 10))
     opt = torch.optim.Adam(model.parameters(), 2e-3)
-    for step in range(300):
+    for _ in range(300):
         i = torch.randint(0, len(train_x), (64,))
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(train_x[i]), train_y[i]).backward()
@@ -65,13 +72,16 @@ def test_onnxruntime_target_keeps_nncf_defaults_and_accuracy(mnist_model, tmp_pa
     info = quantize_onnx(mnist_model["path"], tmp_path / "int8.onnx", mnist_model["calib"])
     assert info["path"] == str(tmp_path / "int8.onnx") and info["target"] == "onnxruntime"
     assert info["n_calib"] == 256 and info["int8_rewrites"] == 0 and info["seconds"] > 0
+    assert len(info["int32_bias"]) == 1 and info["keep_fp32"] == []  # the classifier Gemm
     assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"]  # no temp file left beside it
     q = info["qdq"]
-    assert q["quantize"] == 3 and q["dequantize"] == 6  # input + 2 activations; 3 weights as DQ only
+    # input + 2 activations; 3 weights as DQ only, plus the classifier's int32 bias DQ
+    assert q["quantize"] == 3 and q["dequantize"] == 7
     assert q["uint8"] == 4  # NNCF's post-ReLU activations: fine for onnxruntime, not for TensorRT
-    assert q["per_channel"] == 3 and q["nonzero_zero_point"] == 0
+    assert q["per_channel"] == 4 and q["nonzero_zero_point"] == 0
     assert validate_qdq(info["path"], "onnxruntime") == q
-    with pytest.raises(CalibError, match="4 of 9 Q/DQ nodes are not valid for TensorRT.*Relu") as e:
+    # 4 uint8 nodes and the int32 bias: fine for onnxruntime, not for TensorRT
+    with pytest.raises(CalibError, match=r"5 of 10 Q/DQ nodes are not valid for TensorRT: .*Relu.*int32") as e:
         validate_qdq(info["path"], "tensorrt")
     assert "int8.onnx" in str(e.value) and "\n" not in str(e.value)
     acc = _top1(info["path"], *mnist_model["test"])
@@ -96,7 +106,8 @@ def test_tensorrt_output_that_fails_validation_is_not_written(mnist_model, tmp_p
     import calib.qdq
 
     monkeypatch.setattr(calib.qdq, "rewrite_uint8_to_int8", lambda model: [])  # as if the post-fix were lost
-    with pytest.raises(CalibError, match=r"trt.onnx \(not written\): 4 of 9 Q/DQ nodes are not valid for TensorRT"):
+    with pytest.raises(CalibError, match=r"trt.onnx \(not written\): 4 of 9 Q/DQ nodes are not valid for TensorRT: "
+                                         r".*uint8; TensorRT needs signed int8"):
         quantize_onnx(mnist_model["path"], tmp_path / "trt.onnx", mnist_model["calib"][:32], target="tensorrt")
     assert list(tmp_path.iterdir()) == []
 
@@ -116,6 +127,119 @@ def test_accuracy_control_reverts_layers_when_calibration_is_bad(mnist_model, tm
     assert info["qdq"]["nodes"] < plain["qdq"]["nodes"]
     validate_qdq(info["path"], "tensorrt")
     assert fp32_val - _top1(info["path"], val_x, val_y) <= 0.003 + 1e-9
+
+
+def _optimized_ops(path, tmp_path) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (ORT_ENABLE_ALL), as it saves it."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / f"{Path(path).stem}.optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def _logits(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_int32_gemm_bias_lets_onnxruntime_fuse_qgemm_with_the_same_outputs(mnist_model, tmp_path):
+    calib, (x, _) = mnist_model["calib"][:64], mnist_model["test"]
+    plain = quantize_onnx(mnist_model["path"], tmp_path / "float_bias.onnx", calib, int32_bias=False)
+    fused = quantize_onnx(mnist_model["path"], tmp_path / "int32_bias.onnx", calib)
+    assert plain["int32_bias"] == [] and len(fused["int32_bias"]) == 1
+    before, after = _optimized_ops(plain["path"], tmp_path), _optimized_ops(fused["path"], tmp_path)
+    assert "QGemm" not in before and "Gemm" in before  # NNCF as-is: the classifier stays FP32
+    assert "QGemm" in after and "Gemm" not in after
+    ref, out = _logits(plain["path"], x[:256]), _logits(fused["path"], x[:256])
+    # The int32 bias is the float bias rounded to a step of s_x * s_w: far below the logits' scale.
+    assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.995
+
+
+def test_int32_bias_is_refused_for_tensorrt_and_keep_fp32_names_are_checked(mnist_model, tmp_path):
+    with pytest.raises(CalibError, match="int32_bias=True is for the onnxruntime target"):
+        quantize_onnx(mnist_model["path"], tmp_path / "x.onnx", mnist_model["calib"][:8], target="tensorrt",
+                      int32_bias=True)
+    with pytest.raises(CalibError, match=r"keep_fp32: .*fp32.onnx has no node named 'conv_9'"):
+        quantize_onnx(mnist_model["path"], tmp_path / "x.onnx", mnist_model["calib"][:8], keep_fp32=("conv_9",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_fp32_leaves_the_single_channel_first_conv_in_float(mnist_model, tmp_path):
+    first = single_input_channel_convs(mnist_model["path"])
+    convs = [n for n in onnx.load(mnist_model["path"]).graph.node if n.op_type == "Conv"]
+    assert first == (convs[0].name,)  # Cin = 1: the stem, not the second conv
+    info = quantize_onnx(mnist_model["path"], tmp_path / "mixed.onnx", mnist_model["calib"][:64], keep_fp32=first,
+                         target="tensorrt")
+    assert info["keep_fp32"] == list(first)
+    graph = onnx.load(info["path"]).graph
+    dq_out = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    by_name = {n.name: n for n in graph.node}
+    assert not set(by_name[first[0]].input) & dq_out  # neither its input nor its weight is quantized
+    assert set(by_name[convs[1].name].input) & dq_out
+    validate_qdq(info["path"], "tensorrt")
+    assert abs(_top1(info["path"], *mnist_model["test"]) - mnist_model["fp32"]) <= 0.01
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_a_quantized_model_that_loads_but_cannot_run_is_refused_and_not_written(tmp_path, monkeypatch):
+    """NNCF's default quantizes the ReLU6 -> depthwise activations of a MobileNetV2 per channel; onnxruntime
+    loads that file and fails on the first run. quantize_onnx asks for per-tensor activations; with NNCF's
+    default put back, the one real inference must catch it."""
+    import calib.quantize
+    from pipeline.models.zoo import MobileNetV2Small
+
+    torch.manual_seed(0)
+    src = tmp_path / "mbv2.onnx"
+    # The dynamo exporter, as export_onnx uses: the TorchScript export of the same model does not trigger it.
+    torch.onnx.export(MobileNetV2Small(settings=((1, 16, 1, 1), (4, 24, 1, 2)), last_width=32).eval(),
+                      (torch.zeros(2, 1, 28, 28),), str(src), dynamo=True, external_data=False,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    x = np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32)
+    info = quantize_onnx(src, tmp_path / "ok.onnx", x)  # per-tensor activations: runs
+    assert not [e for e in inspect_qdq(info["path"]) if not e["on_weight"] and e["granularity"] != "per_tensor"]
+
+    nncf_options = calib.quantize._nncf_options
+
+    def nncf_default(*args):
+        options = nncf_options(*args)
+        del options["advanced_parameters"]
+        return options
+
+    monkeypatch.setattr(calib.quantize, "_nncf_options", nncf_default)
+    with pytest.raises(CalibError, match=r"bad.onnx \(not written\): onnxruntime loads the quantized model but its "
+                                         r"first inference fails at QLinearConv node '[^']+' \(.*zero point must be "
+                                         r"a scalar") as e:
+        quantize_onnx(src, tmp_path / "bad.onnx", x)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "bad.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mbv2.onnx", "ok.onnx"]  # no temp file either
+
+
+def test_choose_quantized_layers_picks_the_fastest_variant_within_the_drop(mnist_model, tmp_path):
+    from calib import choose_quantized_layers
+
+    val_x, val_y = mnist_model["val"]
+    dst = tmp_path / "chosen.onnx"
+    stem = single_input_channel_convs(mnist_model["path"])
+    choice = choose_quantized_layers(mnist_model["path"], dst, mnist_model["calib"][:64], val_x[:500], val_y[:500],
+                                     candidates={"all_int8": (), "stem_fp32": stem}, rounds=5, block_ms=5)
+    assert [v.name for v in choice.variants] == ["all_int8", "stem_fp32"]
+    assert choice.variants[1].keep_fp32 == stem and "interleaved rounds" in choice.measured
+    for v in choice.variants:
+        assert v.ratio > 0 and v.ratio_p10 <= v.ratio <= v.ratio_p90 and v.p50_ms > 0
+        assert v.within_drop == (v.drop_pt <= 0.3 + 1e-9)
+    fit = [v for v in choice.variants if v.within_drop and v.ratio < 1]
+    if fit:  # INT8 paid on this machine: the fastest such variant is chosen and written
+        best = min(fit, key=lambda v: v.ratio)
+        assert choice.chosen == best.name and choice.path == str(dst) and dst.is_file()
+    else:  # it did not: FP32 is the answer and nothing is written
+        assert choice.chosen == "fp32" and choice.path is None and not dst.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["chosen.onnx"] if fit else [])
+    with pytest.raises(CalibError, match="keep_fp32: .* has no node named 'nope'"):
+        choose_quantized_layers(mnist_model["path"], dst, mnist_model["calib"][:8], val_x[:8], val_y[:8],
+                                candidates={"bad": ("nope",)})
 
 
 class _TinyViT(torch.nn.Module):
@@ -172,7 +296,7 @@ def test_rewrite_keeps_values_of_a_uint8_pair_and_leaves_asymmetric_ones(tmp_pat
     assert np.abs(after[0] - x).max() <= new_scale / 2 + 1e-6  # the full range survives, one bit coarser
     assert np.abs(after[0] - before[0]).max() <= new_scale
     np.testing.assert_array_equal(after[1], before[1])  # the asymmetric pair is untouched
-    with pytest.raises(CalibError, match=r"2 of 4 .*q_asym \(uint8, zero point \[10\]\)"):
+    with pytest.raises(CalibError, match=r"2 of 4 .*q_asym \(uint8;.*q_asym \(zero point \[10\]; TensorRT needs 0"):
         validate_qdq(model, "tensorrt")
 
 

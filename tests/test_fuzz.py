@@ -16,8 +16,8 @@ import numpy as np
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from calib.errors import CalibError
-from calib.sources import _IDX_DTYPES, read_idx
+from edgerun.readers import ReaderError as CalibError  # read_idx raises ReaderError (tests moved to test_readers.py)
+from edgerun.readers import _IDX_DTYPES, read_idx
 from export.errors import ExportError
 from export.onnx_export import check_onnx
 from pipeline.config import Config, load_config

@@ -1,4 +1,4 @@
-"""The runner's contract, with tiny fake stages: caching, invalidation, atomic folders, selection, lock."""
+"""The runner's contract, with tiny fake stages: contracts, content-verified cache, store, gates, lock."""
 import dataclasses
 import json
 import multiprocessing as mp
@@ -7,32 +7,44 @@ import time
 import pytest
 
 from pipeline import gate as gates
-from pipeline.config import Config, PruneCfg
-from pipeline.errors import GateFailed, PipelineError
-from pipeline.runner import Result, Runner, Stage, run_lock
+from pipeline.config import Config, FinetuneCfg, PruneCfg
+from pipeline.errors import ContractError, GateFailed, PipelineError
+from pipeline.records import Artifact
+from pipeline.runner import Output, Runner, Stage, run_lock
 
 CALLS = []
 
 
-def make_stage(name, reads=(), section=None, crash=False, fail_gate=False):
+def make_stage(name, reads=(), keys=(), crash=False, top1=99.0, read_extra=None, gate_section="prune"):
     def fn(ctx):
         CALLS.append(name)
+        for k in keys:
+            section, _, key = k.partition(".")
+            getattr(getattr(ctx.cfg, section), key)
+        if read_extra:
+            read_extra(ctx)
         text = name + "".join((ctx.path(r) / "out.txt").read_text() for r in reads)
         (ctx.out / "out.txt").write_text(text)
         if crash:
             raise RuntimeError("boom")
-        g = gates.gate("fail", gates.drop_check("top1", 90.0 if fail_gate else 99.0, 99.0, 0.5))
-        return Result(metrics={"top1": 99.0}, gate=g)
-    return Stage(name, 1, (section,) if section else (), tuple(reads), fn)
+        return Output(metrics={"top1": top1}, artifacts=(Artifact("onnx-fp32", "onnx", "out.txt"),))
+
+    def gate(m, inputs, cfg):
+        s = getattr(cfg, gate_section)
+        return gates.gate(s.gate, gates.drop_check("top1", m["top1"], 99.0, s.max_drop))
+    return Stage(name, 1, fn, tuple(keys), tuple(reads), gate=gate,
+                 gate_config=(f"{gate_section}.gate", f"{gate_section}.max_drop"))
 
 
 def stages(**kw):
-    return [make_stage("a", section="baseline"), make_stage("b", ("a",), section="prune", **kw.get("b", {})),
-            make_stage("c", ("b",), section="finetune")]
+    return [make_stage("a", keys=("baseline.epochs",), **kw.get("a", {})),
+            make_stage("b", ("a",), keys=("prune.ratio",), **kw.get("b", {})),
+            make_stage("c", ("b",), keys=("finetune.lr",), **kw.get("c", {}))]
 
 
-def runner(tmp_path, cfg=None, st=None):
-    return Runner(cfg or Config(), st or stages(), tmp_path / "run", None, data_identity=lambda: "d", log=lambda m: None)
+def runner(tmp_path, cfg=None, st=None, run="run", log=None):
+    return Runner(cfg or Config(), st or stages(), tmp_path / run, None, data_identity=lambda: "d",
+                  store=tmp_path / ".store", log=log or (lambda m: None))
 
 
 @pytest.fixture(autouse=True)
@@ -40,100 +52,176 @@ def clear():
     CALLS.clear()
 
 
+def statuses(recs):
+    return [r.status for r in recs]
+
+
 def test_unchanged_rerun_is_cached(tmp_path):
-    recs = runner(tmp_path).run()
-    assert [r["status"] for r in recs] == ["ran"] * 3 and CALLS == ["a", "b", "c"]
+    assert statuses(runner(tmp_path).run()) == ["ran"] * 3 and CALLS == ["a", "b", "c"]
     CALLS.clear()
-    recs = runner(tmp_path).run()
-    assert [r["status"] for r in recs] == ["cached"] * 3 and CALLS == []
+    assert statuses(runner(tmp_path).run()) == ["cached"] * 3 and CALLS == []
     assert (tmp_path / "run/03_c/out.txt").read_text() == "cba"
 
 
-def test_config_change_reruns_that_stage_and_later(tmp_path):
+def test_config_change_reruns_the_stage_that_reads_it_and_later(tmp_path):
     runner(tmp_path).run()
     CALLS.clear()
     cfg = dataclasses.replace(Config(), prune=PruneCfg(ratio=0.3))
-    recs = runner(tmp_path, cfg).run()
-    assert [r["status"] for r in recs] == ["cached", "ran", "ran"] and CALLS == ["b", "c"]
+    assert statuses(runner(tmp_path, cfg).run()) == ["cached", "ran", "ran"] and CALLS == ["b", "c"]
 
 
-def test_truncated_output_reruns(tmp_path):
+def test_a_key_no_stage_declares_reruns_nothing(tmp_path):
     runner(tmp_path).run()
     CALLS.clear()
-    (tmp_path / "run/02_b/out.txt").write_text("x")
-    recs = runner(tmp_path).run()
-    # b rewrote the same bytes, so c's inputs are unchanged.
-    assert CALLS == ["b"] and [r["status"] for r in recs] == ["cached", "ran", "cached"]
+    cfg = dataclasses.replace(Config(), finetune=FinetuneCfg(epochs=7.0))
+    assert statuses(runner(tmp_path, cfg).run()) == ["cached"] * 3
 
 
-def test_new_input_bytes_rerun_readers(tmp_path):
+def test_reading_an_undeclared_key_fails_loudly(tmp_path):
+    st = stages(b={"read_extra": lambda ctx: ctx.cfg.prune.macs})
+    with pytest.raises(ContractError, match="prune.macs without declaring"):
+        runner(tmp_path, st=st).run()
+    st = stages(b={"read_extra": lambda ctx: ctx.cfg.finetune})
+    with pytest.raises(ContractError, match=r"section \[finetune\]"):
+        runner(tmp_path, st=st).run()
+
+
+def test_reading_an_undeclared_stage_or_the_data_fails_loudly(tmp_path):
+    with pytest.raises(ContractError, match="stage 'a' without declaring"):
+        runner(tmp_path, st=stages(c={"read_extra": lambda ctx: ctx.path("a")})).run()
+    with pytest.raises(ContractError, match="dataset"):
+        runner(tmp_path / "2", st=stages(a={"read_extra": lambda ctx: ctx.data})).run()
+
+
+def test_same_size_corruption_reruns_that_stage_with_a_notice(tmp_path):
     runner(tmp_path).run()
     CALLS.clear()
-    st = stages()
-    orig = st[0].fn
+    f = tmp_path / "run/02_b/out.txt"
+    f.write_text(f.read_text()[::-1])  # same size, other bytes
+    log = []
+    recs = runner(tmp_path, log=log.append).run()   # the store's verified copy replaces it
+    assert statuses(recs) == ["cached"] * 3 and CALLS == []
+    assert any("02_b/out.txt changed on disk" in m and "sha256" in m for m in log)
+    assert f.read_text() == "ba"
+    f.write_text("ab")
+    r = runner(tmp_path)
+    r.store = None   # no verified copy anywhere: the stage that owns the file reruns, never a later gate
+    assert statuses(r.run()) == ["cached", "ran", "cached"] and CALLS == ["b"]
+    assert f.read_text() == "ba"
 
-    def other_bytes(ctx):
-        res = orig(ctx)
-        (ctx.out / "extra.txt").write_text("new")
-        return res
-    st[0] = dataclasses.replace(st[0], fn=other_bytes)
-    runner(tmp_path, st=st).run(force=["a"])
-    assert CALLS == ["a", "b", "c"]
+
+def test_a_broken_stage_record_means_not_done(tmp_path):
+    runner(tmp_path).run()
+    CALLS.clear()
+    (tmp_path / "run/02_b/stage.json").write_text(json.dumps({"name": 3, "files": []}))
+    log = []
+    recs = runner(tmp_path, log=log.append).run()
+    # never a traceback: the verified store copy replaces it (no store: b reruns)
+    assert statuses(recs) == ["cached"] * 3 and CALLS == []
+    assert any("is not a stage record" in m for m in log)
+    assert json.loads((tmp_path / "run/02_b/stage.json").read_text())["name"] == "b"
+    (tmp_path / "run/02_b/stage.json").write_text("[1, 2")
+    r = runner(tmp_path)
+    r.store = None
+    assert statuses(r.run()) == ["cached", "ran", "cached"] and CALLS == ["b"]
 
 
-def test_crash_leaves_nothing_that_looks_finished(tmp_path):
+def test_a_new_run_folder_reuses_the_shared_store(tmp_path):
+    runner(tmp_path).run()
+    CALLS.clear()
+    log = []
+    recs = runner(tmp_path, run="other", log=log.append).run()
+    assert statuses(recs) == ["cached"] * 3 and CALLS == []
+    assert (tmp_path / "other/03_c/out.txt").read_text() == "cba"
+    assert any("reusing" in m for m in log)
+
+
+def test_toggling_an_override_back_reuses_the_store(tmp_path):
+    runner(tmp_path).run()
+    runner(tmp_path, dataclasses.replace(Config(), prune=PruneCfg(ratio=0.3))).run()
+    CALLS.clear()
+    assert statuses(runner(tmp_path).run()) == ["cached"] * 3 and CALLS == []
+
+
+def test_a_damaged_store_entry_is_never_served(tmp_path):
+    runner(tmp_path).run()
+    for f in (tmp_path / ".store").glob("b-*/out.txt"):
+        f.write_text("XX")
+    CALLS.clear()
+    recs = runner(tmp_path, run="other").run()
+    assert statuses(recs) == ["cached", "ran", "cached"]
+
+
+def test_relaxing_a_failed_gate_reevaluates_without_rerunning(tmp_path):
+    st = stages(b={"top1": 90.0})
+    with pytest.raises(GateFailed) as e:
+        runner(tmp_path, Config(prune=PruneCfg(gate="fail", max_drop=1.0)), st).run()
+    assert e.value.record.name == "b" and (tmp_path / "run/02_b.failed").is_dir()
+    CALLS.clear()
+    recs = runner(tmp_path, Config(prune=PruneCfg(gate="fail", max_drop=20.0)), st).run()
+    assert CALLS == ["c"] and statuses(recs) == ["cached", "cached", "ran"]
+    assert recs[1].gate.passed and not (tmp_path / "run/02_b.failed").exists()
+
+
+def test_tightening_a_gate_fails_on_the_cached_result(tmp_path):
+    st = stages(b={"top1": 95.0})
+    runner(tmp_path, Config(prune=PruneCfg(gate="fail", max_drop=10.0)), st).run()
+    CALLS.clear()
+    with pytest.raises(GateFailed, match="dropped 4.000"):
+        runner(tmp_path, Config(prune=PruneCfg(gate="fail", max_drop=1.0)), st).run()
+    assert CALLS == []
+
+
+def test_warn_gate_records_without_stopping(tmp_path):
+    recs = runner(tmp_path, Config(prune=PruneCfg(gate="warn", max_drop=1.0)), stages(b={"top1": 90.0})).run()
+    assert statuses(recs) == ["ran"] * 3
+    assert not recs[1].gate and "warn only" in recs[1].gate.summary()
+
+
+def test_crash_leaves_only_a_tmp_folder_and_resumes(tmp_path):
     with pytest.raises(RuntimeError):
         runner(tmp_path, st=stages(b={"crash": True})).run()
-    assert (tmp_path / "run/01_a/stage.json").is_file()
-    assert not (tmp_path / "run/02_b").exists() and (tmp_path / "run/02_b.tmp").is_dir()
+    assert (tmp_path / "run/02_b.tmp").is_dir() and not (tmp_path / "run/02_b").exists()
     CALLS.clear()
     recs = runner(tmp_path).run()
-    assert [r["status"] for r in recs] == ["cached", "ran", "ran"]
-    assert not (tmp_path / "run/02_b.tmp").exists()
+    assert statuses(recs) == ["cached", "ran", "ran"]
 
 
-def test_gate_failure_keeps_failed_folder_only(tmp_path):
-    r = runner(tmp_path, st=stages(b={"fail_gate": True}))
-    with pytest.raises(GateFailed) as e:
-        r.run()
-    assert "stage b: top1 dropped 9.000 pt" in e.value.args[0] and "max_drop 0.5" in e.value.args[0]
-    assert (tmp_path / "run/02_b.failed/stage.json").is_file() and not (tmp_path / "run/02_b").exists()
-    assert json.loads((tmp_path / "run/02_b.failed/stage.json").read_text())["status"] == "failed"
-    assert list(r.records) == ["a"] and CALLS == ["a", "b"]
+def test_declared_artifact_must_exist(tmp_path):
+    def fn(ctx):
+        return Output(artifacts=(Artifact("onnx-fp32", "onnx", "missing.onnx"),))
+    with pytest.raises(ContractError, match="missing.onnx"):
+        runner(tmp_path, st=[Stage("a", 1, fn)]).run()
 
 
 def test_selection(tmp_path):
-    with pytest.raises(PipelineError, match="stage a has no up-to-date result"):
-        runner(tmp_path).run(start="b")
-    recs = runner(tmp_path).run(until="b")
-    assert [r["name"] for r in recs] == ["a", "b"]
-    CALLS.clear()
-    recs = runner(tmp_path).run(start="b", force=["b"])
-    assert [r["status"] for r in recs] == ["cached", "ran", "ran"] and CALLS == ["b", "c"]
-    CALLS.clear()
-    runner(tmp_path).run(force=[])
-    assert CALLS == ["a", "b", "c"]
+    r = runner(tmp_path)
     with pytest.raises(PipelineError, match="no such stage"):
-        runner(tmp_path).run(until="zzz")
+        r.run(start="zzz")
     with pytest.raises(PipelineError, match="comes after"):
-        runner(tmp_path).run(start="c", until="a")
+        r.run(start="c", until="a")
+    with pytest.raises(PipelineError, match="outside --from/--until"):
+        runner(tmp_path).run(start="b")
+    runner(tmp_path).run()
+    CALLS.clear()
+    # b reruns and writes the same bytes: c reads only what b wrote, so it stays cached
+    assert statuses(runner(tmp_path).run(force=["b"])) == ["cached", "ran", "cached"] and CALLS == ["b"]
 
 
 def _hold(path, ready):
     with run_lock(path):
         ready.set()
-        time.sleep(5)
+        time.sleep(3)
 
 
-def test_second_run_on_same_folder_is_refused(tmp_path):
-    ready = mp.get_context("fork").Event()
-    p = mp.get_context("fork").Process(target=_hold, args=(tmp_path / "run", ready))
+def test_lock_refuses_a_second_run(tmp_path):
+    ready = mp.Event()
+    p = mp.Process(target=_hold, args=(tmp_path / "run", ready))
     p.start()
     try:
         assert ready.wait(10)
-        with pytest.raises(PipelineError, match=rf"another run is using this run folder \(pid {p.pid}\)"):
-            runner(tmp_path).run()
+        with pytest.raises(PipelineError, match="another run"):
+            with run_lock(tmp_path / "run"):
+                pass
     finally:
-        p.terminate()
         p.join()
-    runner(tmp_path).run()  # the lock dies with its holder

@@ -1,0 +1,385 @@
+"""`edgepipe benchmark BUNDLE`: latency of every model in a deploy bundle on every backend present.
+
+Run on the target. For each ONNX file (onnxruntime CPU, plus the CUDA / TensorRT execution
+providers where this onnxruntime has them) and each engine (TensorRT, where it is importable) at
+each batch: warm-up calls, then timed calls of one batch each with edgerun.timing's one timer
+(p50/p90/p99, mean, std; throughput = batch / p50). Inputs are random host arrays of the
+manifest's input dtype and outputs come back to the host, so GPU times include host<->device copies.
+
+Ratios: the files on one backend are also compared with edgerun.timing's protocol (interleaved
+blocks >= ``--block-ms``, ``--rounds`` rounds, in ``--processes`` fresh processes) against the
+bundle's fp32 ONNX (else the first file) on that backend; ratio = time / reference time.
+
+The bundle (a folder, or a .tar/.tar.gz of one) is read through edgerun.bundle: manifest
+validated, every model's sha256 checked before it is loaded.
+
+Writes ``--output`` (default ``<bundle>/benchmark.json``; for an archive ``<archive>.benchmark.json``):
+``bundle``, ``machine`` (edgerun.machine.Machine: CPU, SIMD, cores, load, GPU, Jetson nvpmodel/clocks), ``libraries``,
+``method``, ``latency`` rows (artifact, file, role, precision, backend, batch, p50_ms, p90_ms,
+p99_ms, mean_ms, std_ms, min_ms, max_ms, iters, throughput_per_s, threads, notes), ``ratios``
+(backend, batch, artifact, reference, ratio, p10, p90, processes, reproducible, p50_ms,
+reference_p50_ms) and ``not_measured``. Last line on stdout: ``PASSED | ...`` or ``FAILED | ...``.
+
+Also: ``open_session`` and ``backends_for``, which the timing worker and pipeline.profile share.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgerun.errors import EdgeError
+from edgerun.io import write_json
+from edgerun.machine import machine, physical_cores
+from edgerun.timing import Repeated, Spec, SpecItem, compare, measure, repeat_in_processes
+
+ORT_BACKENDS = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider",
+                "onnxruntime-tensorrt": "TensorrtExecutionProvider"}
+GPU_BACKENDS = ("torch-cuda", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+
+
+class BenchmarkError(EdgeError):
+    """A bundle that cannot be benchmarked, or a backend that cannot open a file."""
+
+
+# ---------------------------------------------------------------- sessions
+
+@dataclass(frozen=True)
+class Session:
+    """One model file opened on one backend: ``run(batch)``; ``close()`` frees it."""
+    run: Callable[[np.ndarray], object]
+    close: Callable[[], None]
+    backend: str
+    threads: int | None = None
+    sync: Callable[[], object] | None = None          # inside the timed region (asynchronous GPU work)
+    batch_range: tuple[int, int] | None = None        # engines: the optimisation profile's min/max batch
+    notes: tuple[str, ...] = ()
+    gpu_peak_mb: Callable[[], float | None] | None = None
+
+
+def trt_here() -> dict | None:
+    """TensorRT's version and the GPU when both are here (edgerun.trt), else None."""
+    with contextlib.suppress(Exception):
+        from edgerun.trt import trt_version_info
+        return trt_version_info()
+    return None
+
+
+def backends_for(kind: str) -> list[str]:
+    """The backends present on this machine that run a file of this kind (onnx | engine)."""
+    if kind == "onnx":
+        try:
+            from edgerun.ort import available_ort_providers
+            have = available_ort_providers()
+        except ImportError:
+            return []
+        out = [b for b, p in ORT_BACKENDS.items() if p in have]
+        if "onnxruntime-tensorrt" in out and trt_here() is None:
+            out.remove("onnxruntime-tensorrt")
+        return out
+    if kind == "engine":
+        return ["tensorrt"] if trt_here() is not None else []
+    return []
+
+
+def open_session(path, backend: str, *, threads: int = 0, batches=(1,), input_shape=None) -> Session:
+    """``path`` opened once on ``backend``. GPU branches follow the documented APIs (not run here)."""
+    path = Path(path)
+    if backend == "tensorrt":
+        return _open_engine(path)
+    if backend not in ORT_BACKENDS:
+        raise BenchmarkError(f"{path.name}: unknown backend {backend!r} (expected one of "
+                             f"{', '.join([*ORT_BACKENDS, 'tensorrt'])})")
+    from edgerun.ort import OrtRunner
+    notes, cleanup = [], []
+    if backend == "onnxruntime-cpu":
+        providers = ["CPUExecutionProvider"]
+    elif backend == "onnxruntime-cuda":
+        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        notes.append("includes host<->device copies (numpy in, numpy out)")
+    else:
+        providers = _ort_tensorrt_providers(path, batches, input_shape, cleanup)
+        notes.append("TensorRT EP engine built on first use (in warm-up); includes host<->device copies")
+    try:
+        runner = OrtRunner(path, providers=providers, threads=threads)
+    except BaseException:
+        for c in cleanup:
+            c()
+        raise
+    if runner.providers[0] != ORT_BACKENDS[backend]:  # a silent CPU fall-back would time the wrong thing
+        for c in cleanup:
+            c()
+        raise BenchmarkError(f"{path.name}: onnxruntime placed the session on {runner.providers[0]}, "
+                             f"not {ORT_BACKENDS[backend]}")
+    name = runner.input_names[0]
+
+    def close():
+        runner.__exit__(None, None, None)
+        for c in cleanup:
+            c()
+    # onnxruntime's default intra-op pool: one thread per physical core
+    return Session(run=lambda x: runner.infer({name: x}), close=close, backend=backend,
+                   threads=threads or physical_cores(), notes=tuple(notes))
+
+
+def _ort_tensorrt_providers(path: Path, batches, input_shape, cleanup: list) -> list:
+    from edgerun.ort import ort_tensorrt_provider_options
+    trt = trt_here()
+    if trt is None:
+        raise BenchmarkError(f"{path.name}: onnxruntime-tensorrt needs TensorRT and a CUDA GPU here")
+    if input_shape is None:
+        raise BenchmarkError(f"{path.name}: onnxruntime-tensorrt needs the input shape for its profile")
+    cache = tempfile.mkdtemp(prefix="ort_trt_cache_")
+    cleanup.append(lambda: shutil.rmtree(cache, ignore_errors=True))
+    batches = sorted(batches)
+    # Precision comes from the ONNX itself (FP16 tensors, Q/DQ): no trt_fp16/int8 flags.
+    return ort_tensorrt_provider_options(trt["major"], cache_dir=cache, min_batch=batches[0],
+                                         opt_batch=batches[len(batches) // 2], max_batch=batches[-1],
+                                         input_name=_onnx_input_name(path), input_shape=tuple(input_shape))
+
+
+def _onnx_input_name(path: Path) -> str:
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in inits)
+
+
+def _open_engine(path: Path) -> Session:
+    from edgerun.trt import TrtEngineRunner
+    runner = TrtEngineRunner(path).__enter__()
+    name = runner.input_names[0]
+    prof = (runner.metadata or {}).get("profile") or {}
+    rng = (int(prof["min"][0]), int(prof["max"][0])) if prof.get("min") and prof.get("max") else None
+    return Session(run=lambda x: runner.infer({name: x}), close=lambda: runner.__exit__(None, None, None),
+                   backend="tensorrt", batch_range=rng, notes=("includes host<->device copies (Polygraphy TrtRunner)",))
+
+
+# ---------------------------------------------------------------- the bundle
+
+@dataclass(frozen=True)
+class BundleModel:
+    file: str
+    path: Path
+    kind: str          # onnx | engine
+    role: str
+    precision: str
+    label: str
+
+
+@dataclass(frozen=True)
+class BundleModels:
+    models: tuple[BundleModel, ...]
+    input_shape: tuple[int, ...]     # one sample, without the batch
+    dtype: str                       # float32 | float16
+
+
+def read_bundle(folder: Path) -> BundleModels:
+    """The model files of an opened bundle: manifest validated, each file's sha256 checked (edgerun.bundle)."""
+    from edgerun.bundle import load_manifest, verify_file
+    manifest = load_manifest(folder)
+    models = []
+    for name in manifest.models():
+        f = manifest.files[name]
+        precision = f.precision or "fp32"
+        models.append(BundleModel(name, verify_file(folder, manifest, name), f.kind, f"{f.kind}-{precision}",
+                                  precision, f.label or name))
+    if not models:
+        raise BenchmarkError(f"{folder}/manifest.json: no ONNX or engine file listed under files")
+    i = manifest.input
+    return BundleModels(tuple(models), (i.channels, i.height, i.width), i.dtype)
+
+
+def _reference(models: list[BundleModel]) -> BundleModel:
+    return next((m for m in models if m.kind == "onnx" and m.precision == "fp32"), models[0])
+
+
+# ---------------------------------------------------------------- the verb
+
+def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("benchmark", help="latency of a deploy bundle's models on this machine",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("bundle", help="a deploy bundle folder (with manifest.json)")
+    p.add_argument("--output", help="where to write the JSON (default: BUNDLE/benchmark.json)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=100, help="timed calls per file x backend x batch")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--rounds", type=int, default=25, help="protocol rounds for ratios (0: no ratios)")
+    p.add_argument("--block-ms", type=float, default=30.0)
+    p.add_argument("--processes", type=int, default=3, help="fresh processes for the ratios")
+    p.set_defaults(func=run_benchmark)
+    return p
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        out = ()
+    if not out or any(b < 1 for b in out):
+        raise BenchmarkError(f"--batches {text!r}: expected positive integers separated by commas, e.g. 1,8")
+    return out
+
+
+def run_benchmark(args) -> int:
+    """The verb: 0 when every backend present was measured; errors are EdgeError (the CLI prints one line)."""
+    batches = _batches(args.batches)
+    for flag, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 0),
+                             ("--rounds", args.rounds, 0), ("--processes", args.processes, 1)):
+        if value < low:
+            raise BenchmarkError(f"{flag} {value}: expected an integer >= {low}")
+    if args.block_ms <= 0:
+        raise BenchmarkError(f"--block-ms {args.block_ms}: expected a positive number of milliseconds")
+    from edgerun.bundle import open_bundle
+    given = Path(args.bundle)
+    out = Path(args.output) if args.output else \
+        given / "benchmark.json" if given.is_dir() else given.with_name(given.name + ".benchmark.json")
+    with tempfile.TemporaryDirectory(prefix="edgerun_benchmark_") as tmp:   # an archive is unpacked here
+        folder = open_bundle(given, tmp)
+        return _benchmark(read_bundle(folder), batches, out, args)
+
+
+def _benchmark(found: BundleModels, batches: tuple[int, ...], out: Path, args) -> int:
+    models, shape = found.models, found.input_shape
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal((b, *shape), dtype=np.float32).astype(found.dtype) for b in batches}
+    here = machine()
+    rows, skipped, ratios = [], [], []
+    by_backend: dict[str, list[BundleModel]] = {}
+    for m in models:
+        for backend in backends_for(m.kind) or [None]:
+            if backend is None:
+                skipped.append({"artifact": m.label, "backend": "-", "batch": None,
+                                "reason": f"no backend for {m.kind} files here (TensorRT/onnxruntime missing)"})
+                continue
+            try:
+                s = open_session(m.path, backend, threads=args.threads, batches=batches, input_shape=shape)
+            except EdgeError as e:
+                if backend not in GPU_BACKENDS:
+                    raise
+                skipped.append({"artifact": m.label, "backend": backend, "batch": None, "reason": str(e)})
+                continue
+            try:
+                for b in batches:
+                    lo, hi = s.batch_range or (1, 1 << 30)
+                    if not lo <= b <= hi:
+                        skipped.append({"artifact": m.label, "backend": backend, "batch": b,
+                                        "reason": f"outside the engine's batch range {lo}..{hi}"})
+                        continue
+                    st = measure(lambda s=s, x=inputs[b]: s.run(x), warmup=max(1, args.warmup), iters=args.iters,
+                                 sync=s.sync)
+                    rows.append({"artifact": m.label, "file": m.file, "role": m.role, "precision": m.precision,
+                                 "backend": backend, "batch": b, **st.to_json(),
+                                 "throughput_per_s": b * 1000.0 / st.p50_ms, "threads": s.threads,
+                                 "notes": list(s.notes) or None})
+            finally:
+                s.close()
+            by_backend.setdefault(backend, []).append(m)
+    if args.rounds > 0:
+        measured = {(r["file"], r["backend"], r["batch"]) for r in rows}
+        for backend, ms in by_backend.items():
+            common = tuple(b for b in batches if all((m.file, backend, b) in measured for m in ms))
+            if len(ms) > 1 and common:
+                ratios += _ratios(backend, ms, common, found, args)
+    write_json(out, {
+        "bundle": str(Path(args.bundle).resolve()), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": here.to_json(), "libraries": _libraries(),
+        "method": {"warmup": args.warmup, "iters": args.iters, "threads": args.threads or "default",
+                   "timer": "time.perf_counter, gc disabled while timing",
+                   "input": f"random {found.dtype}, host numpy",
+                   "throughput": "batch / p50", "ratios": {"rounds": args.rounds, "block_ms": args.block_ms,
+                                                          "processes": args.processes}},
+        "latency": rows, "ratios": ratios, "not_measured": skipped})
+    _print_table(rows, ratios, skipped)
+    print(f"PASSED | {len(rows)} latency rows ({len(by_backend)} backend(s), batches "
+          f"{','.join(map(str, batches))}), {len(ratios)} ratios -> {out}", flush=True)
+    return 0
+
+
+def _ratios(backend: str, models: list[BundleModel], batches, found: BundleModels, args) -> list[dict]:
+    """Each file against the reference on one backend, at the batches every one of them ran."""
+    ref = _reference(models)
+    if args.processes > 1:
+        spec = Spec(tuple(SpecItem(m.file, str(m.path.resolve()), backend) for m in models), ref.file, batches,
+                    found.input_shape, threads=args.threads, block_ms=args.block_ms, rounds=args.rounds,
+                    dtype=found.dtype)
+        reps = repeat_in_processes(spec, args.processes)
+    else:
+        reps = _in_process(backend, models, ref, batches, found, args)
+    out = []
+    for rep in reps:
+        for m in models:
+            if m is ref:
+                continue
+            p = rep.pair(m.file)
+            out.append({"backend": backend, "batch": rep.batch, "artifact": m.label, "reference": ref.label,
+                        "ratio": p.median, "p10": p.p10, "p90": p.p90, "processes": p.processes,
+                        "reproducible": p.reproducible, "spread": p.spread, "p50_ms": p.p50_ms,
+                        "reference_p50_ms": p.to_p50_ms, "remeasured": rep.remeasured})
+    return out
+
+
+def _in_process(backend, models, ref, batches, found: BundleModels, args) -> tuple[Repeated, ...]:
+    sessions = {m.file: open_session(m.path, backend, threads=args.threads, batches=batches,
+                                     input_shape=found.input_shape) for m in models}
+    try:
+        rng = np.random.default_rng(0)
+        reps = []
+        for b in batches:
+            x = rng.standard_normal((b, *found.input_shape), dtype=np.float32).astype(found.dtype)
+            runs = {n: (lambda s=s, x=x: s.run(x)) for n, s in sessions.items()}
+            reps.append(Repeated(b, (compare(runs, reference=ref.file, block_ms=args.block_ms,
+                                             rounds=args.rounds),)))
+        return tuple(reps)
+    finally:
+        for s in sessions.values():
+            s.close()
+
+
+def _libraries() -> dict:
+    from importlib import metadata
+    out = {}
+    for name in ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "polygraphy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def _print_table(rows, ratios, skipped) -> None:
+    print(f"{'artifact':<32} {'backend':<20} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'per s':>10}")
+    for r in rows:
+        print(f"{r['artifact'][:32]:<32} {r['backend']:<20} {r['batch']:>5} {r['p50_ms']:>9.4f} "
+              f"{r['p90_ms']:>9.4f} {r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.1f}")
+    for r in ratios:
+        rep = {True: ", reproducible", False: ", NOT reproducible", None: ", not checked"}[r["reproducible"]]
+        print(f"  {r['artifact']} / {r['reference']} on {r['backend']} at batch {r['batch']}: time ratio "
+              f"{r['ratio']:.3f} (p10-p90 {r['p10']:.3f}-{r['p90']:.3f}, {r['processes']} process(es){rep})")
+    for s in skipped:
+        print(f"  not measured: {s['artifact']} on {s['backend']}"
+              + (f" at batch {s['batch']}" if s["batch"] else "") + f": {s['reason']}")
+
+
+def main(argv=None) -> int:
+    """``python -m edgerun.benchmark BUNDLE ...`` (the same verb as ``python -m edgerun benchmark``)."""
+    ap = argparse.ArgumentParser(prog="python -m edgerun.benchmark")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_benchmark_parser(sub)
+    args = ap.parse_args(["benchmark", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except EdgeError as e:
+        print(f"FAILED | error: {e}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

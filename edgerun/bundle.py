@@ -1,0 +1,299 @@
+"""Deploy bundles as untrusted input: unpack safely, validate the manifest, hash files before use.
+
+A bundle is a folder (or a .tar / .tar.gz of one) holding ``manifest.json`` and the files it
+lists. Anyone may hand one over, so nothing in it is believed: every manifest field is checked for
+type and range, every listed file name must stay inside the bundle (no absolute paths, no '..',
+no symlink pointing out), and a model is hashed against the manifest before it is loaded.
+Every refusal is one ``BundleError`` line naming the manifest field or file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Mapping
+
+from edgerun.errors import EdgeError
+from edgerun.io import sha256_file
+
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few kB
+MODEL_KINDS = ("onnx", "engine")
+MAX_INPUT_VALUES = 1 << 27  # C x H x W of one image: 3 x 6688 x 6688, far above any edge model
+
+
+class BundleError(EdgeError):
+    """A bundle that is missing, malformed, tampered with or unsafe to open."""
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """x = (pixel * scale - mean[c]) / std[c], per channel c."""
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    batch: str | int              # a symbolic name ("batch") or a fixed batch size
+    channels: int
+    height: int
+    width: int
+    dtype: str                    # float32 | float16
+    layout: str                   # NCHW
+    normalisation: Normalisation
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str                     # relative to the bundle, '/'-separated
+    kind: str                     # onnx | engine | calibration | sample | ...
+    sha256: str
+    precision: str = ""
+    label: str = ""
+    stage: str = ""
+    top1: float | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A small labelled test set shipped in the bundle (IDX files listed with kind "sample")."""
+    images: str
+    labels: str
+    count: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    bundle: Path
+    input: InputSpec
+    labels: tuple[str, ...]
+    files: Mapping[str, FileEntry]
+    chosen: str | None            # the file the packager chose, if any
+    chosen_why: str
+    target: str
+    sample: Sample | None
+    preflight: Mapping | None     # the packager's pre-flight summary, kept as read
+
+    def models(self) -> list[str]:
+        return sorted(n for n, f in self.files.items() if f.kind in MODEL_KINDS)
+
+
+# ---------------------------------------------------------------- opening
+
+def open_bundle(path: str | Path, tmp: str | Path) -> Path:
+    """A bundle folder, or a .tar(.gz) of one unpacked into ``tmp``: no member may land outside it."""
+    path, tmp = Path(path), Path(tmp)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        raise BundleError(f"{path}: bundle not found")
+    import tarfile
+    try:
+        with tarfile.open(path) as tar:
+            # The "data" filter refuses absolute paths, '..', links out of the folder and devices.
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        detail = "; ".join(str(e).splitlines()) or type(e).__name__
+        raise BundleError(f"{path}: refused or unreadable bundle archive ({detail})") from None
+    found = [p.parent for p in tmp.rglob(MANIFEST)]
+    if len(found) != 1:
+        raise BundleError(f"{path}: the archive must hold exactly one bundle ({MANIFEST}), found {len(found)}")
+    return found[0]
+
+
+def inside(bundle: Path, name, field: str) -> Path:
+    """``bundle / name`` if ``name`` is a plain relative path that stays inside the bundle."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise BundleError(f"{bundle}/{MANIFEST}: {field} must be a relative file name, got {name!r}")
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or ".." in parts or not parts:
+        raise BundleError(f"{bundle}/{MANIFEST}: {field} = {name!r} points outside the bundle "
+                          f"(absolute or '..'): refused")
+    path = bundle / name
+    try:
+        target, root = path.resolve(), bundle.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise BundleError(f"{bundle}/{MANIFEST}: {field} = {name!r} cannot be resolved ({e}): refused") from None
+    if not target.is_relative_to(root):
+        raise BundleError(f"{bundle}/{MANIFEST}: {field} = {name!r} resolves outside the bundle "
+                          f"(a symlink to {target}): refused")
+    return path
+
+
+# ---------------------------------------------------------------- the manifest
+
+def load_manifest(bundle: str | Path) -> Manifest:
+    """Read and validate ``manifest.json``: types, ranges, file names and cross-references."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: not a deploy bundle (no {MANIFEST})")
+    inside(bundle, MANIFEST, MANIFEST)
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be "
+                          f"({MAX_MANIFEST_BYTES}): refused")
+    try:
+        doc = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, OSError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BundleError(f"{path}: unreadable manifest ({detail})") from None
+    check = _Checker(path)
+    check.kind(doc, dict, "the manifest")
+    spec = _input_spec(check, check.field(doc, "input", dict))
+    labels = tuple(check.field(doc, "labels", list))
+    if not labels or not all(isinstance(x, str) and x for x in labels):
+        check.fail("labels", "a non-empty list of non-empty strings", doc["labels"])
+    if len(set(labels)) != len(labels):
+        check.fail("labels", "distinct names", doc["labels"])
+    files = _files(check, bundle, check.field(doc, "files", dict))
+    chosen, why = _chosen(check, doc.get("chosen"), files)
+    target = doc.get("target", "")
+    if not isinstance(target, str):
+        check.fail("target", "a string", target)
+    return Manifest(bundle, spec, labels, MappingProxyType(files), chosen, why, target,
+                    _sample(check, doc.get("sample"), files), _preflight(check, doc.get("preflight")))
+
+
+class _Checker:
+    """Type checks that fail with one line naming the manifest field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field: str, expected: str, found) -> None:
+        shown = repr(found)
+        shown = shown if len(shown) <= 80 else shown[:79] + "…"
+        raise BundleError(f"{self.path}: unreadable manifest ({field} must be {expected}, got {shown})")
+
+    def kind(self, value, kind, field: str, expected: str = ""):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            self.fail(field, expected or f"a JSON {_JSON_NAMES[kind]}", value)
+        return value
+
+    def field(self, obj: dict, key: str, kind, where: str = ""):
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise BundleError(f"{self.path}: unreadable manifest (no field {name!r})")
+        return self.kind(obj[key], kind, name)
+
+    def number(self, value, field: str, positive: bool = False) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (positive and value <= 0):
+            self.fail(field, "a finite number" + (" > 0" if positive else ""), value)
+        return float(value)
+
+
+_JSON_NAMES = {dict: "object", list: "list", str: "string", int: "integer"}
+
+
+def _input_spec(check: _Checker, obj: dict) -> InputSpec:
+    name = check.field(obj, "name", str, "input")
+    shape = check.field(obj, "shape", list, "input")
+    dims = shape[1:]
+    if len(shape) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims) \
+            or not (isinstance(shape[0], str) or (isinstance(shape[0], int) and not isinstance(shape[0], bool)
+                                                   and shape[0] > 0)):
+        check.fail("input.shape", "[batch, C, H, W] with positive integers C, H, W", shape)
+    if math.prod(dims) > MAX_INPUT_VALUES:  # the readers would allocate this per image
+        check.fail("input.shape", f"at most {MAX_INPUT_VALUES} values per image (C x H x W)", shape)
+    dtype = check.field(obj, "dtype", str, "input")
+    if dtype not in ("float32", "float16"):
+        check.fail("input.dtype", "'float32' or 'float16'", dtype)
+    layout = check.field(obj, "layout", str, "input")
+    if layout != "NCHW":
+        check.fail("input.layout", "'NCHW' (the only layout the readers produce)", layout)
+    norm = check.field(obj, "normalisation", dict, "input")
+    c = dims[0]
+    scale = check.number(norm.get("scale"), "input.normalisation.scale", positive=True)
+    stats = {}
+    for key in ("mean", "std"):
+        values = check.field(norm, key, list, "input.normalisation")
+        if len(values) != c:
+            check.fail(f"input.normalisation.{key}", f"{c} numbers (one per channel)", values)
+        stats[key] = tuple(check.number(v, f"input.normalisation.{key}", positive=key == "std") for v in values)
+    return InputSpec(name, shape[0], c, dims[1], dims[2], dtype, layout,
+                     Normalisation(scale, stats["mean"], stats["std"]))
+
+
+def _files(check: _Checker, bundle: Path, obj: dict) -> dict[str, FileEntry]:
+    if not obj:
+        check.fail("files", "a non-empty object {name: {kind, sha256, ...}}", obj)
+    files = {}
+    for name, entry in obj.items():
+        where = f"files[{name!r}]"
+        inside(bundle, name, "files key")
+        check.kind(entry, dict, where)
+        digest = check.field(entry, "sha256", str, where)
+        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+            check.fail(f"{where}.sha256", "64 lowercase hex digits", digest)
+        text = {}
+        for key in ("kind", "precision", "label", "stage"):
+            value = entry.get(key, "")
+            if not isinstance(value, str) or (key == "kind" and not value):
+                check.fail(f"{where}.{key}", "a non-empty string" if key == "kind" else "a string", value)
+            text[key] = value
+        top1 = entry.get("top1")
+        if top1 is not None:
+            top1 = check.number(top1, f"{where}.top1")
+        files[name] = FileEntry(name, text["kind"], digest, text["precision"], text["label"], text["stage"], top1)
+    return files
+
+
+def _chosen(check: _Checker, obj, files: dict) -> tuple[str | None, str]:
+    if obj is None:
+        return None, ""
+    check.kind(obj, dict, "chosen")
+    name, why = obj.get("file"), obj.get("why", "")
+    if name is not None:
+        check.kind(name, str, "chosen.file", "a file name or null")
+        if name not in files or files[name].kind not in MODEL_KINDS:
+            check.fail("chosen.file", f"a model listed in files ({', '.join(sorted(files))})", name)
+    if not isinstance(why, str):
+        check.fail("chosen.why", "a string", why)
+    return name, why
+
+
+def _sample(check: _Checker, obj, files: dict) -> Sample | None:
+    if obj is None:
+        return None
+    check.kind(obj, dict, "sample")
+    names = {}
+    for key in ("images", "labels"):
+        name = check.field(obj, key, str, "sample")
+        if name not in files or files[name].kind != "sample":
+            check.fail(f"sample.{key}", 'a file listed in files with kind "sample"', name)
+        names[key] = name
+    count = obj.get("count", obj.get("n"))
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count <= 0):
+        check.fail("sample.count", "a positive integer", count)
+    return Sample(names["images"], names["labels"], count)
+
+
+def _preflight(check: _Checker, obj) -> Mapping | None:
+    if obj is None:
+        return None
+    return MappingProxyType(dict(check.kind(obj, dict, "preflight")))
+
+
+# ---------------------------------------------------------------- files
+
+def verify_file(bundle: str | Path, manifest: Manifest, name: str) -> Path:
+    """The path of a listed file, after checking it stays inside and its sha256 matches the manifest."""
+    bundle = Path(bundle)
+    entry = manifest.files.get(name)
+    if entry is None:
+        raise BundleError(f"{bundle}: no file {name!r} in the bundle (has {', '.join(sorted(manifest.files))})")
+    path = inside(bundle, name, f"files[{name!r}]")
+    if not path.is_file():
+        raise BundleError(f"{path}: listed in {MANIFEST} but missing from the bundle")
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        raise BundleError(f"{path}: sha256 {digest[:16]}… does not match {MANIFEST} ({entry.sha256[:16]}…): "
+                          f"corrupted or replaced; copy the bundle again")
+    return path

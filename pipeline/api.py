@@ -1,0 +1,120 @@
+"""The Python API: what `edgepipe run` does, callable from a notebook.
+
+    from pipeline import run
+    result = run("configs/cpu.toml", overrides=["prune.macs=0.2"])
+    result.passed, result.record("finetune").top1, result.bundle
+
+User errors raise EdgeError subclasses (one line each); a failed gate returns a RunResult with
+``passed = False`` and the failed stage's record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgerun.io import write_json
+from pipeline.config import Config, read_config
+from pipeline.errors import GateFailed, PipelineError
+from pipeline.records import StageRecord
+
+ALWAYS_READ = ("run.name", "run.threads", "run.seed")   # read by the runner itself, not by one stage
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    config: Config
+    records: tuple[StageRecord, ...]
+    passed: bool
+    message: str = ""
+    failed_stage: str | None = None
+    warnings: tuple[str, ...] = ()
+    reads: dict = dataclasses.field(default_factory=dict)  # stage -> config keys it read (the stages that ran)
+
+    def record(self, name: str) -> StageRecord | None:
+        return next((r for r in self.records if r.name == name), None)
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "report.md"
+
+    @property
+    def bundle(self) -> Path | None:
+        rec = self.record("package")
+        return self.run_dir / "deploy" if rec is not None and rec.status in ("ran", "cached") else None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ignored_keys(cfg: Config, explicit: frozenset[str]) -> list[str]:
+    """Keys the config file or --set gave that no stage reads with this configuration."""
+    from pipeline.contract import expand
+    from pipeline.stages import STAGES
+    read = set(ALWAYS_READ)
+    for s in STAGES:
+        read |= set(s.keys(cfg)) | set(expand(cfg, s.gate_config))
+    return sorted(k for k in explicit if k not in read)
+
+
+def load(config: str | Path | Config, overrides=(), run_name: str | None = None) -> tuple[Config, list[str]]:
+    """The config (from a TOML path or given as is) and a warning per ignored key."""
+    if isinstance(config, Config):
+        cfg, explicit = config, frozenset()
+    else:
+        cfg, explicit = read_config(config, list(overrides))
+    if run_name:
+        if "/" in run_name or run_name.startswith(".") or not run_name.strip():
+            raise PipelineError(f"--run {run_name!r}: must be a plain folder name")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name))
+    warnings = [f"config: {k} is set but not read with this configuration (ignored)" for k in ignored_keys(cfg, explicit)]
+    return cfg, warnings
+
+
+def run(config: str | Path | Config, overrides=(), *, run_name: str | None = None, runs: str | Path = "runs",
+        start: str | None = None, until: str | None = None, force: list[str] | None = None,
+        log: Callable[[str], None] = _stderr) -> RunResult:
+    from pipeline.data import Data
+    from pipeline.report import write_report
+    from pipeline.runner import Runner
+    from pipeline.stages import STAGES
+    cfg, warnings = load(config, overrides, run_name)
+    for w in warnings:
+        log(f"warning: {w}")
+    if cfg.run.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads))
+    run_dir = Path(runs) / cfg.run.name
+    data = Data(cfg)
+    runner = Runner(cfg, STAGES, run_dir, data, data_identity=data.identity, store=Path(runs) / ".store", log=log)
+    order = [s.name for s in STAGES]
+    log(f"run {run_dir}")
+
+    def report(outcome: dict) -> None:
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "ignored_keys": [w.split()[1] for w in warnings]})
+        write_report(run_dir, list(runner.records.values()), cfg, stage_order=order, outcome=outcome)
+    try:
+        records = runner.run(start, until, force)
+    except GateFailed as e:
+        report({"passed": False, "message": str(e), "stage": e.record.name})
+        return RunResult(run_dir, cfg, tuple(runner.records.values()), False, str(e), e.record.name, tuple(warnings),
+                         _reads(runner))
+    except BaseException as e:
+        # A user error or an interrupt must not leave the previous run's report claiming success.
+        if run_dir.is_dir():
+            message = str(e) if not isinstance(e, KeyboardInterrupt) else "interrupted"
+            try:
+                report({"passed": False, "message": message})
+            except Exception:  # noqa: BLE001 - the original error is the one to show
+                pass
+        raise
+    report({"passed": True})
+    return RunResult(run_dir, cfg, tuple(records), True, warnings=tuple(warnings), reads=_reads(runner))
+
+
+def _reads(runner) -> dict:
+    return {name: frozenset(view.seen) for name, view in runner.views.items()}

@@ -1,0 +1,148 @@
+"""Models in and out of the pipeline: build, load and save weights, run on arrays, count, score.
+
+Plain functions over torch models and config sections; no stage, runner or context here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgerun.io import atomic_write
+from pipeline.errors import PipelineError
+
+
+def build(model_cfg, data_cfg):
+    """A fresh model from ``[model]``, given the input the data section describes."""
+    from pipeline.models import build_model
+    return build_model(model_cfg.factory or model_cfg.name, num_classes=model_cfg.num_classes,
+                       in_channels=data_cfg.channels, image_size=tuple(data_cfg.size),
+                       kwargs=dict(model_cfg.kwargs))
+
+
+def example_input(data_cfg, batch: int = 1):
+    import torch
+    return torch.zeros(batch, data_cfg.channels, *data_cfg.size)
+
+
+def output_names(model) -> tuple[str, ...]:
+    """A model may name its outputs (an encoder returns tokens and logits); else one 'logits'."""
+    return tuple(getattr(model, "output_names", ("logits",)))
+
+
+def load_state(model, path: Path, *, unsafe_pickle: bool = False, strict: bool = True) -> dict:
+    """Weights only: a checkpoint never runs code when it loads, unless the user says it may.
+
+    ``strict=False`` loads what fits and returns what did not (missing, unexpected, reshaped keys),
+    so a checkpoint with another stem or head can start a model; the record reports it.
+    """
+    import torch
+    if not path.is_file():
+        raise PipelineError(f"model.weights: {path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+    except Exception as e:  # torch raises many types for a corrupt or pickled file
+        hint = ("; if you made this file yourself and it holds a pickled model, "
+                "--set model.unsafe_pickle=true loads it (pickle runs code from the file)"
+                if "weights_only" in str(e) or "Unsupported global" in str(e) else "")
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"model.weights: {path}: not a weights-only state_dict ({first[:160]}){hint}") from None
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"model.weights: {path}: expected a state_dict of tensors, got {type(state).__name__}")
+    own = model.state_dict()
+    report = {"missing": sorted(k for k in own if k not in state),
+              "unexpected": sorted(k for k in state if k not in own),
+              "reshaped": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
+    if strict and any(report.values()):
+        kind, keys = next((k, v) for k, v in report.items() if v)
+        detail = (f"{keys[0]}: checkpoint {tuple(state[keys[0]].shape)} vs model {tuple(own[keys[0]].shape)}"
+                  if kind == "reshaped" else keys[0])
+        raise PipelineError(f"model.weights: {path} does not match the model ({len(keys)} {kind} keys, first "
+                            f"{detail}); model.weights_strict = false loads what fits and reports the rest")
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    model.eval()
+    return report
+
+
+def save_weights(model, path: Path) -> None:
+    import torch
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+
+
+def torch_outputs(model, x: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
+    import torch
+    names = output_names(model)
+    chunks: dict[str, list] = {n: [] for n in names}
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(torch.from_numpy(x[i:i + batch]))
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            for n, o in zip(names, out):
+                chunks[n].append(o.numpy())
+    return {n: np.concatenate(c) for n, c in chunks.items()}
+
+
+def onnx_outputs(path: Path, x: np.ndarray, threads: int = 0) -> dict[str, np.ndarray]:
+    from edgerun.ort import run_onnx
+    return run_onnx(path, x, threads=threads)
+
+
+def logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    return outputs.get("logits", list(outputs.values())[-1])
+
+
+def task_metrics(outputs: dict[str, np.ndarray], labels: np.ndarray, teacher: dict | None = None):
+    """Top-1 from the logits; for an encoder (a 'tokens' output), token fidelity against the teacher."""
+    pred = logits(outputs).argmax(1)
+    metrics = {"top1": round(float((pred == labels).mean() * 100), 4)}
+    if teacher is not None and "tokens" in outputs and "tokens" in teacher:
+        metrics.update(token_fidelity(outputs["tokens"], teacher["tokens"]))
+    return metrics, pred
+
+
+def token_fidelity(tokens: np.ndarray, reference: np.ndarray) -> dict:
+    """Cosine of each image's projected tokens (flattened) against the reference: mean and 1st percentile."""
+    a = tokens.reshape(len(tokens), -1).astype(np.float64)
+    b = reference.reshape(len(reference), -1).astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"token_cos_mean": round(float(cos.mean()), 6), "token_cos_p1": round(float(np.percentile(cos, 1)), 6)}
+
+
+def count(model, data_cfg) -> dict:
+    """MACs in the seed's convention (conv/linear multiply-accumulates, as thop/fvcore count them),
+    torch-pruning's op count (bias adds and activations too) and parameters, each labelled."""
+    from pipeline.prune import conv_linear_macs, count_macs
+    ops, params = count_macs(model, example_input(data_cfg))
+    return {"macs": int(conv_linear_macs(model, example_input(data_cfg))), "ops_tp": int(ops), "params": int(params)}
+
+
+def train_eval_gap(model, x: np.ndarray, y: np.ndarray, n: int = 1000) -> float | None:
+    """Top-1 in train mode minus eval mode on a train slice (on a copy: train mode updates BatchNorm).
+    A large gap means BatchNorm running statistics have not settled."""
+    import copy
+
+    import torch
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    probe = copy.deepcopy(model)
+    xs, ys = x[:n], y[:n]
+    with torch.no_grad():
+        eval_top1 = task_metrics(torch_outputs(probe.eval(), xs), ys)[0]["top1"]
+        probe.train()
+        out = probe(torch.from_numpy(xs))
+        out = out[-1] if isinstance(out, (tuple, list)) else out
+        train_top1 = float((out.argmax(1).numpy() == ys).mean() * 100)
+    return round(train_top1 - eval_top1, 3)
+
+
+def load_state_fresh(cfg, path: Path):
+    """A new model of the run's architecture with the weights a stage saved (strict)."""
+    model = build(cfg.model, cfg.data)
+    load_state(model, path)
+    return model

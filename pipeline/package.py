@@ -1,0 +1,176 @@
+"""The package stage: the deploy bundle, which is all a target needs.
+
+The bundle holds the shipped model files (verified by sha256 in the manifest), the runtime package
+`edgerun/` (no torch, no pipeline), a small labelled sample of the test set so that the commands
+printed under "Next:" work as written, the static TensorRT pre-flight of every ONNX file, and the
+engine recipe (build_engine.sh) only for a source file that TensorRT accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from edgerun.io import atomic_write, copy_file, sha256_file, write_json
+from export.trt_options import EngineOptions
+from pipeline.data import PROJECT_ROOT
+from pipeline.errors import PipelineError
+from pipeline.records import StageRecord
+from pipeline.runner import Context, Output, library_versions
+
+ENGINE_OPTION_KEYS = tuple(f"engine.{f.name}" for f in dataclasses.fields(EngineOptions))
+TRT_MAJORS = (10, 11)
+SAMPLE_SIZE = 256
+SHIPPED_STAGES = ("export_onnx", "quantize", "engine")
+NOT_SHIPPED_ROLES = ("baseline-onnx",)   # the unpruned reference is for measuring, not for deploying
+
+
+def package_keys(cfg):
+    return ["package.backend", "package.objective", "package.batch", "run.target", *ENGINE_OPTION_KEYS,
+            "engine.source"]
+
+
+def engine_options(cfg) -> EngineOptions:
+    return EngineOptions(**{f.name: getattr(cfg.engine, f.name) for f in dataclasses.fields(EngineOptions)})
+
+
+def engine_source(ctx: Context) -> Path:
+    """The ONNX file an engine is built from: for int8, the TensorRT Q/DQ form when there are two."""
+    source = ctx.cfg.engine.source
+    if source == "int8":
+        rec = ctx.record("quantize")
+        art = rec.artifact("onnx-int8-trt") or (rec.artifact("onnx-int8") if rec.metrics.get("target") == "tensorrt"
+                                                else None)
+        if rec.status == "skipped" or art is None:
+            raise PipelineError("engine.source = 'int8' needs the TensorRT Q/DQ form (quantize.enabled = true and "
+                                "quantize.target = 'tensorrt' or quantize.tensorrt_form = true)")
+        return ctx.path("quantize", art.file)
+    art = ctx.record("export_onnx").artifact(f"onnx-{source}")
+    if art is None:
+        raise PipelineError(f"engine.source = {source!r} but export_onnx did not write it (export.fp16 = false?)")
+    return ctx.path("export_onnx", art.file)
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file (uint8), gzip-compressed with a fixed timestamp so the bundle is byte-reproducible."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), mtime=0)
+
+
+def _sample(ctx: Context, bundle: Path) -> dict:
+    test = ctx.data.test
+    idx = np.sort(np.random.default_rng(ctx.cfg.run.seed).permutation(len(test.labels))[:SAMPLE_SIZE])
+    images = test.images[idx]
+    images = images[:, 0] if images.shape[1] == 1 else images   # MNIST's own layout for 1 channel
+    atomic_write(bundle / "sample" / "images-idx3-ubyte.gz", _idx_bytes(images))
+    atomic_write(bundle / "sample" / "labels-idx1-ubyte.gz", _idx_bytes(test.labels[idx].astype(np.uint8)))
+    return {"images": "sample/images-idx3-ubyte.gz", "labels": "sample/labels-idx1-ubyte.gz", "n": int(len(idx)),
+            "note": f"{len(idx)} seeded test images with their labels, for checking the bundle on the target"}
+
+
+def _preflight(bundle: Path, files: dict) -> dict:
+    from edgerun.preflight import check_onnx
+    out = {}
+    for name, meta in files.items():
+        if meta["kind"] == "onnx":
+            out[name] = {str(m): check_onnx(bundle / name, m).to_json() for m in TRT_MAJORS}
+    return out
+
+
+def _engine_recipe(ctx: Context, bundle: Path, preflight: dict) -> dict:
+    """build_engine.sh and its generated arguments, only for a source that passes the pre-flight."""
+    from edgerun.trt import script_path
+    from export.trt_options import write_build_files
+    try:
+        source = engine_source(ctx).name
+    except PipelineError as e:
+        return {"offered": False, "reason": str(e)}
+    results = preflight.get(source, {})
+    majors = [m for m, r in results.items() if r.get("ok")]
+    if not majors:
+        first = next((i for r in results.values() for i in r.get("issues", [])), None)
+        return {"offered": False, "source": source,
+                "reason": f"{source} fails the TensorRT pre-flight" + (f" ({first})" if first else "")}
+    cfg = ctx.cfg
+    write_build_files(bundle, engine_options(cfg), onnx_name=source, engine_name="model.engine", input_name="input",
+                      input_shape=(cfg.data.channels, *cfg.data.size), precision=cfg.engine.source)
+    copy_file(script_path(), bundle / "build_engine.sh")
+    (bundle / "build_engine.sh").chmod(0o755)
+    return {"offered": True, "source": source, "script": "build_engine.sh", "trt_majors": sorted(int(m) for m in majors),
+            "note": "NOT executed here (no TensorRT/GPU on this machine): build on the target"}
+
+
+def _on_target(target: str, recipe: dict, chosen: dict) -> dict:
+    if target == "cpu":
+        return {"file": chosen.get("file"), "how": "as chosen here: measured on this machine's CPU"}
+    if recipe.get("offered"):
+        return {"file": "model.engine", "how": f"bash build_engine.sh builds it from {recipe['source']} on the "
+                f"{target}; not measured here (no TensorRT/GPU)"}
+    return {"file": chosen.get("file"), "how": f"no TensorRT build offered ({recipe.get('reason')}): onnxruntime"}
+
+
+def package_stage(ctx: Context) -> Output:
+    from pipeline.choose import choose_variant
+    cfg, bundle = ctx.cfg, ctx.out
+    files = {}
+    for stage in SHIPPED_STAGES:
+        rec = ctx.record(stage)
+        for art in rec.artifacts if rec.status != "skipped" else ():
+            if art.role in NOT_SHIPPED_ROLES:
+                continue
+            copy_file(ctx.path(stage, art.file), bundle / art.file)
+            files[art.file] = {"kind": art.kind, "precision": art.precision, "role": art.role, "label": art.label,
+                               "stage": stage, "top1": art.top1 if art.top1 is not None else rec.metrics.get("top1"),
+                               "sha256": sha256_file(bundle / art.file)}
+    # The runtime package is the only code the bundle ships: numpy + onnxruntime or TensorRT run it.
+    shutil.copytree(PROJECT_ROOT / "edgerun", bundle / "edgerun", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    sample = _sample(ctx, bundle)
+    for key in ("images", "labels"):
+        files[sample[key]] = {"kind": "sample", "sha256": sha256_file(bundle / sample[key])}
+    preflight = _preflight(bundle, files)
+    recipe = _engine_recipe(ctx, bundle, preflight)
+    records: list[StageRecord] = [ctx.record(n) for n in ctx.stage.reads]
+    profile = ctx.record("profile").metrics
+    shipped = {n for n, m in files.items() if m["kind"] in ("onnx", "engine")}
+    chosen = choose_variant(records, profile.get("latency") or [], cfg.package, shipped)
+    chosen["on_target"] = _on_target(cfg.run.target, recipe, chosen)
+    write_json(bundle / "manifest.json", {
+        "format": 2,
+        "model": _model_json(ctx),
+        "input": {"name": "input", "shape": ["batch", cfg.data.channels, *cfg.data.size], "dtype": "float32",
+                  "layout": "NCHW", "normalisation": {"scale": 1 / 255, "mean": list(cfg.data.mean),
+                                                      "std": list(cfg.data.std)}},
+        "labels": ctx.data.train.classes,
+        "target": cfg.run.target,
+        "files": files,
+        "chosen": chosen,
+        "sample": sample,
+        "preflight": preflight,
+        "engine_recipe": recipe,
+        "lineage": {r.name: r.fingerprint.get("config", {}) for r in records},
+        "libraries": library_versions(),
+        "verified": _verified(ctx),
+    })
+    listing = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+    return Output(metrics={"files": [f for f in listing if not f.startswith("edgerun/")], "chosen": chosen, "engine_recipe": recipe,
+                           "preflight": {f: {m: r["ok"] for m, r in res.items()} for f, res in preflight.items()}})
+
+
+def _model_json(ctx: Context) -> dict:
+    import json
+    return json.loads(ctx.path("baseline", "model.json").read_text())
+
+
+def _verified(ctx: Context) -> dict:
+    """What ran where: the report and manifest must never claim a path that did not execute."""
+    engine = ctx.record("engine")
+    return {
+        "onnxruntime_cpu": "accuracy, parity and latency measured on this machine",
+        "tensorrt_preflight": "static check of every ONNX file against TensorRT's documented ONNX support (no GPU)",
+        "tensorrt": ("engine built and gated on this machine" if engine.status in ("ran", "cached")
+                     else "NOT executed: no TensorRT/GPU here; build_engine.sh builds it on the target"),
+    }

@@ -1,0 +1,243 @@
+"""Attention heads for torch-pruning: find them wherever they live, keep every width a multiple of the
+head count, remove whole heads, and keep the modules' head attributes true.
+
+Three forms are recognised:
+  * ``"mha"``: torch's ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``). Its
+    ``embed_dim`` is both the residual width and the attention width, so torch-pruning puts every MHA
+    on one residual stream into one group. torch-pruning 1.6.1's own MHA pruner keeps ``num_heads`` and
+    asserts divisibility, which fails on the first odd channel count. ``MhaPruner`` replaces it: it
+    declares ``num_heads`` channel groups (so each head loses the same number of dims), and when the
+    removed dims are whole heads it lowers ``num_heads`` instead. Because the pruner itself derives the
+    heads from the indices it is given, replaying a pruning history reproduces them.
+  * ``"qkv"``: a module with an int ``num_heads`` and one fused ``qkv`` ``nn.Linear`` (timm's ViT).
+  * ``"q_k_v"``: a module with an int ``num_heads`` and separate q/k/v Linears (``q``/``k``/``v``,
+    ``q_proj``/``k_proj``/``v_proj`` or ``query``/``key``/``value``).
+For the last two, torch-pruning's own head handling is used (``num_heads={linear: heads}``); the
+module's ``num_heads``/``head_dim``/``embed_dim`` attributes are rewritten after every step (forward
+must reshape with -1 or these attributes, never with stored widths).
+
+Narrowing heads changes nn.MultiheadAttention's softmax scale (it is 1/sqrt(head_dim), computed at
+run time); removing whole heads keeps it. Fine-tuning absorbs either.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.pruner.function import MultiheadAttentionPruner
+
+from pipeline.errors import PipelineError
+
+SEPARATE_NAMES = (("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention module: its name, the module, its form and the Linears (or the MHA) that hold its heads."""
+    name: str
+    module: nn.Module
+    kind: str                           # "mha" | "qkv" | "q_k_v"
+    projections: tuple[nn.Module, ...]  # (the MHA,) | (qkv,) | (q, k, v)
+
+    def heads(self) -> tuple[int, int]:
+        """(num_heads, head_dim) as the weights say."""
+        m = self.module
+        if self.kind == "mha":
+            return int(m.num_heads), int(m.embed_dim) // int(m.num_heads)
+        width = self.projections[0].out_features // (3 if self.kind == "qkv" else 1)
+        return int(m.num_heads), width // int(m.num_heads)
+
+
+def find_attention(model: nn.Module) -> list[Attention]:
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out.append(Attention(name, m, "mha", (m,)))
+            continue
+        if not isinstance(getattr(m, "num_heads", None), int):
+            continue
+        if isinstance(getattr(m, "qkv", None), nn.Linear):
+            out.append(Attention(name, m, "qkv", (m.qkv,)))
+            continue
+        for names in SEPARATE_NAMES:
+            linears = tuple(getattr(m, n, None) for n in names)
+            if all(isinstance(lin, nn.Linear) for lin in linears):
+                out.append(Attention(name, m, "q_k_v", linears))
+                break
+    return out
+
+
+def check_supported(attentions: list[Attention]) -> None:
+    for a in attentions:
+        if a.kind == "mha" and not a.module._qkv_same_embed_dim:
+            raise PipelineError(f"prune: {a.name or 'the model'} is an nn.MultiheadAttention with kdim/vdim "
+                                f"({a.module.kdim}/{a.module.vdim}) different from embed_dim ({a.module.embed_dim}), "
+                                "which torch-pruning cannot prune; list it in prune.ignored_layers")
+
+
+class MhaPruner(MultiheadAttentionPruner):
+    """torch-pruning's nn.MultiheadAttention pruner, made head-aware (see the module docstring)."""
+
+    @staticmethod
+    def new_heads(layer: nn.MultiheadAttention, idxs) -> tuple[int, int]:
+        """(num_heads, head_dim) after removing ``idxs`` from ``embed_dim``: the same number of dims from
+        every head (narrowing) or whole heads; anything else would leave heads of different widths."""
+        heads, head_dim = layer.num_heads, layer.embed_dim // layer.num_heads
+        per_head = [0] * heads
+        for i in set(int(i) for i in idxs):
+            per_head[i // head_dim] += 1
+        if all(c in (0, head_dim) for c in per_head) and any(per_head):
+            return heads - per_head.count(head_dim), head_dim
+        if len(set(per_head)) == 1:
+            return heads, head_dim - per_head[0]
+        raise PipelineError(f"prune: removing {len(set(idxs))} of the {layer.embed_dim} channels of an "
+                            f"nn.MultiheadAttention with {heads} heads would leave heads of different widths "
+                            f"(per head: {per_head})")
+
+    def check(self, layer, idxs, to_output):
+        tp.pruner.function.BasePruningFunc.check(self, layer, idxs, to_output)
+        self.new_heads(layer, idxs)
+
+    def prune_out_channels(self, layer: nn.MultiheadAttention, idxs: list) -> nn.Module:
+        heads, _ = self.new_heads(layer, idxs)
+        layer.num_heads = heads  # before the parent's surgery: it derives head_dim from num_heads
+        super().prune_out_channels(layer, idxs)
+        layer._qkv_same_embed_dim = layer.kdim == layer.embed_dim and layer.vdim == layer.embed_dim
+        return layer
+
+    prune_in_channels = prune_out_channels  # one dimension: torch-pruning's intra-layer dependency
+
+    def get_out_channel_groups(self, layer):
+        return layer.num_heads
+
+    def get_in_channel_groups(self, layer):
+        return layer.num_heads
+
+
+CUSTOMIZED_PRUNERS = {nn.MultiheadAttention: MhaPruner()}
+
+
+def torch_pruning_heads(attentions: list[Attention]) -> dict[nn.Module, int]:
+    """``num_heads`` for torch-pruning: every q/k/v/qkv Linear with its module's head count (MHA is
+    handled by MhaPruner's channel groups instead)."""
+    return {lin: int(a.module.num_heads) for a in attentions if a.kind != "mha" for lin in a.projections}
+
+
+def sync_attributes(model: nn.Module, attentions: list[Attention], tp_heads: dict | None = None) -> None:
+    """Rewrite num_heads/head_dim/embed_dim of qkv and q/k/v modules from their (pruned) Linears, and the
+    model-level mirror (ViTSmall.num_heads/head_dim) when there is one; MhaPruner keeps MHAs true itself."""
+    for a in attentions:
+        if a.kind == "mha":
+            continue
+        m = a.module
+        if tp_heads is not None and a.projections[0] in tp_heads:
+            m.num_heads = int(tp_heads[a.projections[0]])
+        _, m.head_dim = a.heads()
+        if isinstance(getattr(m, "embed_dim", None), int):
+            m.embed_dim = m.num_heads * m.head_dim
+    if attentions and not any(a.module is model for a in attentions):
+        first = attentions[0]
+        for attr, value in zip(("num_heads", "head_dim"), first.heads()):
+            if isinstance(getattr(model, attr, None), int):
+                setattr(model, attr, value)
+
+
+def check_consistent(attentions: list[Attention]) -> None:
+    """Every attention's widths are whole heads (a pruner bug or an odd round_to would show here)."""
+    for a in attentions:
+        m, (heads, head_dim) = a.module, a.heads()
+        if a.kind == "mha":
+            e = m.embed_dim
+            ok = (heads * head_dim == e and m.in_proj_weight is not None
+                  and tuple(m.in_proj_weight.shape) == (3 * e, e) and m.out_proj.in_features == e)
+        else:
+            widths = [lin.out_features for lin in a.projections]
+            ok = heads >= 1 and all(w % heads == 0 for w in widths) and getattr(m, "head_dim", head_dim) == head_dim
+        if not ok:
+            raise PipelineError(f"prune: after pruning, {a.name} ({type(m).__name__}) has widths that are not whole "
+                                f"heads ({heads} heads); try round_to=1 or list it in prune.ignored_layers")
+
+
+def head_table(attentions: list[Attention]) -> dict[str, dict]:
+    return {a.name: dict(zip(("num_heads", "head_dim"), a.heads()), kind=a.kind) for a in attentions}
+
+
+def restore_attributes(model: nn.Module, saved: dict[str, dict]) -> None:
+    """After a history replay: put back the saved num_heads/head_dim of qkv and q/k/v modules."""
+    modules = dict(model.named_modules())
+    for name, attrs in saved.items():
+        m = modules.get(name)
+        if m is None or isinstance(m, nn.MultiheadAttention):
+            continue  # MhaPruner replays MHA heads from the indices themselves
+        for k in ("num_heads", "head_dim"):
+            if k in attrs:
+                setattr(m, k, int(attrs[k]))
+        if isinstance(getattr(m, "embed_dim", None), int):
+            m.embed_dim = m.num_heads * m.head_dim
+
+
+# ------------------------------------------------------------------------------------- whole heads
+def heads_to_remove(heads0: int, head_ratio: float, step: int, steps: int) -> int:
+    """Heads removed in total after ``step`` (0-based) of ``steps``: linear schedule, rounded up like
+    torch-pruning's own head pruning, never all of them."""
+    return min(heads0 - 1, math.ceil(head_ratio * heads0 * (step + 1) / steps - 1e-9))
+
+
+def schedule_torch_pruning_heads(pruner, attentions: list[Attention], heads0: dict[nn.Module, int],
+                                 head_ratio: float, step: int, steps: int) -> None:
+    """Make torch-pruning's local head pruning follow heads_to_remove: it removes
+    ceil(ratio * current heads) per step, which compounds over iterative steps (0.25 of 4 heads in
+    two steps removed 2). Global mode counts from the initial heads already and is left alone."""
+    if pruner.global_pruning:
+        return
+    for a in attentions:
+        if a.kind == "mha":
+            continue
+        current = int(pruner.num_heads[a.projections[0]])
+        n = heads_to_remove(heads0[a.module], head_ratio, step, steps) - (heads0[a.module] - current)
+        ratio = (n - 1e-6) / current if n > 0 else 0.0  # ceil(ratio * current) == n
+        for lin in a.projections:
+            pruner.head_pruning_ratio_dict[lin] = [ratio] * (steps + 1)
+
+
+def remove_mha_heads(pruner, attentions: list[Attention], heads0: dict[nn.Module, int], head_ratio: float,
+                     step: int, steps: int) -> None:
+    """Remove the least important whole heads of each residual stream's MHAs through ``pruner``'s graph
+    (so they enter its pruning history), as far as the schedule asks for ``step`` of ``steps``.
+    ``heads0``: each MHA's head count before pruning."""
+    dg = pruner.DG
+    done: set[nn.Module] = set()
+    names = {a.module: a.name for a in attentions}
+    for a in attentions:
+        if a.kind != "mha" or a.module in done or a.module not in dg.module2node:
+            continue
+        fn = dg.get_pruner_of_module(a.module).prune_out_channels
+        group = dg.get_pruning_group(a.module, fn, list(range(a.module.embed_dim)))
+        mhas = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.MultiheadAttention)]
+        done.update(mhas)
+        if any(dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in pruner.ignored_layers
+               for dep, _ in group):
+            continue  # the stream ends in a kept output (or the user froze part of it)
+        shapes = {(m.num_heads, m.embed_dim) for m in mhas}
+        if len(shapes) != 1:
+            listed = ", ".join(f"{names.get(m, '?')} ({m.num_heads} heads)" for m in mhas)
+            raise PipelineError(f"prune.head_ratio: these nn.MultiheadAttention share their channels but not their "
+                                f"head count, so whole heads cannot be removed: {listed}")
+        heads, embed = shapes.pop()
+        head_dim = embed // heads
+        n = heads_to_remove(heads0[a.module], head_ratio, step, steps) - (heads0[a.module] - heads)
+        if n <= 0:
+            continue
+        imp = pruner.estimate_importance(group)
+        head_imp = imp.view(heads, head_dim).mean(1)
+        drop = torch.topk(head_imp, k=n, largest=False).indices.tolist()
+        idxs = [h * head_dim + j for h in sorted(drop) for j in range(head_dim)]
+        pruned = dg.get_pruning_group(a.module, fn, idxs)
+        if not dg.check_pruning_group(pruned):
+            continue
+        pruned.prune()
+        for m in mhas:  # later steps group channels by the new head count
+            pruner.out_channel_groups[m] = pruner.in_channel_groups[m] = m.num_heads

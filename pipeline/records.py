@@ -1,0 +1,158 @@
+"""Typed, frozen records that travel between the runner, the stages, profiling and the report.
+
+They are serialised only at the JSON edge (``to_json`` / ``from_json``): stage.json and
+report.json keep the field names they always had.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+# Roles in the lineage of a run. The realized-speedup table compares each with its parent.
+ROLES = ("baseline-torch", "pruned-torch", "baseline-onnx", "onnx-fp32", "onnx-fp16", "onnx-int8",
+         "onnx-int8-trt", "engine-fp32", "engine-fp16", "engine-int8")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One model file a stage produced. ``file`` is relative to the stage folder ('' = the folder)."""
+    role: str                   # one of ROLES
+    kind: str                   # torch | onnx | engine | calibration
+    file: str
+    precision: str = "fp32"
+    label: str = ""
+    stage: str = ""             # filled in by the runner
+    top1: float | None = None   # when it differs from the stage's own top-1 (an FP16 side file)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Artifact":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Located:
+    """An artifact and where it lies now, with the facts profiling needs about it."""
+    artifact: Artifact
+    path: Path
+    top1: float | None
+    macs: int | None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison of a gate: a drop against a reference, or a value against a limit."""
+    metric: str
+    value: float
+    passed: bool
+    reference: float | None = None
+    drop: float | None = None
+    max_drop: float | None = None
+    limit: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def message(self) -> str:
+        if self.drop is not None:
+            return (f"{self.metric} dropped {self.drop:.3f} pt ({self.reference:.3f} -> {self.value:.3f}), "
+                    f"limit {self.max_drop} pt")
+        return f"{self.metric} = {self.value:.6g}, limit {self.limit}"
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("reference", "drop")}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The checks after a stage. Truthy when every check passed; ``mode`` warn never stops a run."""
+    mode: str                   # fail | warn
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(self.checks)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def stops(self) -> bool:
+        return not self.passed and self.mode == "fail"
+
+    def first_failure(self) -> Check | None:
+        return next((c for c in self.checks if not c), None)
+
+    def summary(self) -> str:
+        """One line for the console and the report: ``pass``, ``FAIL: ...`` or ``warn-only fail: ...``."""
+        bad = self.first_failure()
+        if bad is None:
+            head = self.checks[0]
+            return f"pass ({head.message()})" if head.drop is not None or head.limit else "pass"
+        return f"{'FAIL' if self.mode == 'fail' else 'failed, warn only'}: {bad.message()}"
+
+    def to_json(self) -> dict:
+        head = self.checks[0]
+        return {"passed": self.passed, "mode": self.mode, "metric": head.metric, "value": head.value,
+                "reference": head.reference, "drop": head.drop, "max_drop": head.max_drop,
+                "summary": self.summary(), "checks": [c.to_json() for c in self.checks]}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "GateResult | None":
+        if not d:
+            return None
+        names = {f.name for f in fields(Check)}
+        return cls(d["mode"], tuple(Check(**{k: v for k, v in c.items() if k in names}) for c in d["checks"]))
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a stage did: the contents of its stage.json."""
+    name: str
+    status: str                          # ran | cached | skipped | failed
+    seconds: float | None = None
+    metrics: dict = field(default_factory=dict)
+    gate: GateResult | None = None
+    artifacts: tuple[Artifact, ...] = ()
+    reason: str = ""
+    fingerprint: dict = field(default_factory=dict)
+    fingerprint_hash: str = ""
+    files: dict = field(default_factory=dict)   # relative name -> {"size", "sha256"}
+    finished_at: str = ""
+    notices: tuple[str, ...] = ()
+
+    @property
+    def top1(self) -> float | None:
+        return self.metrics.get("top1")
+
+    def artifact(self, role: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.role == role), None)
+
+    def with_status(self, status: str, **changes) -> "StageRecord":
+        return replace(self, status=status, **changes)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["gate"] = None if self.gate is None else self.gate.to_json()   # a failed gate is falsy
+        d["artifacts"] = [a.to_json() for a in self.artifacts]
+        d["notices"] = list(self.notices)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StageRecord":
+        """Raises KeyError / TypeError / ValueError on a record that is not this structure."""
+        if not isinstance(d, dict) or not isinstance(d["name"], str) or not isinstance(d.get("metrics", {}), dict):
+            raise ValueError("not a stage record")
+        files = d.get("files", {})
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
+            raise ValueError("stage record: bad file table")
+        return cls(name=d["name"], status=d["status"], seconds=d.get("seconds"), metrics=d.get("metrics") or {},
+                   gate=GateResult.from_json(d.get("gate")),
+                   artifacts=tuple(Artifact.from_json(a) for a in d.get("artifacts") or ()),
+                   reason=d.get("reason", ""), fingerprint=d.get("fingerprint", {}),
+                   fingerprint_hash=d.get("fingerprint_hash", ""), files=files,
+                   finished_at=d.get("finished_at", ""), notices=tuple(d.get("notices") or ()))

@@ -1,0 +1,325 @@
+"""The one training loop: the baseline (no teacher) and the fine-tune (distilling from the teacher).
+
+    info = train(student, teacher, x_train, y_train, epochs=2, lr=3e-3, kd_weight=0.7)
+
+Loss: ``kd_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - kd_weight) * CE(student, y)``
+(``teacher=None`` → plain cross-entropy). Models may return ``(tokens, logits)``: classification reads
+the logits (``logits_of``); ``token_weight`` > 0 adds ``token_weight * (1 - cosine)``
+between the student's and the teacher's first outputs (mean over tokens).
+
+Early stopping: with ``early_stop_top1`` and ``val=(x_val, y_val)`` the student is evaluated every
+``eval_every_steps`` steps and training stops once its top-1 on ``val`` reaches the threshold. ``val``
+must be a held-out slice of the TRAINING data (see :func:`split_train_val`), never the test set: the
+test set is what the pipeline's gates report, and stopping on it would leak.
+
+``epochs`` may be fractional (0.5 = half an epoch of steps). Everything is seeded. The teacher's
+logits are computed once up front (the data is not augmented, so they are the same every epoch).
+
+``train_ddp`` runs the same loop in ``nproc`` processes with DistributedDataParallel (gloo on the
+CPU, nccl when there is one GPU per process); every process takes its own 1/nproc of each epoch's
+shuffled order and ``batch_size`` is per process.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+from pipeline.progress import Progress
+
+def logits_of(output):
+    """Models may return logits or (tokens, logits): classification always reads the last."""
+    return output[-1] if isinstance(output, (tuple, list)) else output
+
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def split_train_val(x: np.ndarray, y: np.ndarray, val_size: int | float = 0.05, seed: int = 0):
+    """Hold out a seeded slice of the TRAINING data for early stopping: ((x_tr, y_tr), (x_val, y_val))."""
+    n = len(x)
+    k = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    if not 0 < k < n:
+        raise PipelineError(f"finetune.val_size: {val_size} leaves no training or no validation data (n={n})")
+    perm = np.random.default_rng(seed).permutation(n)
+    val, tr = np.sort(perm[:k]), np.sort(perm[k:])
+    return (x[tr], y[tr]), (x[val], y[val])
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1000, device="cpu") -> float:
+    """Top-1 in percent; leaves the model in the mode it found it in."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        out = logits_of(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)))
+        correct += int((out.argmax(1).cpu() == torch.from_numpy(np.asarray(y[i:i + batch_size]))).sum())
+    model.train(was_training)
+    return 100.0 * correct / max(1, len(x))
+
+
+def kd_loss(student_logits, teacher_logits, labels, temperature: float, weight: float):
+    """Hinton distillation: weight·T²·KL(teacher/T ‖ student/T) + (1−weight)·CE."""
+    ce = F.cross_entropy(student_logits, labels)
+    if teacher_logits is None or weight <= 0:
+        return ce
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return weight * t * t * kl + (1.0 - weight) * ce
+
+
+def _check_args(x, y, epochs, schedule, optimizer, kd_weight, early_stop_top1, val, batch_size):
+    if schedule not in SCHEDULES:
+        raise PipelineError(f"finetune.schedule: unknown {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise PipelineError(f"finetune.optimizer: unknown {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if not epochs > 0:
+        raise PipelineError(f"finetune.epochs: must be > 0, got {epochs}")
+    if not 0.0 <= kd_weight <= 1.0:
+        raise PipelineError(f"finetune.kd_weight: must be in [0, 1], got {kd_weight}")
+    if batch_size < 1:
+        raise PipelineError(f"finetune.batch_size: must be >= 1, got {batch_size}")
+    if len(x) != len(y) or len(x) == 0:
+        raise PipelineError(f"finetune: {len(x)} images but {len(y)} labels")
+    if early_stop_top1 is not None and val is None:
+        raise PipelineError("finetune.early_stop_top1 needs val=(x_val, y_val): a held-out slice of the training data")
+
+
+def _teacher_outputs(teacher, x, device, batch_size=1000):
+    teacher.eval().to(device)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            outs.append(logits_of(teacher(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device))).float().cpu())
+    return torch.cat(outs)
+
+
+def _token_term(s_out, t_out):
+    s_tok, t_tok = s_out[0], t_out[0]
+    if s_tok.shape != t_tok.shape:  # pruned embedding: compare what can be compared
+        raise PipelineError(f"finetune.token_weight: student tokens {tuple(s_tok.shape)} and teacher tokens "
+                            f"{tuple(t_tok.shape)} differ; token distillation needs the same token width")
+    return (1.0 - F.cosine_similarity(s_tok.float(), t_tok.float(), dim=-1)).mean()
+
+
+def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperature, kd_weight, token_weight,
+                schedule, optimizer, weight_decay, early_stop_top1, val, eval_every_steps, seed, device,
+                progress, rank=0, world=1, dist=None, teacher_logits=None):
+    """The one training loop, used in-process and by every DDP rank (``dist`` is torch.distributed)."""
+    torch.manual_seed(seed)
+    model = student  # possibly a DDP wrapper
+    core = student.module if hasattr(student, "module") else student
+    n = len(x)
+    per_rank = n // world if world > 1 else n
+    steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
+    total_steps = max(1, int(math.ceil(float(epochs) * steps_per_epoch)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if schedule == "onecycle" and total_steps >= 4:  # (OneCycleLR divides by zero on shorter runs)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                                    pct_start=0.25 if total_steps >= 8 else 0.5)
+    elif schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    else:
+        sched = None
+
+    use_teacher = teacher is not None and (kd_weight > 0 or token_weight > 0)
+    online_teacher = use_teacher and token_weight > 0  # tokens are too big to cache: run the teacher per batch
+    t_logits = None
+    if teacher_logits is not None and kd_weight > 0 and not online_teacher:
+        if len(teacher_logits) != len(x):
+            raise PipelineError(f"finetune.teacher_logits: {len(teacher_logits)} rows for {len(x)} images")
+        t_logits = torch.as_tensor(np.asarray(teacher_logits, dtype=np.float32))
+    elif use_teacher:
+        teacher = teacher.to(device).eval()  # always run under no_grad: its parameters are left as they are
+        if not online_teacher:
+            t_logits = _teacher_outputs(teacher, x, device)
+
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    g = torch.Generator().manual_seed(seed)
+    bar = Progress(progress, total_steps) if progress and rank == 0 else None
+    model.train()
+    step, losses, val_history = 0, [], []
+    stopped_early, last_val = False, None
+    run_loss, run_correct, run_seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    try:
+        while step < total_steps and not stopped_early:
+            perm = torch.randperm(n, generator=g)
+            if world > 1:
+                perm = perm[rank::world][:per_rank]
+            epoch_loss, epoch_steps = 0.0, 0
+            for b in range(steps_per_epoch):
+                if step >= total_steps:
+                    break
+                idx = perm[b * batch_size:(b + 1) * batch_size]
+                xb, yb = xt[idx].to(device, non_blocking=True), yt[idx].to(device, non_blocking=True)
+                out = model(xb)
+                logits = logits_of(out)
+                if online_teacher:
+                    with torch.no_grad():
+                        t_out = teacher(xb)
+                    loss = kd_loss(logits, logits_of(t_out), yb, kd_temperature, kd_weight)
+                    loss = loss + token_weight * _token_term(out, t_out)
+                else:
+                    tl = t_logits[idx].to(device) if t_logits is not None else None
+                    loss = kd_loss(logits, tl, yb, kd_temperature, kd_weight if tl is not None else 0.0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                step += 1
+                lv = float(loss.detach())
+                epoch_loss += lv
+                epoch_steps += 1
+                run_loss = lv if step == 1 else 0.98 * run_loss + 0.02 * lv
+                run_correct += int((logits.detach().argmax(1) == yb).sum())
+                run_seen += len(yb)
+                if early_stop_top1 is not None and eval_every_steps and step % eval_every_steps == 0:
+                    stop = torch.zeros(1)
+                    if rank == 0:
+                        last_val = evaluate_top1(core, val[0], val[1], device=device)
+                        val_history.append((step, last_val))
+                        stop[0] = float(last_val >= early_stop_top1)
+                    if dist is not None:
+                        stop = stop.to(device)
+                        dist.broadcast(stop, 0)
+                    stopped_early = bool(stop.item())
+                if bar is not None:
+                    acc = 100.0 * run_correct / max(1, run_seen)
+                    bar.update(step, f"loss {run_loss:.4f} acc {acc:5.1f} %"
+                               + (f" val {last_val:5.2f} %" if last_val is not None else ""))
+                if stopped_early:
+                    break
+            losses.append(epoch_loss / max(1, epoch_steps))
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    info = {"epochs_run": step / steps_per_epoch, "steps": step, "seconds": time.perf_counter() - t0,
+            "stopped_early": stopped_early, "losses": losses, "steps_per_epoch": steps_per_epoch,
+            "train_top1": 100.0 * run_correct / max(1, run_seen)}
+    if val_history:
+        info["val_top1"] = val_history[-1][1]
+        info["val_history"] = val_history
+    return info
+
+
+def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_train: np.ndarray, *,
+             epochs: float = 1.0, lr: float = 1e-3, batch_size: int = 64, kd_temperature: float = 4.0,
+             kd_weight: float = 0.7, token_weight: float = 0.0, schedule: str = "onecycle",
+             optimizer: str = "adam", weight_decay: float = 0.0, early_stop_top1: float | None = None,
+             val: tuple[np.ndarray, np.ndarray] | None = None, eval_every_steps: int = 100, seed: int = 0,
+             device: str = "auto", progress: str | None = "train", teacher_logits: np.ndarray | None = None) -> dict:
+    """Train ``student`` in place (``x_train``: normalized float32 NCHW). Returns
+    {"epochs_run", "steps", "seconds", "stopped_early", "losses" (mean per epoch), ...}.
+
+    ``teacher_logits`` (optional, [N, classes]): the teacher's logits for ``x_train``, computed once by
+    the caller (e.g. a benchmark that fine-tunes many students from one teacher) instead of here."""
+    _check_args(x_train, y_train, epochs, schedule, optimizer, kd_weight, early_stop_top1, val, batch_size)
+    dev = pick_device(device)
+    student.to(dev)
+    return _train_loop(student, teacher, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size,
+                       kd_temperature=kd_temperature, kd_weight=kd_weight, token_weight=token_weight,
+                       schedule=schedule, optimizer=optimizer, weight_decay=weight_decay,
+                       early_stop_top1=early_stop_top1, val=val, eval_every_steps=eval_every_steps,
+                       seed=seed, device=dev, progress=progress, teacher_logits=teacher_logits)
+
+
+# --------------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank: int, world: int, tmp: str, backend: str, student, teacher, kwargs: dict):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
+    dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        x = np.load(Path(tmp) / "x.npy", mmap_mode="c")  # copy-on-write: shared pages, writable for torch
+        y = np.load(Path(tmp) / "y.npy")
+        val = None
+        if (Path(tmp) / "xv.npy").is_file():
+            val = (np.load(Path(tmp) / "xv.npy"), np.load(Path(tmp) / "yv.npy"))
+        student = student.to(device)
+        ddp = DDP(student, device_ids=[rank] if backend == "nccl" else None)
+        info = _train_loop(ddp, teacher, np.asarray(x), y, val=val, device=device, rank=rank, world=world,
+                           dist=dist, **kwargs)
+        if rank == 0:
+            state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+            torch.save(state, Path(tmp) / "weights.pt")
+            (Path(tmp) / "info.json").write_text(json.dumps(info))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def train_ddp(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_train: np.ndarray, *,
+              nproc: int = 2, backend: str | None = None, **kwargs) -> dict:
+    """:func:`train` in ``nproc`` processes (torch.multiprocessing spawn, file:// rendezvous) with
+    DistributedDataParallel; rank 0's weights are loaded back into ``student``. ``backend``: gloo on the
+    CPU, nccl when CUDA has >= nproc GPUs (default picks). Returns rank 0's info plus ``world_size``."""
+    import torch.multiprocessing as mp
+
+    epochs = kwargs.get("epochs", 1.0)
+    _check_args(x_train, y_train, epochs, kwargs.get("schedule", "onecycle"), kwargs.get("optimizer", "adam"),
+                kwargs.get("kd_weight", 0.7), kwargs.get("early_stop_top1"), kwargs.get("val"),
+                kwargs.get("batch_size", 64))
+    if nproc < 1:
+        raise PipelineError(f"finetune.nproc: must be >= 1, got {nproc}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
+    val = kwargs.pop("val", None)
+    kwargs.pop("device", None)
+    defaults = dict(epochs=1.0, lr=1e-3, batch_size=64, kd_temperature=4.0, kd_weight=0.7, token_weight=0.0,
+                    schedule="onecycle", optimizer="adam", weight_decay=0.0, early_stop_top1=None,
+                    eval_every_steps=100, seed=0, progress="train")
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise PipelineError(f"train_ddp: unknown arguments {sorted(unknown)}")
+    cfg = {**defaults, **kwargs}
+    with tempfile.TemporaryDirectory(prefix="train_ddp_") as tmp:
+        np.save(Path(tmp) / "x.npy", np.ascontiguousarray(x_train, dtype=np.float32))
+        np.save(Path(tmp) / "y.npy", np.asarray(y_train, dtype=np.int64))
+        if val is not None:
+            np.save(Path(tmp) / "xv.npy", np.ascontiguousarray(val[0], dtype=np.float32))
+            np.save(Path(tmp) / "yv.npy", np.asarray(val[1], dtype=np.int64))
+        s_cpu = copy.deepcopy(student).cpu()
+        t_cpu = copy.deepcopy(teacher).cpu() if teacher is not None else None
+        mp.start_processes(_ddp_worker, args=(nproc, tmp, backend, s_cpu, t_cpu, cfg), nprocs=nproc,
+                           join=True, start_method="spawn")
+        state = torch.load(Path(tmp) / "weights.pt", map_location="cpu", weights_only=True)
+        info = json.loads((Path(tmp) / "info.json").read_text())
+    dev = next(student.parameters()).device
+    student.load_state_dict(state)
+    student.to(dev)
+    info["world_size"] = nproc
+    info["backend"] = backend
+    return info

@@ -5,32 +5,14 @@ written with fixed zip timestamps, so the same inputs give the same bytes and th
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from calib.errors import CalibError
-
-
-def write_atomic(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` on a temp name beside ``path``, then rename it into place.
-
-    A crash or an error leaves no partial file under ``path`` (and no temp file behind).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would make the artifact unreadable to other users (e.g. a container).
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from edgerun.io import atomic_write, sha256_file
 
 
 def _write_npz(path: str, arrays: dict) -> None:
@@ -40,14 +22,6 @@ def _write_npz(path: str, arrays: dict) -> None:
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _quotas(counts: dict, n: int) -> dict:
@@ -84,7 +58,8 @@ def build_calibration_set(images: np.ndarray, labels: np.ndarray, n: int, seed: 
         raise CalibError(f"{path}: calibration images must not come from the test split (got split='test')")
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise CalibError(f"{path}: calibration images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+        raise CalibError(f"{path}: calibration images must be uint8 [N, C, H, W], "
+                         f"got {images.dtype} {list(images.shape)}")
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
         raise CalibError(f"{path}: labels must be integers [N] with N = {len(images)} images, "
                          f"got {labels.dtype} {list(labels.shape)}")
@@ -95,15 +70,15 @@ def build_calibration_set(images: np.ndarray, labels: np.ndarray, n: int, seed: 
 
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
-    quota = _quotas(dict(zip(classes.tolist(), counts.tolist())), int(n))
+    quota = _quotas(dict(zip(classes.tolist(), counts.tolist(), strict=True)), int(n))
     chosen = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in quota.items() if k]
     # Shuffled, so that a quantizer reading only the first items still sees every class.
     index = rng.permutation(np.concatenate(chosen))
     out_images, out_labels = np.ascontiguousarray(images[index]), labels[index].astype(np.int64)
 
-    write_atomic(path, lambda tmp: _write_npz(tmp, {"images": out_images, "labels": out_labels,
+    atomic_write(path, lambda tmp: _write_npz(tmp, {"images": out_images, "labels": out_labels,
                                                     "split": np.array(split)}))
-    return {"path": str(path), "n": int(n), "sha256": _sha256(path),
+    return {"path": str(path), "n": int(n), "sha256": sha256_file(path),
             "per_class": {int(c): int(k) for c, k in quota.items()}, "seed": seed, "split": split}
 
 

@@ -1,13 +1,21 @@
 """INT8 post-training quantization of ONNX models with NNCF, written as Q/DQ ONNX.
 
-target "onnxruntime": NNCF's defaults. target "tensorrt": NNCF's PERFORMANCE preset (symmetric
-weights and activations), then ``qdq.rewrite_uint8_to_int8`` turns its uint8 post-ReLU
+target "onnxruntime": NNCF's defaults, then ``qdq.quantize_gemm_bias`` gives each Gemm an int32
+bias so that onnxruntime fuses it into QGemm. target "tensorrt": NNCF's PERFORMANCE preset
+(symmetric weights and activations), then ``qdq.rewrite_uint8_to_int8`` turns its uint8 post-ReLU
 activations into signed int8 (NNCF 3.4 cannot be told to emit signed activations itself), and
-``qdq.validate_qdq`` proves the result. nncf is imported inside the functions: it takes seconds.
+``qdq.validate_qdq`` proves the result with edgerun.preflight's Q/DQ rules.
+
+Both targets ask NNCF for per-tensor activation scales: its default quantizes some activations
+per channel (ReLU6 -> depthwise conv), which TensorRT refuses and onnxruntime loads but cannot run
+("QLinearConv: input zero point must be a scalar"). Whatever the target, the result is accepted
+only after one real inference in onnxruntime, and written (atomically) only then.
+nncf is imported inside the functions: it takes seconds.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -15,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from calib import qdq
-from calib.calibset import write_atomic
 from calib.errors import CalibError
+from edgerun.errors import brief
+from edgerun.io import atomic_write
 
 VAL_BATCH = 256  # validation batch for dynamic-batch models; small enough for any CPU
 
@@ -64,78 +73,144 @@ def _check_samples(x, what: str, src, name: str, dims: list, dtype) -> np.ndarra
         raise CalibError(f"{what}: expected normalized float32 inputs for {src}, got {x.dtype} (normalize first)")
     shown = "(" + ", ".join("batch" if i == 0 and d is None else "?" if d is None else str(d)
                             for i, d in enumerate(dims)) + ")"
-    if x.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], x.shape[1:])):
+    if x.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], x.shape[1:], strict=True)):
         raise CalibError(f"{what}: samples of shape {list(x.shape[1:])} do not fit input {name!r} {shown} of {src}")
     if dims[0] not in (None, 1):
         raise CalibError(f"{src}: input {name!r} has a fixed batch of {dims[0]}; export it with a dynamic batch")
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _nncf_options(target: str, model_type: str | None) -> dict:
+def _nncf_options(target: str, model_type: str | None, keep_fp32: tuple[str, ...]) -> dict:
+    """Keyword arguments for nncf.quantize (accuracy control names ``advanced_parameters`` differently)."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
-    options = {}
+    # One scale per activation tensor: TensorRT's rule, and the form onnxruntime's QLinearConv can run.
+    per_tensor = QuantizationParameters(per_channel=False)
+    options = {"advanced_parameters": AdvancedQuantizationParameters(activations_quantization_params=per_tensor)}
     if target == "tensorrt":
         # Symmetric activations keep zero points at 0, the one form the int8 rewrite can fix.
         options["preset"] = nncf.QuantizationPreset.PERFORMANCE
     if model_type == "transformer":
         options["model_type"] = nncf.ModelType.TRANSFORMER
+    if keep_fp32:
+        options["ignored_scope"] = nncf.IgnoredScope(names=list(keep_fp32))
     return options
 
 
-def _finish(model, dst, target: str) -> tuple[dict, int]:
-    """Post-fix, validate, check that onnxruntime loads it, then write ``dst`` atomically."""
-    import onnx
+def _check_options(model, src, target: str, keep_fp32, int32_bias) -> tuple[tuple[str, ...], bool]:
+    """(keep_fp32 as a tuple of node names that exist, whether to rewrite Gemm biases to int32)."""
+    if not isinstance(keep_fp32, (tuple, list)) or not all(isinstance(n, str) for n in keep_fp32):
+        raise CalibError(f"keep_fp32: expected a tuple of node names, got {keep_fp32!r}")
+    names = {n.name for n in model.graph.node}
+    unknown = [n for n in keep_fp32 if n not in names]
+    if unknown:
+        raise CalibError(f"keep_fp32: {src} has no node named {', '.join(map(repr, unknown[:4]))} "
+                         f"(e.g. {', '.join(sorted(names)[:4])})")
+    if int32_bias is None:
+        int32_bias = target == "onnxruntime"
+    elif int32_bias and target == "tensorrt":
+        raise CalibError("int32_bias=True is for the onnxruntime target: TensorRT's DequantizeLinear takes no "
+                         "int32 (it keeps the bias in float and fuses it itself)")
+    return tuple(keep_fp32), bool(int32_bias)
+
+
+def _run_once(model, dst, sample: np.ndarray, name: str) -> None:
+    """One real inference: loading a model is no proof that it runs (CalibError names the node if not)."""
     import onnxruntime as ort
 
-    rewritten = qdq.rewrite_uint8_to_int8(model) if target == "tensorrt" else []
-    counts = qdq.validate_qdq(model, target, name=f"{dst} (not written)")
+    where = f"{dst} (not written)"
     try:
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors; the model must not be written
-        raise CalibError(f"{dst}: onnxruntime cannot load the quantized model ({str(e).splitlines()[0]})") from None
-    write_atomic(dst, lambda tmp: onnx.save(model, tmp))
-    return counts, len(rewritten)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise CalibError(f"{where}: onnxruntime cannot load the quantized model ({brief(e)})") from None
+    try:
+        outputs = session.run(None, {name: sample})
+    except Exception as e:
+        text = str(e)
+        node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+        at = f" at {node.group(1)} node '{node.group(2)}'" if node else ""
+        reason = text.rsplit("was false. ", 1)[-1].strip() if "was false. " in text else brief(e)
+        raise CalibError(f"{where}: onnxruntime loads the quantized model but its first inference fails{at} "
+                         f"({reason.splitlines()[0][:200]})") from None
+    bad = [o.name for o, v in zip(session.get_outputs(), outputs, strict=True)
+           if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise CalibError(f"{where}: the quantized model's first inference gives non-finite {', '.join(bad)}")
+
+
+def _finish(model, dst, target: str, sample: np.ndarray, name: str, int32_bias: bool) -> dict:
+    """Post-fix, validate, run once in onnxruntime, then write ``dst`` atomically."""
+    import onnx
+
+    rewritten = qdq.rewrite_uint8_to_int8(model) if target == "tensorrt" else []
+    biased = qdq.quantize_gemm_bias(model) if int32_bias else []
+    counts = qdq.validate_qdq(model, target, name=f"{dst} (not written)")
+    _run_once(model, dst, sample, name)
+    atomic_write(dst, lambda tmp: onnx.save(model, tmp))
+    return {"qdq": counts, "int8_rewrites": len(rewritten), "int32_bias": biased}
+
+
+def single_input_channel_convs(path_or_model) -> tuple[str, ...]:
+    """Names of the Conv nodes that read one input channel (a grayscale stem): candidates for keep_fp32.
+
+    Such a conv has few MACs and its INT8 form needs the image itself quantized; whether keeping
+    it in FP32 pays is for choose_quantized_layers (or benchmarks/bench_quant.py) to measure.
+    """
+    model, _ = qdq._as_model(path_or_model)
+    inits = {t.name: t for t in model.graph.initializer}
+    return tuple(n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
+                 and n.input[1] in inits and len(inits[n.input[1]].dims) > 1 and inits[n.input[1]].dims[1] == 1
+                 and all(a.i == 1 for a in n.attribute if a.name == "group"))
 
 
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: np.ndarray, *,
                   target: str = "onnxruntime", model_type: str | None = None,
-                  subset_size: int | None = None, input_name: str | None = None) -> dict:
+                  subset_size: int | None = None, input_name: str | None = None,
+                  keep_fp32: tuple[str, ...] = (), int32_bias: bool | None = None) -> dict:
     """NNCF INT8 post-training quantization of ``src`` into ``dst`` (Q/DQ ONNX).
 
     ``calib_inputs``: normalized float32 [N, C, H, W], fed one sample per step (NNCF collects
     per-sample statistics; a dynamic-batch model accepts [1, C, H, W]). ``subset_size`` defaults
-    to all N. Returns {"path", "target", "n_calib", "qdq" (summary), "int8_rewrites", "seconds"}.
+    to all N. ``keep_fp32``: node names NNCF leaves in float (e.g. single_input_channel_convs).
+    ``int32_bias``: rewrite Gemm biases for QGemm (default: on for onnxruntime, off for tensorrt).
+    Returns {"path", "target", "n_calib", "qdq" (summary), "int8_rewrites", "int32_bias" (Gemm
+    names), "keep_fp32", "seconds"}.
     """
     t0 = time.perf_counter()
     _check_target(target, model_type)
     model = qdq.load_onnx(src)
     name, dims, dtype = _model_input(model, src, input_name)
     calib = _check_samples(calib_inputs, "calib_inputs", src, name, dims, dtype)
-    if subset_size is not None and (isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1):
+    keep_fp32, int32_bias = _check_options(model, src, target, keep_fp32, int32_bias)
+    bad_subset = isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1
+    if subset_size is not None and bad_subset:
         raise CalibError(f"subset_size must be a positive integer, got {subset_size!r}")
     n = len(calib) if subset_size is None else min(subset_size, len(calib))
 
     import nncf
 
     dataset = nncf.Dataset(calib, lambda x: {name: x[None]})
-    quantized = nncf.quantize(model, dataset, subset_size=n, **_nncf_options(target, model_type))
-    counts, rewrites = _finish(quantized, dst, target)
-    return {"path": str(dst), "target": target, "n_calib": n, "qdq": counts, "int8_rewrites": rewrites,
+    quantized = nncf.quantize(model, dataset, subset_size=n, **_nncf_options(target, model_type, keep_fp32))
+    done = _finish(quantized, dst, target, calib[:1], name, int32_bias)
+    return {"path": str(dst), "target": target, "n_calib": n, **done, "keep_fp32": list(keep_fp32),
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _top1_fn(name: str, batch: int, target: str):
+def _top1_fn(name: str, batch: int, target: str, int32_bias: bool):
     """NNCF's validation_fn: (model_proto, items of (x, label)) -> (top-1, per-item 0/1)."""
     import copy
 
     import onnxruntime as ort
 
     def validate(model, items):
-        if target == "tensorrt":
-            # Judge the model that will be deployed, i.e. after the int8 rewrite.
+        if target == "tensorrt" or int32_bias:
+            # Judge the model that will be deployed, i.e. after the rewrites _finish makes.
             model = copy.deepcopy(model)
-            qdq.rewrite_uint8_to_int8(model)
+            if target == "tensorrt":
+                qdq.rewrite_uint8_to_int8(model)
+            else:
+                qdq.quantize_gemm_bias(model)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         items = list(items)
         x = np.stack([item[0] for item in items])
@@ -159,7 +234,8 @@ def _quantized_ops(model) -> list[str]:
 def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.PathLike,
                                         calib_inputs: np.ndarray, val_inputs: np.ndarray,
                                         val_labels: np.ndarray, *, target: str = "onnxruntime",
-                                        max_drop: float = 0.003, model_type: str | None = None) -> dict:
+                                        max_drop: float = 0.003, model_type: str | None = None,
+                                        keep_fp32: tuple[str, ...] = (), int32_bias: bool | None = None) -> dict:
     """``quantize_onnx`` plus NNCF's accuracy control: layers go back to float until top-1 on
     (``val_inputs``, ``val_labels``) drops by at most ``max_drop`` (a fraction: 0.003 = 0.3 pt).
 
@@ -174,26 +250,30 @@ def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.Pa
     name, dims, dtype = _model_input(model, src, None)
     calib = _check_samples(calib_inputs, "calib_inputs", src, name, dims, dtype)
     val = _check_samples(val_inputs, "val_inputs", src, name, dims, dtype)
+    keep_fp32, int32_bias = _check_options(model, src, target, keep_fp32, int32_bias)
     labels = np.asarray(val_labels)
     if labels.shape != (len(val),) or not np.issubdtype(labels.dtype, np.integer):
-        raise CalibError(f"val_labels: expected {len(val)} integer labels for {src}, got {labels.dtype} {list(labels.shape)}")
+        raise CalibError(f"val_labels: expected {len(val)} integer labels for {src}, "
+                         f"got {labels.dtype} {list(labels.shape)}")
 
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     calib_set = nncf.Dataset(calib, lambda x: {name: x[None]})
-    val_set = nncf.Dataset(list(zip(val, labels.tolist())), lambda item: {name: item[0][None]})
+    val_set = nncf.Dataset(list(zip(val, labels.tolist(), strict=True)), lambda item: {name: item[0][None]})
     batch = 1 if dims[0] == 1 else VAL_BATCH
     with tempfile.TemporaryDirectory() as tmp:
         # NNCF saves the fully quantized model here before reverting layers: the "before" to diff against.
         restorer = AdvancedAccuracyRestorerParameters(intermediate_model_dir=tmp)
+        options = _nncf_options(target, model_type, keep_fp32)
+        options["advanced_quantization_parameters"] = options.pop("advanced_parameters")
         quantized = nncf.quantize_with_accuracy_control(
-            model, calib_set, val_set, _top1_fn(name, batch, target),
+            model, calib_set, val_set, _top1_fn(name, batch, target, int32_bias),
             max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
-            advanced_accuracy_restorer_parameters=restorer, **_nncf_options(target, model_type))
+            advanced_accuracy_restorer_parameters=restorer, **options)
         before = _quantized_ops(qdq.load_onnx(Path(tmp) / "intermediate_model.onnx"))
     after = set(_quantized_ops(quantized))
-    counts, rewrites = _finish(quantized, dst, target)
-    return {"path": str(dst), "target": target, "n_calib": len(calib), "n_val": len(val), "qdq": counts,
-            "int8_rewrites": rewrites, "reverted": [op for op in before if op not in after],
+    done = _finish(quantized, dst, target, calib[:1], name, int32_bias)
+    return {"path": str(dst), "target": target, "n_calib": len(calib), "n_val": len(val), **done,
+            "keep_fp32": list(keep_fp32), "reverted": [op for op in before if op not in after],
             "seconds": round(time.perf_counter() - t0, 3)}

@@ -106,3 +106,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("FAILED | interrupted", flush=True)
         return 130
+    except BrokenPipeError:   # `... | head`: the reader left; say nothing more
+        sys.stderr.close()
+        return 1

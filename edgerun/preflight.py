@@ -32,7 +32,7 @@ from edgerun.errors import EdgeError, brief
 
 TABLE_PATH = Path(__file__).with_name("trt_onnx_support.json")
 MAJORS = (10, 11)
-EXIT_FAILED = 1     # what run_check returns when a check fails (0: all passed)
+EXIT_FAILED = 2     # a failed check is like a failed gate (exit 2); 1 stays for user errors
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 SHOWN = 8           # issues named in one summary line
 
@@ -125,7 +125,8 @@ def load_table(trt_major: int) -> SupportTable:
     try:
         tables = json.loads(TABLE_PATH.read_text())["tables"]
         t = tables[str(trt_major)]
-        ops = tables[t["ops_from"]]["ops"] if "ops_from" in t else t["ops"]
+        # A major may be written as another's rows plus the changes its release notes list.
+        ops = {**tables[t["ops_from"]]["ops"], **t.get("changes", {})} if "ops_from" in t else t["ops"]
         return SupportTable(trt_major, t["version"], bool(t["verified"]), t["source"], tuple(t["opset"]), ops)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PreflightError(f"{TABLE_PATH}: not a readable operator table ({brief(e)})") from None
@@ -322,7 +323,7 @@ def _node_issues(node, index: int, table: SupportTable, g: _Graph) -> list[Issue
     out = []
     data = node.input[0] if node.input else ""
     onnx_type = g.type_name(g.types.get(data)) if data else None
-    if node.op_type not in QDQ_OPS and onnx_type is not None:  # Q/DQ types: qdq_issues
+    if node.op_type not in QDQ_OPS and onnx_type is not None and "types" in entry:  # Q/DQ: qdq_issues
         trt = TRT_TYPES.get(onnx_type.upper())
         if trt not in entry["types"]:
             out.append(issue("type", f"input '{data}' is {onnx_type}; TensorRT {node.op_type} takes "
@@ -367,13 +368,13 @@ def check_onnx(path_or_model, trt_major: int, *, name: str | None = None) -> Pre
     for i, node in enumerate(_nodes(model.graph)):
         issues.extend(_node_issues(node, i, table, g))
         since = table.ops.get(node.op_type, {}).get("since")
-        if since:
+        if since and since.split(".")[0] == str(trt_major) and since != f"{trt_major}.0":  # newer than x.0
             newer.add(f"{node.op_type} needs TensorRT >= {since}")
     issues.extend(qdq_issues(model, g))
     precision = graph_precision(model, g)
     notes += sorted(newer)
     if not table.verified:
-        notes.append(f"TensorRT {trt_major}'s own operator table was not read: checked against {table.version}")
+        notes.append(f"TensorRT {trt_major}'s operators.md was not read directly; the table used is {table.version}")
     if trt_major >= 11 and precision == "fp32":
         notes.append("TensorRT 11 builds this graph in FP32 (no FP16 tensors or Q/DQ; it has no --fp16 flag)")
     return Preflight(label, trt_major, table.version, precision, tuple(issues), tuple(notes))
@@ -387,12 +388,15 @@ def bundle_onnx_files(folder: str | os.PathLike) -> list[Path]:
     root = folder.resolve()
     named = []
     env = folder / "engine.env"
-    if env.is_file():
-        for line in env.read_text().splitlines():
-            if line.startswith("ONNX="):
-                named += shlex.split(line[len("ONNX="):])
-    for args in sorted(folder.glob("trtexec_args_trt*.txt")):
-        named += [a.split("=", 1)[1] for a in args.read_text().split() if a.startswith("--onnx=")]
+    try:
+        if env.is_file():
+            for line in env.read_text().splitlines():
+                if line.startswith("ONNX="):
+                    named += shlex.split(line[len("ONNX="):])
+        for args in sorted(folder.glob("trtexec_args_trt*.txt")):
+            named += [a.split("=", 1)[1] for a in args.read_text().split() if a.startswith("--onnx=")]
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: shlex on unbalanced quotes
+        raise PreflightError(f"{folder}: cannot read its build files ({brief(e)})") from None
     if not named:
         files = sorted(folder.glob("*.onnx"))
         if not files:
@@ -428,7 +432,7 @@ def run_check(args) -> int:
         results = [check_onnx(f, major) for f in files for major in args.trt_major]
     except EdgeError as e:
         print(f"FAILED | error: {e}")
-        return EXIT_FAILED
+        return 1   # a user error (unreadable file, bad bundle), not a failed check
     failed = [r for r in results if not r]
     if args.format == "json":
         print(json.dumps({"passed": not failed, "results": [r.to_json() for r in results]}, indent=2))

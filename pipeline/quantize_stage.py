@@ -43,6 +43,7 @@ def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
                    fp32_top1=fp32_metrics["top1"], agreement_with_fp32=round(float((pred == fp32_pred).mean() * 100), 4),
                    calibration={k: calib[k] for k in ("n", "sha256", "seed", "per_class")},
                    target=q.target, qdq=info.get("qdq"), reverted=info.get("reverted"),
+                   int32_bias=info.get("int32_bias"), keep_fp32=info.get("keep_fp32"),
                    parity_vs_fp32={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
     artifacts = [Artifact("onnx-int8", "onnx", "model_int8.onnx", "int8", f"ONNX int8 ({q.target} Q/DQ)"),
                  Artifact("calibration", "calibration", "calib.npz", "", "calibration set")]

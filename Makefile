@@ -4,7 +4,8 @@ CONFIG  ?= configs/cpu.toml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: deploy test test-all lint profile bench bench-prune bench-quant bench-vit bench-profile clean venv
+.PHONY: deploy test test-all lint profile bench bench-prune bench-quant bench-vit bench-profile bench-coverage \
+	bench-latency gpu-check clean venv
 
 # Reinstall only when the dependency list or the pinned set changes: the stamp is older than them then.
 # Editable, so the checkout's code is what runs; `.venv/bin/edgepipe` is the console entry point.
@@ -20,8 +21,9 @@ venv: .venv/.stamp
 deploy: .venv/.stamp
 	$(PY) -m pipeline run --config $(CONFIG) $(ARGS)
 
+# Re-time the artifacts, then repackage: the run's report and the bundle's manifest stay consistent.
 profile: .venv/.stamp
-	$(PY) -m pipeline run --config $(CONFIG) --from profile --until profile --force profile $(ARGS)
+	$(PY) -m pipeline run --config $(CONFIG) --from profile --force profile $(ARGS)
 
 # Fast suite plus the end-to-end smoke test; tests marked slow or gpu are left out.
 test: .venv/.stamp
@@ -46,6 +48,16 @@ bench-vit: .venv/.stamp
 
 bench-profile: .venv/.stamp
 	$(PY) -m benchmarks.bench_profile
+
+bench-coverage: .venv/.stamp
+	$(PY) -m benchmarks.bench_coverage
+
+bench-latency: .venv/.stamp
+	$(PY) -m benchmarks.bench_latency
+
+# The torch-CUDA paths (fine-tune on CUDA, torch-CUDA latency): skips with one line where there is no CUDA.
+gpu-check: .venv/.stamp
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

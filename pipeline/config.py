@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgerun.errors import EdgeError
 from export.trt_options import EngineOptions
 from pipeline.errors import PipelineError
 from pipeline.profile import ProfileOptions
@@ -58,7 +59,6 @@ class BaselineCfg:
     batch_size: int = 64
     gate: str = "fail"          # the baseline must beat chance: a run on a broken baseline proves nothing
     min_top1: float = -1.0      # -1 = chance (100 / num_classes) + 10 pt
-    max_train_eval_gap: float = 10.0  # pt; a larger gap (BatchNorm statistics not settled) is reported
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,10 @@ def _build(cls, raw: dict, prefix: str):
                 raise PipelineError(f"config: {full} = {value!r} is not one of {', '.join(map(repr, CHOICES[full]))}"
                                     f"{_nearest(value, CHOICES[full]) if value else ''}")
             kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except EdgeError as e:   # a section's own checks (EngineOptions): name the section
+        raise PipelineError(f"config: [{prefix.rstrip('.')}] {e}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -53,15 +53,18 @@ class Check:
     drop: float | None = None
     max_drop: float | None = None
     limit: str | None = None
+    hint: str | None = None     # what the number means and what to do, for the one-line message
 
     def __bool__(self) -> bool:
         return self.passed
 
     def message(self) -> str:
         if self.drop is not None:
-            return (f"{self.metric} dropped {self.drop:.3f} pt ({self.reference:.3f} -> {self.value:.3f}), "
+            text = (f"{self.metric} dropped {self.drop:.3f} pt ({self.reference:.3f} -> {self.value:.3f}), "
                     f"limit {self.max_drop} pt")
-        return f"{self.metric} = {self.value:.6g}, limit {self.limit}"
+        else:
+            text = f"{self.metric} = {self.value:.6g}, limit {self.limit}"
+        return f"{text} ({self.hint})" if self.hint and not self.passed else text
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("reference", "drop")}

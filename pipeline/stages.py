@@ -8,6 +8,7 @@ Heavy libraries are imported inside the stages.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -103,7 +104,10 @@ TRAIN_EVAL_GAP = 10.0   # pt: beyond this the baseline's BatchNorm statistics ar
 
 def baseline_gate(m, inputs, cfg):
     floor = cfg.baseline.min_top1 if cfg.baseline.min_top1 >= 0 else m["chance_top1"] + 10.0
-    return gates.gate(cfg.baseline.gate, gates.limit_check("top1_vs_chance", m["top1"], round(floor, 4), at_least=True))
+    check = gates.limit_check("top1_vs_chance", m["top1"], round(floor, 4), at_least=True)
+    hint = (f"chance is {m['chance_top1']:.1f} % for {round(100 / m['chance_top1'])} classes: every later gate would "
+            "compare against a baseline that learned nothing; train longer or fix the model, or baseline.gate=warn")
+    return gates.gate(cfg.baseline.gate, dataclasses.replace(check, hint=hint))
 
 
 # ---------------------------------------------------------------- 2 prune

@@ -122,14 +122,20 @@ def _export(model, x, tmp: Path, name: str, opset, input_name, output_names, dyn
 
     shapes = ({0: torch.export.Dim(BATCH_DIM, min=1)},) if dynamic_batch else None
     program, first = None, None
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     for strict in (False, True):
         try:
+            # A caller under no_grad would get nn.TransformerEncoderLayer's fused kernel captured,
+            # an op ONNX has no translation for: capture the plain modules.
+            torch.backends.mha.set_fastpath_enabled(False)
             program = torch.export.export(model, (x,), dynamic_shapes=shapes, strict=strict)
             break
         except Exception as e:  # torch.export raises many types; all mean "no graph"
             first = first or e
             if _constraint(e):
                 break  # a violated batch constraint: strict mode would violate it too
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
     if program is None:
         constraint = _constraint(first)
         if constraint:

@@ -20,7 +20,8 @@ outputs (a classifier's last layer, a vision tower's projector), modules named i
 ``prune_ignored_layers`` attribute and anything in ``ignored_layers``. Everything else, hidden layers
 of a classifier head included, may shrink. Attention heads (pipeline.prune_attention): torch's
 ``nn.MultiheadAttention``, fused-``qkv`` and separate q/k/v modules keep whole heads under every target;
-``head_ratio`` > 0 removes whole heads instead of narrowing them. Bare parameters (class tokens,
+``head_ratio`` > 0 removes that share of every attention's heads (the least important ones) instead of
+narrowing them. Bare parameters (class tokens,
 position embeddings, layer scales) follow torch-pruning's default dim unless ``unwrapped_parameters``
 says otherwise. Any failure is one line naming the part of the model that failed.
 
@@ -32,11 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import tempfile
-import time
 import warnings
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -49,8 +46,16 @@ from pipeline import prune_attention as attn
 from pipeline import prune_scope as scope
 from pipeline.errors import PipelineError
 from pipeline.models import forward_named
-from pipeline.prune_store import (HISTORY_FILE, SAFETENSORS_FILE, STATE_DICT_FILE, json_history,  # noqa: F401
-                                  layer_channels, load_pruned, save_pruned)
+from pipeline.prune_cost import conv_linear_macs, count_macs, measure_latency_ms  # noqa: F401 (public here)
+from pipeline.prune_store import (  # noqa: F401
+    HISTORY_FILE,
+    SAFETENSORS_FILE,
+    STATE_DICT_FILE,
+    json_history,
+    layer_channels,
+    load_pruned,
+    save_pruned,
+)
 from pipeline.train import logits_of
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "lamp", "random")
@@ -58,72 +63,6 @@ TARGETS = ("ratio", "macs", "latency_ms")
 RATIO_MAX = 0.98      # the highest channel ratio the search tries
 BRACKET_STEP = 0.04   # first step when bracketing the ratio that meets a MAC/latency budget
 RATIO_TOL = 0.005     # bisection stops when the bracket is this narrow
-
-
-# --------------------------------------------------------------------------------------------- counting
-def count_macs(model: nn.Module, example_input) -> tuple[int, int]:
-    """(MACs, params) for one forward of ``example_input``, torch-pruning's counter (all ops)."""
-    was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
-    model.train(was_training)
-    return int(macs), int(params)
-
-
-def _mha_macs(m: nn.MultiheadAttention, args, kwargs) -> int:
-    q = args[0] if args else kwargs["query"]
-    k = args[1] if len(args) > 1 else kwargs.get("key", q)
-    if q.dim() == 2:  # unbatched (L, E)
-        n, lq, lk = 1, q.shape[0], k.shape[0]
-    elif m.batch_first:
-        n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-    else:
-        n, lq, lk = q.shape[1], q.shape[0], k.shape[0]
-    e = m.embed_dim
-    projections = lq * e * e + lk * m.kdim * e + lk * m.vdim * e + lq * e * e  # q, k, v, out
-    return n * (projections + 2 * lq * lk * e)  # + q @ k^T and attn @ v over all heads
-
-
-def conv_linear_macs(model: nn.Module, example_input) -> int:
-    """Multiply-accumulates of conv (grouped/depthwise included), linear and nn.MultiheadAttention layers
-    (projections and its two attention matmuls) for one forward of ``example_input`` (all of its batch),
-    counted by forward hooks as thop/fvcore count them. Matmuls written as ``@`` in a forward are not
-    layers and are not counted (as in thop)."""
-    total = [0]
-
-    def conv(m, inp, out):
-        k = math.prod(m.kernel_size)
-        if m.transposed:
-            total[0] += inp[0].numel() * (m.out_channels // m.groups) * k
-        else:
-            total[0] += out.numel() * (m.in_channels // m.groups) * k
-
-    def linear(m, _inp, out):
-        total[0] += out.numel() * m.in_features
-
-    def mha(m, args, kwargs, _out):
-        total[0] += _mha_macs(m, args, kwargs)
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            hooks.append(m.register_forward_hook(conv))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear))
-        elif isinstance(m, nn.MultiheadAttention):
-            hooks.append(m.register_forward_hook(mha, with_kwargs=True))
-    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
-    try:
-        model.eval()
-        # The fused TransformerEncoderLayer kernel skips the module calls the hooks count.
-        torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return int(total[0])
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -175,7 +114,7 @@ def _taylor_gradients(model: nn.Module, batches: list) -> None:
 
 
 def _pruner(model, example_input, importance, ratio, *, global_pruning, round_to, max_layer_ratio,
-            iterative_steps, ignored, layer_ratios, head_ratio, narrow_heads, unwrapped, attentions):
+            iterative_steps, ignored, layer_ratios, narrow_heads, unwrapped, attentions):
     modules = dict(model.named_modules())
     ratio_dict = {modules[name]: float(r) for name, r in (layer_ratios or {}).items()}
     for a in attentions:
@@ -194,9 +133,9 @@ def _pruner(model, example_input, importance, ratio, *, global_pruning, round_to
         round_to=int(round_to) if round_to and round_to > 1 else None,
         # fresh dicts: torch-pruning 1.6.1 mutates these arguments' shared defaults across pruners
         in_channel_groups={}, out_channel_groups={},
-        num_heads=attn.torch_pruning_heads(attentions), prune_num_heads=head_ratio > 0,
-        prune_head_dims=narrow_heads, head_pruning_ratio=float(head_ratio),
-        customized_pruners=dict(attn.CUSTOMIZED_PRUNERS),
+        # heads as channel groups, so narrowing keeps whole heads; whole heads go in attn.remove_heads
+        num_heads=attn.torch_pruning_heads(attentions), prune_num_heads=False, prune_head_dims=narrow_heads,
+        customized_pruners=attn.customized_pruners(),
         unwrapped_parameters=scope.unwrapped_for_torch_pruning(model, unwrapped))
 
 
@@ -216,15 +155,14 @@ def _run_schedule(model, example_input, *, ratio, importance, global_pruning, ro
             ignored = _ignored(model, ignored_names, example_input)
             pruner = _pruner(model, example_input, imp, ratio, global_pruning=global_pruning, round_to=round_to,
                              max_layer_ratio=max_layer_ratio, iterative_steps=iterative_steps, ignored=ignored,
-                             layer_ratios=layer_ratios, head_ratio=head_ratio, narrow_heads=narrow_heads,
+                             layer_ratios=layer_ratios, narrow_heads=narrow_heads,
                              unwrapped=unwrapped, attentions=attentions)
             for step in range(iterative_steps):
                 if importance == "taylor":
                     _taylor_gradients(model, taylor_batches)
                 if head_ratio > 0:
                     active = [a for a in attentions if a.module not in pruner.ignored_layers]
-                    attn.schedule_torch_pruning_heads(pruner, active, heads0, head_ratio, step, iterative_steps)
-                    attn.remove_mha_heads(pruner, active, heads0, head_ratio, step, iterative_steps)
+                    attn.remove_heads(pruner, active, heads0, head_ratio, step, iterative_steps)
                 pruner.step()
                 if importance == "taylor":
                     model.zero_grad(set_to_none=True)
@@ -261,35 +199,6 @@ def _check_outputs(model, example_input, shapes_before) -> None:
     if after != shapes_before:
         raise PipelineError(f"prune: pruning changed the model's output shapes from {shapes_before} to {after}; "
                             "list the layer producing that output in prune.ignored_layers")
-
-
-# --------------------------------------------------------------------------------------------- latency
-def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, batch: int = 1, *, warmup: int = 10,
-                       runs: int = 50, threads: int = 0) -> float:
-    """Median latency (ms) of one batch on onnxruntime's CPU provider, from a TorchScript-exported copy."""
-    import numpy as np
-    import onnxruntime as ort
-
-    m = copy.deepcopy(model).cpu().eval()
-    x = example_input[:1].detach().cpu().repeat(batch, *([1] * (example_input.dim() - 1)))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "model.onnx")
-        with torch.no_grad():
-            torch.onnx.export(m, (x,), path, dynamo=False, opset_version=17, input_names=["input"],
-                              dynamic_axes={"input": {0: "batch"}})
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        feed = {"input": x.numpy().astype(np.float32)}
-        for _ in range(warmup):
-            sess.run(None, feed)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
 
 
 # --------------------------------------------------------------------------------------------- pruning
@@ -340,9 +249,10 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     ``between_steps(step_index, model)`` runs after every iterative step but the last (e.g. a short
     fine-tune); ``progress(step, steps)`` after each step. ``layer_ratios`` ({module name: channel
     ratio}) fixes the ratio of the named layers' output channels (torch-pruning's
-    ``pruning_ratio_dict``). ``head_ratio`` > 0 removes that fraction of whole attention heads (rounded
-    up, never all) instead of narrowing every head. ``unwrapped_parameters`` ({parameter name: dim})
-    overrides the dim along which a bare parameter is pruned; pass the same dict to save_pruned.
+    ``pruning_ratio_dict``). ``head_ratio`` > 0 removes that fraction of every attention's heads
+    (rounded up, never all; spread linearly over the iterative steps) instead of narrowing every
+    head. ``unwrapped_parameters`` ({parameter name: dim}) overrides the dim along which a bare
+    parameter is pruned; pass the same dict to save_pruned.
     """
     attentions = attn.find_attention(model)
     ignored_names = tuple(ignored_layers)

@@ -12,9 +12,10 @@ Three forms are recognised:
   * ``"qkv"``: a module with an int ``num_heads`` and one fused ``qkv`` ``nn.Linear`` (timm's ViT).
   * ``"q_k_v"``: a module with an int ``num_heads`` and separate q/k/v Linears (``q``/``k``/``v``,
     ``q_proj``/``k_proj``/``v_proj`` or ``query``/``key``/``value``).
-For the last two, torch-pruning's own head handling is used (``num_heads={linear: heads}``); the
-module's ``num_heads``/``head_dim``/``embed_dim`` attributes are rewritten after every step (forward
-must reshape with -1 or these attributes, never with stored widths).
+For the last two, torch-pruning is told the heads (``num_heads={linear: heads}``), which makes it
+narrow every head alike; the module's ``num_heads``/``head_dim``/``embed_dim`` attributes are
+rewritten after every step (forward must reshape with -1 or these attributes, never with stored
+widths). Whole heads of every form are removed by ``remove_heads`` below.
 
 Narrowing heads changes nn.MultiheadAttention's softmax scale (it is 1/sqrt(head_dim), computed at
 run time); removing whole heads keeps it. Fine-tuning absorbs either.
@@ -117,12 +118,14 @@ class MhaPruner(MultiheadAttentionPruner):
         return layer.num_heads
 
 
-CUSTOMIZED_PRUNERS = {nn.MultiheadAttention: MhaPruner()}
+def customized_pruners() -> dict:
+    """For torch-pruning's ``customized_pruners``: a fresh instance (torch-pruning sets state on it)."""
+    return {nn.MultiheadAttention: MhaPruner()}
 
 
 def torch_pruning_heads(attentions: list[Attention]) -> dict[nn.Module, int]:
-    """``num_heads`` for torch-pruning: every q/k/v/qkv Linear with its module's head count (MHA is
-    handled by MhaPruner's channel groups instead)."""
+    """``num_heads`` for torch-pruning: every q/k/v/qkv Linear with its module's head count, so that
+    narrowing removes the same dims from every head (MHA declares its groups in MhaPruner instead)."""
     return {lin: int(a.module.num_heads) for a in attentions if a.kind != "mha" for lin in a.projections}
 
 
@@ -140,7 +143,7 @@ def sync_attributes(model: nn.Module, attentions: list[Attention], tp_heads: dic
             m.embed_dim = m.num_heads * m.head_dim
     if attentions and not any(a.module is model for a in attentions):
         first = attentions[0]
-        for attr, value in zip(("num_heads", "head_dim"), first.heads()):
+        for attr, value in zip(("num_heads", "head_dim"), first.heads(), strict=True):
             if isinstance(getattr(model, attr, None), int):
                 setattr(model, attr, value)
 
@@ -162,7 +165,7 @@ def check_consistent(attentions: list[Attention]) -> None:
 
 
 def head_table(attentions: list[Attention]) -> dict[str, dict]:
-    return {a.name: dict(zip(("num_heads", "head_dim"), a.heads()), kind=a.kind) for a in attentions}
+    return {a.name: dict(zip(("num_heads", "head_dim"), a.heads(), strict=True), kind=a.kind) for a in attentions}
 
 
 def restore_attributes(model: nn.Module, saved: dict[str, dict]) -> None:
@@ -180,64 +183,99 @@ def restore_attributes(model: nn.Module, saved: dict[str, dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------- whole heads
+# Whole heads are removed here for every form, not by torch-pruning: its own head removal (qkv and
+# q/k/v only) silently does nothing when the width ratio of the step is 0, and compounds over
+# iterative steps (0.25 of 4 heads in two steps removed 2). The removals go through the pruner's
+# dependency graph, so they are in its pruning history and replay like any other.
 def heads_to_remove(heads0: int, head_ratio: float, step: int, steps: int) -> int:
-    """Heads removed in total after ``step`` (0-based) of ``steps``: linear schedule, rounded up like
-    torch-pruning's own head pruning, never all of them."""
+    """Heads removed in total after ``step`` (0-based) of ``steps``: a linear schedule, rounded up,
+    never all of them."""
     return min(heads0 - 1, math.ceil(head_ratio * heads0 * (step + 1) / steps - 1e-9))
 
 
-def schedule_torch_pruning_heads(pruner, attentions: list[Attention], heads0: dict[nn.Module, int],
-                                 head_ratio: float, step: int, steps: int) -> None:
-    """Make torch-pruning's local head pruning follow heads_to_remove: it removes
-    ceil(ratio * current heads) per step, which compounds over iterative steps (0.25 of 4 heads in
-    two steps removed 2). Global mode counts from the initial heads already and is left alone."""
-    if pruner.global_pruning:
-        return
-    for a in attentions:
-        if a.kind == "mha":
-            continue
-        current = int(pruner.num_heads[a.projections[0]])
-        n = heads_to_remove(heads0[a.module], head_ratio, step, steps) - (heads0[a.module] - current)
-        ratio = (n - 1e-6) / current if n > 0 else 0.0  # ceil(ratio * current) == n
-        for lin in a.projections:
-            pruner.head_pruning_ratio_dict[lin] = [ratio] * (steps + 1)
+def _kept_out(dg, group, ignored) -> bool:
+    return any(dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in ignored for dep, _ in group)
 
 
-def remove_mha_heads(pruner, attentions: list[Attention], heads0: dict[nn.Module, int], head_ratio: float,
-                     step: int, steps: int) -> None:
-    """Remove the least important whole heads of each residual stream's MHAs through ``pruner``'s graph
-    (so they enter its pruning history), as far as the schedule asks for ``step`` of ``steps``.
-    ``heads0``: each MHA's head count before pruning."""
+def _least_important(pruner, group, heads: int, n: int) -> list[int]:
+    head_imp = pruner.estimate_importance(group).view(heads, -1).mean(1)
+    return sorted(torch.topk(head_imp, k=n, largest=False).indices.tolist())
+
+
+def _remove_mha(pruner, a: Attention, names: dict, n_for) -> list[nn.Module]:
+    """One residual stream's MHAs lose the same whole heads (their channels are the stream's)."""
     dg = pruner.DG
-    done: set[nn.Module] = set()
-    names = {a.module: a.name for a in attentions}
-    for a in attentions:
-        if a.kind != "mha" or a.module in done or a.module not in dg.module2node:
-            continue
-        fn = dg.get_pruner_of_module(a.module).prune_out_channels
-        group = dg.get_pruning_group(a.module, fn, list(range(a.module.embed_dim)))
-        mhas = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.MultiheadAttention)]
-        done.update(mhas)
-        if any(dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in pruner.ignored_layers
-               for dep, _ in group):
-            continue  # the stream ends in a kept output (or the user froze part of it)
-        shapes = {(m.num_heads, m.embed_dim) for m in mhas}
-        if len(shapes) != 1:
-            listed = ", ".join(f"{names.get(m, '?')} ({m.num_heads} heads)" for m in mhas)
-            raise PipelineError(f"prune.head_ratio: these nn.MultiheadAttention share their channels but not their "
-                                f"head count, so whole heads cannot be removed: {listed}")
-        heads, embed = shapes.pop()
+    fn = dg.get_pruner_of_module(a.module).prune_out_channels
+    group = dg.get_pruning_group(a.module, fn, list(range(a.module.embed_dim)))
+    mhas = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.MultiheadAttention)]
+    if _kept_out(dg, group, pruner.ignored_layers):
+        return mhas  # the stream ends in a kept output (or the user froze part of it)
+    shapes = {(m.num_heads, m.embed_dim) for m in mhas}
+    if len(shapes) != 1:
+        listed = ", ".join(f"{names.get(m, '?')} ({m.num_heads} heads)" for m in mhas)
+        raise PipelineError(f"prune.head_ratio: these nn.MultiheadAttention share their channels but not their "
+                            f"head count, so whole heads cannot be removed: {listed}")
+    heads, embed = shapes.pop()
+    n = n_for(a.module, heads)
+    if n > 0:
         head_dim = embed // heads
-        n = heads_to_remove(heads0[a.module], head_ratio, step, steps) - (heads0[a.module] - heads)
-        if n <= 0:
-            continue
-        imp = pruner.estimate_importance(group)
-        head_imp = imp.view(heads, head_dim).mean(1)
-        drop = torch.topk(head_imp, k=n, largest=False).indices.tolist()
-        idxs = [h * head_dim + j for h in sorted(drop) for j in range(head_dim)]
-        pruned = dg.get_pruning_group(a.module, fn, idxs)
-        if not dg.check_pruning_group(pruned):
-            continue
+        drop = _least_important(pruner, group, heads, n)
+        pruned = dg.get_pruning_group(a.module, fn, [h * head_dim + j for h in drop for j in range(head_dim)])
+        if dg.check_pruning_group(pruned):
+            pruned.prune()  # MhaPruner lowers num_heads of every MHA in the group
+            for m in mhas:  # later steps group channels by the new head count
+                pruner.out_channel_groups[m] = pruner.in_channel_groups[m] = m.num_heads
+    return mhas
+
+
+def _output_projection(dg, a: Attention):
+    """The layer reading the attention's output (timm's proj, HF's out_proj), found in the graph: the
+    group is rooted there, where torch-pruning's index mapping from heads to qkv rows is right."""
+    lin = a.projections[0]
+    group = dg.get_pruning_group(lin, dg.get_pruner_of_module(lin).prune_out_channels, list(range(lin.out_features)))
+    for dep, _ in group:
+        target = dep.target.module
+        if (isinstance(target, (nn.Linear, nn.modules.conv._ConvNd)) and target not in a.projections
+                and dg.is_in_channel_pruning_fn(dep.handler)):
+            return target
+    raise PipelineError(f"prune.head_ratio: cannot remove whole heads of {a.name}: no layer reads its output "
+                        "(expected an output projection after the attention)")
+
+
+def _remove_linear_heads(pruner, a: Attention, n_for) -> None:
+    dg = pruner.DG
+    heads, head_dim = a.heads()
+    n = n_for(a.module, heads)
+    if n <= 0:
+        return
+    out = _output_projection(dg, a)
+    fn = dg.get_pruner_of_module(out).prune_in_channels
+    group = dg.get_pruning_group(out, fn, list(range(heads * head_dim)))
+    if _kept_out(dg, group, pruner.ignored_layers):
+        return
+    drop = _least_important(pruner, group, heads, n)
+    pruned = dg.get_pruning_group(out, fn, [h * head_dim + j for h in drop for j in range(head_dim)])
+    if dg.check_pruning_group(pruned):
         pruned.prune()
-        for m in mhas:  # later steps group channels by the new head count
-            pruner.out_channel_groups[m] = pruner.in_channel_groups[m] = m.num_heads
+        a.module.num_heads = heads - n
+        for lin in a.projections:
+            pruner.num_heads[lin] = pruner.out_channel_groups[lin] = a.module.num_heads
+
+
+def remove_heads(pruner, attentions: list[Attention], heads0: dict[nn.Module, int], head_ratio: float,
+                 step: int, steps: int) -> None:
+    """Remove the least important whole heads of every attention (by the pruner's importance), as far
+    as the schedule asks for ``step`` of ``steps``. ``heads0``: each module's head count before pruning."""
+    names = {a.module: a.name for a in attentions}
+
+    def n_for(module, heads):
+        return heads_to_remove(heads0[module], head_ratio, step, steps) - (heads0[module] - heads)
+
+    done: set[nn.Module] = set()
+    for a in attentions:
+        if a.module in done or a.projections[0] not in pruner.DG.module2node:
+            continue
+        if a.kind == "mha":
+            done.update(_remove_mha(pruner, a, names, n_for))
+        else:
+            _remove_linear_heads(pruner, a, n_for)

@@ -130,7 +130,7 @@ def unwrapped_report(before: dict[str, tuple], model: nn.Module) -> dict[str, st
     out = {}
     for name, shape in before.items():
         new = after.get(name, shape)
-        dims = [i for i, (a, b) in enumerate(zip(shape, new)) if a != b]
+        dims = [i for i, (a, b) in enumerate(zip(shape, new, strict=False)) if a != b]
         out[name] = f"pruned along dim {dims[0]}" if dims else "kept"
     return out
 

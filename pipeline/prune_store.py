@@ -102,7 +102,7 @@ def load_pruned(fresh_model: nn.Module, example_input, folder) -> nn.Module:
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             dg = tp.DependencyGraph().build_dependency(
                 fresh_model, example_inputs=example_input, verbose=False,
-                customized_pruners=dict(attn.CUSTOMIZED_PRUNERS),
+                customized_pruners=attn.customized_pruners(),
                 unwrapped_parameters=scope.unwrapped_for_torch_pruning(fresh_model, dims))
             dg.load_pruning_history(history)
     except PipelineError:

@@ -238,7 +238,7 @@ def export_onnx(ctx: Context) -> Output:
 
     def write(model, path):
         return to_onnx(model, modelio.example_input(cfg.data, e.example_batch), path, opset=e.opset,
-                       output_names=modelio.output_names(model), slim=e.slim)
+                       output_names=modelio.output_names(model), slim=e.slim, example_batch=e.example_batch)
     model = _pruned(ctx, "finetune")
     onnx_path = ctx.out / "model.onnx"
     info = write(model, onnx_path)

@@ -1,4 +1,7 @@
-"""export.onnx_export, export.fp16, export.parity, export.runners on tiny models (CPU only)."""
+"""export.onnx_export, export.fp16, export.parity and the ORT runner on tiny models (CPU only)."""
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -7,16 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
+from edgerun.ort import OrtError, OrtRunner, available_ort_providers, run_onnx
 from export.errors import ExportError
 from export.fp16 import to_fp16
 from export.onnx_export import check_onnx, export_onnx
 from export.parity import compare_outputs
-from export.runners import OrtRunner, available_ort_providers, run_onnx
 
 BATCHES = (1, 7, 64)
-
-# torch.export's own deprecation noise, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 
 class TinyCNN(nn.Module):
@@ -94,7 +94,7 @@ def torch_outputs(model, x, names):
     with torch.no_grad():
         out = model(torch.from_numpy(x))
     out = out if isinstance(out, tuple) else (out,)
-    return {name: o.numpy() for name, o in zip(names, out)}
+    return {name: o.numpy() for name, o in zip(names, out, strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -173,24 +173,141 @@ def test_slim_export_of_a_training_model(exported, tmp_path):
     assert compare_outputs(torch_outputs(model, x, names), out)["max_abs"] <= 1e-4
 
 
-def test_export_errors_are_one_line_and_leave_no_file(tmp_path):
-    class FixedBatch(nn.Module):  # hard-codes the batch size: cannot have a dynamic batch
-        def forward(self, x):
-            return x.reshape(2, -1).sum(1)
+class FixedBatch(nn.Module):  # hard-codes the batch size: cannot have a dynamic batch
+    def forward(self, x):
+        return x.reshape(2, -1).sum(1)
 
+
+class Eigvals(nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigvals(x.reshape(-1, 2, 2)).real.flatten(1)
+
+
+class Eig(nn.Module):
+    """An op the ONNX exporter has no translation for, inside a named submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), Eigvals())
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_export_errors_are_one_line_and_leave_only_the_log(tmp_path):
     class Pair(nn.Module):
         def forward(self, x):
             return x + 1, x * 2
 
     path = tmp_path / "fixed.onnx"
     with pytest.raises(ExportError) as err:
-        export_onnx(FixedBatch(), torch.randn(2, 3), path)
-    assert str(err.value).startswith("fixed.onnx: ") and "\n" not in str(err.value)
-    assert list(tmp_path.iterdir()) == []
+        export_onnx(FixedBatch(), torch.randn(1, 3), path)
+    message = str(err.value)
+    assert message.startswith("fixed.onnx: torch.export cannot keep the batch dynamic (") and "\n" not in message
+    assert "specialized it to be a constant (2)" in message
+    log = tmp_path / "fixed.onnx.export.log"
+    assert message.endswith(f"full log: {log}")
+    assert "Constraints violated" in log.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx.export.log"]
 
     with pytest.raises(ExportError, match=r"pair.onnx: the model returns 2 outputs but output_names has 1"):
         export_onnx(Pair(), torch.randn(2, 3), tmp_path / "pair.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx.export.log"]
+
+
+def test_unsupported_op_names_the_op_and_the_module(tmp_path):
+    path = tmp_path / "eig.onnx"
+    with pytest.raises(ExportError) as err:
+        export_onnx(Eig(), torch.randn(1, 4), path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("eig.onnx: torch.onnx.export failed (")
+    assert "No ONNX function found for aten.linalg_eig" in message, message
+    assert "in module 'inner.1' (Eigvals)" in message, message
+    assert (tmp_path / "eig.onnx.export.log").is_file() and not path.exists()
+    # the log has the whole chain, not just the one line
+    assert "DispatchError" in (tmp_path / "eig.onnx.export.log").read_text()
+
+
+class SpecialisedAtBatch1(nn.Module):
+    """Modules that torch.export specialises to batch 1 from a batch-1 example: Unfold, a
+    TransformerEncoder and a ConvNeXt block (depthwise 7x7, channels-last LayerNorm, layer scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unfold = nn.Unfold(4, stride=4)  # [B, 3*16, 16 patches]
+        self.embed = nn.Linear(48, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.dw = nn.Conv2d(3, 3, 7, padding=3, groups=3)
+        self.norm = nn.LayerNorm(3)
+        self.scale = nn.Parameter(torch.full((3, 1, 1), 0.5))
+        self.head = nn.Linear(19, 5)
+
+    def forward(self, x):
+        tokens = self.encoder(self.embed(self.unfold(x).transpose(1, 2))).mean(1)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        conv = (x + self.scale * y).mean((2, 3))
+        return self.head(torch.cat([tokens, conv], 1))
+
+
+def test_batch1_example_still_exports_a_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    model = SpecialisedAtBatch1().eval()
+    info = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "spec.onnx")
+    assert info["inputs"][0]["shape"][0] == "batch" and info["outputs"][0]["shape"][0] == "batch"
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            want = model(x).numpy()
+        got = run_onnx(info["path"], x.numpy())["logits"]
+        assert got.shape == (batch, 5) and np.abs(got - want).max() <= 1e-4
+
+
+def test_opset_is_honoured_or_refused(tmp_path):
+    for bad, match in [(13, "opset 13 is below 18"), (5, "opset 5 is below 18"), (999, "newer than"),
+                       ("18", "must be an integer")]:
+        with pytest.raises(ExportError, match=match) as err:
+            export_onnx(TinyCNN(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset=bad)
+        assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+    info = export_onnx(TinyCNN().eval(), torch.randn(1, 3, 16, 16), tmp_path / "m20.onnx", opset=20,
+                       check_batches=(1, 3))
+    assert info["opset"] == 20 and onnx.load(info["path"]).opset_import[0].version == 20
+
+
+def test_example_batch_must_be_at_least_two(tmp_path):
+    with pytest.raises(ExportError, match="example_batch must be an integer >= 2"):
+        export_onnx(TinyCNN(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", example_batch=1)
+    with pytest.raises(ExportError, match="at least one row"):
+        export_onnx(TinyCNN(), torch.randn(0, 3, 16, 16), tmp_path / "m.onnx")
+
+
+def test_a_later_success_removes_the_stale_log(tmp_path):
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError):
+        export_onnx(FixedBatch(), torch.randn(1, 3), path)
+    assert (tmp_path / "m.onnx.export.log").is_file()
+    export_onnx(TinyCNN().eval(), torch.randn(1, 3, 16, 16), path, check_batches=(1, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+NOISE_SCRIPT = """
+import torch, torch.nn as nn
+from export.onnx_export import export_onnx
+m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(1), nn.Linear(72, 3)).eval()
+export_onnx(m, torch.zeros(1, 1, 8, 8), r"{path}", check_batches=(1, 2))
+print("EXPORTED")
+"""
+
+
+def test_known_exporter_noise_is_filtered_at_its_source(tmp_path, root):
+    """A fresh process (the exporter's registry prints its torchvision notices once per process)."""
+    p = subprocess.run([sys.executable, "-c", NOISE_SCRIPT.format(path=tmp_path / "n.onnx")], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "EXPORTED" in p.stdout, p.stderr[-2000:]
+    out = p.stdout + p.stderr
+    assert "torchvision is not installed" not in out and "LeafSpec" not in out, out[-2000:]
+    assert "[torch.onnx]" not in out  # the exporter's progress lines (verbose=False)
 
 
 # ---------------------------------------------------------------- check_onnx errors
@@ -299,10 +416,10 @@ def test_run_onnx_batches_match_one_run(exported):
 def test_runner_errors(exported):
     path = exported["cnn"][2]
     assert "CPUExecutionProvider" in available_ort_providers()
-    with pytest.raises(ExportError, match="cnn.onnx: onnxruntime here has no NoSuchExecutionProvider"):
+    with pytest.raises(OrtError, match="cnn.onnx: onnxruntime here has no NoSuchExecutionProvider"):
         OrtRunner(path, providers=("NoSuchExecutionProvider", "CPUExecutionProvider"))
     with OrtRunner(path) as runner:
-        with pytest.raises(ExportError, match=r"cnn.onnx: expected inputs \['input'\]"):
+        with pytest.raises(OrtError, match=r"cnn.onnx: expected inputs \['input'\]"):
             runner.infer({"images": np.zeros((1, 3, 16, 16), np.float32)})
-    with pytest.raises(ExportError, match="at least one input row"):
+    with pytest.raises(OrtError, match="at least one input row"):
         run_onnx(path, np.zeros((0, 3, 16, 16), np.float32))

@@ -53,11 +53,17 @@ def test_other_inputs_and_classes():
         VisionTower(dim=30, heads=4)
 
 
+def _attention_modules(m):
+    from pipeline.prune_attention import find_attention
+    return [a.module for a in find_attention(m)]
+
+
 def test_attention_modules_follow_the_pruner_convention():
-    from pipeline.prune import _attention_modules
+    from pipeline.prune_attention import find_attention
     m = tiny()
-    attns = _attention_modules(m)
-    assert len(attns) == TINY["depth"]
+    found = find_attention(m)
+    assert [a.kind for a in found] == ["qkv"] * TINY["depth"]
+    attns = [a.module for a in found]
     for a in attns:
         assert a.num_heads * a.head_dim * 3 == a.qkv.out_features
     # the projector is the only layer besides the classifier whose output width must survive
@@ -66,7 +72,7 @@ def test_attention_modules_follow_the_pruner_convention():
 
 # ------------------------------------------------------------------------------------------ pruning
 def _check_pruned(m, base_macs, llm_hidden):
-    from pipeline.prune import _attention_modules, count_macs
+    from pipeline.prune import count_macs
     for a in _attention_modules(m):
         assert a.qkv.out_features == 3 * a.num_heads * a.head_dim
         assert a.proj.in_features == a.num_heads * a.head_dim
@@ -97,14 +103,14 @@ def test_prune_macs_target_keeps_heads_consistent_and_llm_width(tmp_path):
     with torch.no_grad():
         a, b = m(x(2)), again(x(2))
     assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[1], b[1], atol=1e-6)
-    for mod_a, mod_b in zip(m.modules(), again.modules()):
+    for mod_a, mod_b in zip(m.modules(), again.modules(), strict=True):
         if hasattr(mod_a, "qkv"):
             assert (mod_a.num_heads, mod_a.head_dim) == (mod_b.num_heads, mod_b.head_dim)
 
 
 def test_whole_head_pruning_removes_heads_and_replays(tmp_path):
     """head_ratio removes whole heads (head_dim kept); the JSON history replays to the same tower."""
-    from pipeline.prune import _attention_modules, count_macs, load_pruned, prune_model, save_pruned
+    from pipeline.prune import count_macs, load_pruned, prune_model, save_pruned
     m = tiny()
     base, _ = count_macs(m, x(1))
     m, info = prune_model(m, torch.zeros(1, 1, 28, 28), target="ratio", ratio=0.25, head_ratio=0.5, importance="l2")
@@ -151,9 +157,9 @@ def test_pruned_tower_survives_a_train_step(pruned):
 # ------------------------------------------------------------------------------------------ export
 def test_onnx_export_two_outputs_matches_torch(pruned, tmp_path):
     pytest.importorskip("onnxscript")
+    from edgerun.ort import run_onnx
     from export.onnx_export import export_onnx
     from export.parity import compare_outputs
-    from export.runners import run_onnx
 
     m = pruned
     assert m.blocks[0].attn.head_dim < TINY["dim"] // TINY["heads"]  # a really pruned tower
@@ -172,12 +178,12 @@ def test_onnx_export_two_outputs_matches_torch(pruned, tmp_path):
 # ------------------------------------------------------------------------------------------ config
 def test_config_loads_and_builds_the_tower():
     from pipeline.config import load_config
-    from pipeline.stages import build, output_names
+    from pipeline.modelio import build, output_names
     cfg = load_config(CONFIG)
     assert cfg.model.name == "vit_tower" and cfg.quantize.model_type == "transformer"
     assert cfg.prune.target == "macs" and cfg.prune.macs == 0.5
     assert "projector" in cfg.prune.ignored_layers and cfg.finetune.token_weight > 0
-    m = build(cfg)
+    m = build(cfg.model, cfg.data)
     assert isinstance(m, VisionTower) and output_names(m) == ("tokens", "logits")
     assert m.projector.out_features == cfg.model.kwargs.get("llm_hidden", 128)
 

@@ -4,9 +4,10 @@
 ``num_classes`` or the name given as ``kwargs["classes_arg"]`` ('' for a factory without one); the
 input channels (as ``in_channels`` or ``in_chans``) and the image size (as ``image_size``,
 ``input_size`` or ``img_size``) only when the factory names such a parameter (a ``**kwargs``
-catch-all gets neither: it may forward them to code that rejects them). Whatever a factory does wrong (raises, fails to import, returns something that is
-not an ``nn.Module``) is one line naming the factory. ``probe_model`` runs the built model once before
-any training. Nothing here imports torch at import time: ``pipeline infer`` must not pull it in.
+catch-all gets neither: it may forward them to code that rejects them). Whatever a factory does
+wrong (raises, fails to import, returns something that is not an ``nn.Module``) is one line naming
+the factory. ``probe_model`` runs the built model once before any training. Nothing here imports
+torch at import time: ``pipeline infer`` must not pull it in.
 """
 from __future__ import annotations
 

@@ -216,7 +216,7 @@ class RegNetSmall(nn.Module):
         super().__init__()
         self.stem = _conv_bn(in_channels, 16, 3, 2)
         blocks, cin = [], 16
-        for w, d in zip(widths, depths):
+        for w, d in zip(widths, depths, strict=True):
             for i in range(d):
                 blocks.append(RegNetYBlock(cin, w, 2 if i == 0 else 1, group_width))
                 cin = w

@@ -57,7 +57,7 @@ def build_models(folder: Path):
 
 def naive_worker(paths: dict, batch: int, threads: int, iters: int) -> dict:
     """One fresh process: p50 of every model's calls, one model after the other."""
-    from edgerun.benchmark import open_session
+    from edgerun.sessions import open_session
     from edgerun.timing import measure
     x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
     out = {}

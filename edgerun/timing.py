@@ -384,7 +384,7 @@ def _run_workers(spec: Spec, n: int, timeout_s: float, python: str) -> list[dict
 
 def worker(spec: Spec) -> dict[int, Comparison]:
     """Opens every item once, then compares them at each batch (what ``python -m edgerun.timing`` runs)."""
-    from edgerun.benchmark import open_session
+    from edgerun.sessions import open_session
     rng = np.random.default_rng(spec.seed)
     sessions = {i.name: open_session(i.path, i.backend, threads=spec.threads, batches=spec.batches,
                                      input_shape=spec.input_shape) for i in spec.items}

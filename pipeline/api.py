@@ -72,7 +72,8 @@ def load(config: str | Path | Config, overrides=(), run_name: str | None = None)
         if "/" in run_name or run_name.startswith(".") or not run_name.strip():
             raise PipelineError(f"--run {run_name!r}: must be a plain folder name")
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name))
-    warnings = [f"config: {k} is set but not read with this configuration (ignored)" for k in ignored_keys(cfg, explicit)]
+    warnings = [f"config: {k} is set but not read with this configuration (ignored)"
+                for k in ignored_keys(cfg, explicit)]
     return cfg, warnings
 
 

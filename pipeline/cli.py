@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", nargs="*", metavar="STAGE", help="rerun these stages (no names: every selected stage)")
     c = sub.add_parser("config", parents=[common], help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
-    show = csub.add_parser("show", parents=[common], help="print the resolved config, defaults included (TOML-like JSON)")
+    show = csub.add_parser("show", parents=[common], help="print the resolved config, defaults included (JSON)")
     _config_args(show)
     add_verbs(sub)
     for verb in ("infer", "check", "benchmark", "record"):

@@ -77,7 +77,8 @@ def _factory_hash(value: str) -> str:
     try:
         spec = importlib.util.find_spec(module)
     except Exception as e:  # importing parent packages can raise anything
-        raise PipelineError(f"model.factory {value!r}: cannot locate module {module!r} ({type(e).__name__}: {e})") from None
+        raise PipelineError(f"model.factory {value!r}: cannot locate module {module!r} "
+                            f"({type(e).__name__}: {e})") from None
     if spec is None or not spec.origin or not Path(spec.origin).is_file():
         raise PipelineError(f"model.factory {value!r}: no module {module!r} found on the Python path")
     return sha256_file(spec.origin)

@@ -100,7 +100,8 @@ def _engine_recipe(ctx: Context, bundle: Path, preflight: dict) -> dict:
                       input_shape=(cfg.data.channels, *cfg.data.size), precision=cfg.engine.source)
     copy_file(script_path(), bundle / "build_engine.sh")
     (bundle / "build_engine.sh").chmod(0o755)
-    return {"offered": True, "source": source, "script": "build_engine.sh", "trt_majors": sorted(int(m) for m in majors),
+    return {"offered": True, "source": source, "script": "build_engine.sh",
+            "trt_majors": sorted(int(m) for m in majors),
             "note": "NOT executed here (no TensorRT/GPU on this machine): build on the target"}
 
 
@@ -156,7 +157,8 @@ def package_stage(ctx: Context) -> Output:
         "verified": _verified(ctx),
     })
     listing = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
-    return Output(metrics={"files": [f for f in listing if not f.startswith("edgerun/")], "chosen": chosen, "engine_recipe": recipe,
+    return Output(metrics={"files": [f for f in listing if not f.startswith("edgerun/")], "chosen": chosen,
+                           "engine_recipe": recipe,
                            "preflight": {f: {m: r["ok"] for m, r in res.items()} for f, res in preflight.items()}})
 
 

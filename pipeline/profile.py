@@ -55,8 +55,8 @@ from typing import Callable
 import numpy as np
 
 from edgerun import machine as mach
-from edgerun.benchmark import Session, open_session
-from edgerun.benchmark import backends_for as _runtime_backends
+from edgerun.sessions import Session, open_session
+from edgerun.sessions import backends_for as _runtime_backends
 from edgerun.timing import Repeated, Spec, SpecItem, TimingError, compare, measure, repeat_in_processes
 from pipeline.errors import PipelineError
 from pipeline.profile_speedup import BACKEND_ORDER, GPU_BACKENDS, PARENT, ROLE_ORDER, role, run_name, speedup_table

@@ -18,10 +18,11 @@ class Progress:
         self.bar = None
         if self.stream.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
-            from rich.progress import TimeRemainingColumn
-            self.bar = Bar(TextColumn(f"  {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                           TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=self.stream), transient=True)
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+            self.bar = Bar(TextColumn(f"  {label}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                           console=Console(file=self.stream), transient=True)
             self.task = self.bar.add_task(label, total=self.total, info="")
             self.bar.start()
 

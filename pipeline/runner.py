@@ -243,7 +243,8 @@ class Runner:
         return self._finish(stage, final, record, label, cached=False)
 
     def _reusable(self, stage: Stage, fp_hash: str, final: Path, failed: Path, label: str):
-        """(folder, record) of a verified earlier result with this fingerprint: this run's, a failed gate's, the store's."""
+        """(folder, record) of a verified earlier result with this fingerprint: this run's, a failed
+        gate's (the result is sound; only its gate is judged again), or the shared store's."""
         for folder in (final, failed):
             rec = read_record(folder)
             if rec is None:

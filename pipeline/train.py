@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 
+
 def logits_of(output):
     """Models may return logits or (tokens, logits): classification always reads the last."""
     return output[-1] if isinstance(output, (tuple, list)) else output
@@ -109,7 +110,8 @@ def _teacher_outputs(teacher, x, device, batch_size=1000):
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            outs.append(logits_of(teacher(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device))).float().cpu())
+            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)
+            outs.append(logits_of(teacher(xb)).float().cpu())
     return torch.cat(outs)
 
 

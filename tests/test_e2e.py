@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SMALL
 
 STAGES = ["baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package"]
@@ -107,7 +106,8 @@ def test_bundle_works_on_its_own_without_torch(runs, tmp_path):
     p = subprocess.run([sys.executable, "-c", code, "check", "model_int8.onnx", "--trt-major", "10"], cwd=bundle,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and p.stdout.strip().splitlines()[-1].startswith("FAILED")
-    p = subprocess.run([sys.executable, "-c", code, "benchmark", ".", "--output", "bench.json"], cwd=bundle,
+    p = subprocess.run([sys.executable, "-c", code, "benchmark", ".", "--output", "bench.json", "--iters", "10",
+                        "--rounds", "3", "--block-ms", "2", "--processes", "1", "--batches", "1"], cwd=bundle,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads((bundle / "bench.json").read_text())

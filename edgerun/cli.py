@@ -17,7 +17,7 @@ from edgerun.errors import EdgeError
 # verb -> (module, parser builder, runner)
 VERBS = {
     "infer": ("edgerun.infer", "add_infer_parser", "run_infer"),
-    "check": ("edgerun.preflight", "add_check_parser", "run_check"),
+    "check": ("edgerun.check", "add_check_parser", "run_check"),
     "benchmark": ("edgerun.benchmark", "add_benchmark_parser", "run_benchmark"),
     "record": ("edgerun.trt", "add_record_parser", "run_record"),
 }

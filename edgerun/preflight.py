@@ -16,11 +16,9 @@ at its ONNX type (an FP32 graph builds FP32 there: there is no --fp16 flag).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
-import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +30,6 @@ from edgerun.errors import EdgeError, brief
 
 TABLE_PATH = Path(__file__).with_name("trt_onnx_support.json")
 MAJORS = (10, 11)
-EXIT_FAILED = 2     # a failed check is like a failed gate (exit 2); 1 stays for user errors
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 SHOWN = 8           # issues named in one summary line
 
@@ -378,88 +375,3 @@ def check_onnx(path_or_model, trt_major: int, *, name: str | None = None) -> Pre
     if trt_major >= 11 and precision == "fp32":
         notes.append("TensorRT 11 builds this graph in FP32 (no FP16 tensors or Q/DQ; it has no --fp16 flag)")
     return Preflight(label, trt_major, table.version, precision, tuple(issues), tuple(notes))
-
-
-# ---------------------------------------------------------------- the `check` verb
-
-def bundle_onnx_files(folder: str | os.PathLike) -> list[Path]:
-    """The .onnx files a bundle's build files (engine.env, trtexec_args_trt*.txt) name, else all of them."""
-    folder = Path(folder)
-    root = folder.resolve()
-    named = []
-    env = folder / "engine.env"
-    try:
-        if env.is_file():
-            for line in env.read_text().splitlines():
-                if line.startswith("ONNX="):
-                    named += shlex.split(line[len("ONNX="):])
-        for args in sorted(folder.glob("trtexec_args_trt*.txt")):
-            named += [a.split("=", 1)[1] for a in args.read_text().split() if a.startswith("--onnx=")]
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: shlex on unbalanced quotes
-        raise PreflightError(f"{folder}: cannot read its build files ({brief(e)})") from None
-    if not named:
-        files = sorted(folder.glob("*.onnx"))
-        if not files:
-            raise PreflightError(f"{folder}: no .onnx file in this folder and no build file naming one")
-        return files
-    out = []
-    for n in dict.fromkeys(named):
-        path = (folder / n).resolve()
-        if not path.is_relative_to(root):
-            raise PreflightError(f"{folder}: build file names {n!r}, which is outside the bundle")
-        if not path.is_file():
-            raise PreflightError(f"{folder}: build file names {n!r}, which is not in the bundle")
-        out.append(path)
-    return out
-
-
-def add_check_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("check", help="static TensorRT pre-flight of an ONNX file or a bundle (no GPU)",
-                              description=__doc__.split("\n")[0])
-    p.add_argument("path", help="an .onnx file, or a bundle folder (checks the ONNX its build files name)")
-    p.add_argument("--trt-major", type=int, nargs="+", choices=MAJORS, default=list(MAJORS), metavar="10|11",
-                   help="TensorRT major version(s) to check against (default: 10 11)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    p.set_defaults(func=run_check)
-    return p
-
-
-def run_check(args) -> int:
-    """0 when every file passes for every major, EXIT_FAILED (one line per issue) otherwise."""
-    try:
-        path = Path(args.path)
-        files = bundle_onnx_files(path) if path.is_dir() else [path]
-        results = [check_onnx(f, major) for f in files for major in args.trt_major]
-    except EdgeError as e:
-        print(f"FAILED | error: {e}")
-        return 1   # a user error (unreadable file, bad bundle), not a failed check
-    failed = [r for r in results if not r]
-    if args.format == "json":
-        print(json.dumps({"passed": not failed, "results": [r.to_json() for r in results]}, indent=2))
-        return EXIT_FAILED if failed else 0
-    for r in results:
-        print(r.summary())
-        for issue in r.issues:
-            print(f"  {r.name} TensorRT {r.trt_major}: {issue.line()}")
-        for note in r.notes:
-            print(f"  note: {note}")
-    checked = f"{len(files)} ONNX file(s) x TensorRT {'/'.join(map(str, args.trt_major))}"
-    if failed:
-        n = sum(len(r.issues) for r in failed)
-        print(f"FAILED | {n} issue(s) in {len(failed)} of {len(results)} checks ({checked})")
-        return EXIT_FAILED
-    print(f"PASSED | {checked}: nothing contradicts TensorRT's documented ONNX support")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m edgerun.preflight PATH [--trt-major ...]``: the check verb on its own."""
-    parser = argparse.ArgumentParser(prog="python -m edgerun.preflight")
-    add_check_parser(parser.add_subparsers(dest="verb", required=True))
-    import sys
-    args = parser.parse_args(["check", *(sys.argv[1:] if argv is None else argv)])
-    return run_check(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

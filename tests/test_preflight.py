@@ -15,7 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calib import CalibError, quantize_onnx, validate_qdq
-from edgerun.preflight import MAJORS, PreflightError, bundle_onnx_files, check_onnx, load_table, main, qdq_issues
+from edgerun.check import bundle_onnx_files, main
+from edgerun.preflight import MAJORS, PreflightError, check_onnx, load_table, qdq_issues
 
 ROOT = Path(__file__).resolve().parents[1]
 OPSET = 18

@@ -25,7 +25,6 @@ Also: ``open_session`` and ``backends_for``, which the timing worker and pipelin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import numpy as np
 
 from edgerun.errors import EdgeError
 from edgerun.io import write_json
-from edgerun.machine import machine
+from edgerun.machine import library_versions, machine
 from edgerun.sessions import GPU_BACKENDS, ORT_BACKENDS, BenchmarkError, Session, backends_for, open_session, trt_here  # noqa: F401 - part of this module's interface
 from edgerun.timing import Repeated, Spec, SpecItem, compare, measure, repeat_in_processes
 
@@ -169,7 +168,7 @@ def _benchmark(found: BundleModels, batches: tuple[int, ...], out: Path, args) -
                 ratios += _ratios(backend, ms, common, found, args)
     write_json(out, {
         "bundle": str(Path(args.bundle).resolve()), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": here.to_json(), "libraries": _libraries(),
+        "machine": here.to_json(), "libraries": library_versions(RUNTIME_LIBRARIES),
         "method": {"warmup": args.warmup, "iters": args.iters, "threads": args.threads or "default",
                    "timer": "time.perf_counter, gc disabled while timing",
                    "input": f"random {found.dtype}, host numpy",
@@ -222,13 +221,7 @@ def _in_process(backend, models, ref, batches, found: BundleModels, args) -> tup
             s.close()
 
 
-def _libraries() -> dict:
-    from importlib import metadata
-    out = {}
-    for name in ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "polygraphy"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
+RUNTIME_LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "polygraphy")
 
 
 def _print_table(rows, ratios, skipped) -> None:

@@ -208,3 +208,18 @@ def machine() -> Machine:
                    logical_cores=os.cpu_count(), physical_cores=physical_cores(), usable_cores=usable_cores(),
                    load_average=load_average(), platform=platform.platform(), python=platform.python_version(),
                    gpu=gpu_info(), jetson=jetson_info())
+
+
+# The libraries whose versions change what the project measures or writes.
+LIBRARIES = ("torch", "torch-pruning", "onnx", "onnxruntime", "onnxruntime-gpu", "nncf", "numpy", "polygraphy",
+             "onnxconverter-common", "tensorrt", "psutil")
+
+
+def library_versions(names=LIBRARIES) -> dict:
+    """{distribution: version} for those installed here (metadata only: nothing is imported)."""
+    from importlib import metadata
+    out = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from edgerun.io import atomic_write, copy_file, sha256_file, write_json
+from edgerun.machine import library_versions
 from export.trt_options import EngineOptions
 from pipeline.data import PROJECT_ROOT
 from pipeline.errors import PipelineError
 from pipeline.records import StageRecord
-from pipeline.runner import Context, Output, library_versions
+from pipeline.runner import Context, Output
 
 ENGINE_OPTION_KEYS = tuple(f"engine.{f.name}" for f in dataclasses.fields(EngineOptions))
 TRT_MAJORS = (10, 11)

@@ -48,7 +48,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -367,7 +366,8 @@ def environment(o: ProfileOptions, load_start, notes: list, skipped: list) -> di
         "threads": o.threads or "default",
         "ort_intra_op_threads": o.threads or f"default ({mach.physical_cores() or os.cpu_count()}: "
                                              "one per physical core)",
-        "libraries": _libraries(), "load_avg_start": load_start, "load_avg_end": mach.load_average(),
+        "libraries": mach.library_versions(LIBRARIES), "load_avg_start": load_start,
+        "load_avg_end": mach.load_average(),
         "peak_rss_mb": _round(mach.peak_rss_mb(), 1),
         "method": {"warmup": o.warmup, "iters": o.iters, "time_budget_s": o.time_budget_s,
                    "timer": "time.perf_counter, gc disabled while timing", "input": "random float32, host numpy",
@@ -386,14 +386,6 @@ def environment(o: ProfileOptions, load_start, notes: list, skipped: list) -> di
         from edgerun.ort import available_ort_providers
         env["ort_providers"] = available_ort_providers()
     return env
-
-
-def _libraries() -> dict:
-    out = {}
-    for name in LIBRARIES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
 
 
 def _torch_threads() -> int | None:

@@ -108,7 +108,7 @@ def _first_list(*values) -> list:
 
 
 def _libraries() -> dict:
-    from pipeline.runner import library_versions
+    from edgerun.machine import library_versions
     return library_versions()
 
 

@@ -16,18 +16,16 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
 from edgerun.io import hash_json, sha256_file, write_json
+from edgerun.machine import library_versions
 from pipeline.config import Config
 from pipeline.contract import ConfigView, expand, fingerprint_values
 from pipeline.errors import ContractError, GateFailed, PipelineError
 from pipeline.records import Artifact, GateResult, StageRecord
 
-LIBRARIES = ("torch", "torch-pruning", "onnx", "onnxruntime", "onnxruntime-gpu", "nncf", "numpy",
-             "polygraphy", "onnxconverter-common", "tensorrt")
 RECORD = "stage.json"
 # What the dataset (pipeline.data.Data) is made from: a stage that reads it depends on all of these.
 DATA_KEYS = ("data.kind", "data.root", "data.size", "data.channels", "data.mean", "data.std", "data.train_subset",
@@ -91,14 +89,6 @@ class Context:
             raise ContractError(f"stage {self.stage.name} read the dataset without declaring uses_data")
         self.cfg.seen.update(DATA_KEYS)
         return self._data
-
-
-def library_versions() -> dict:
-    out = {}
-    for name in LIBRARIES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
 
 
 def file_table(folder: Path) -> dict:

@@ -1,6 +1,7 @@
 """Shared fixtures: the project root and the small settings every pipeline test runs with."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,3 +15,21 @@ SMALL = ["data.train_subset=2000", "data.test_subset=300", "baseline.epochs=1", 
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def conv_onnx(path, channels: int) -> Path:
+    """Conv(1 -> channels, 3x3) + ReLU + global average pool + Flatten on 1x8x8, dynamic batch:
+    a real ONNX file whose cost grows with ``channels`` (for timing and bundle tests)."""
+    import onnx
+    from onnx import TensorProto, helper
+    w = (np.random.default_rng(0).standard_normal((channels, 1, 3, 3)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", channels])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel().tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return Path(path)

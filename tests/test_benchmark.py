@@ -4,29 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import conv_onnx
 
 from edgerun import benchmark as bench
 from edgerun.io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def conv_onnx(path, channels: int):
-    """Conv(1 -> channels, 3x3) + ReLU + global average pool + Flatten: cost grows with ``channels``."""
-    import onnx
-    from onnx import TensorProto, helper
-    w = (np.random.default_rng(0).standard_normal((channels, 1, 3, 3)) * 0.1).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
-         helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
-        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", channels])],
-        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel().tolist())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
 
 
 def make_bundle(root: Path) -> Path:

@@ -3,8 +3,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import conv_onnx
 
 from edgerun import machine as mach
 from edgerun.errors import EdgeError
@@ -120,22 +120,6 @@ def test_roles_of_older_rows():
 
 
 # ---------------------------------------------------------------- a real profile
-
-def conv_onnx(path: Path, channels: int) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-    w = (np.random.default_rng(0).standard_normal((channels, 1, 3, 3)) * 0.1).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
-         helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
-        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", channels])],
-        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel().tolist())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
-    return path
-
 
 def torch_model(channels: int):
     import torch

@@ -11,9 +11,11 @@ Targets (``target=``):
   * ``"macs"``: ``macs`` <= 1.0 is the **fraction of the unpruned MACs to keep** (0.1 = 10x fewer MACs);
     ``macs`` > 1 is an absolute MAC budget. The channel ratio that meets it is found by bisection on a
     deepcopy (the whole iterative schedule is simulated, without ``between_steps``).
-  * ``"latency_ms"``: a budget in milliseconds for one batch of ``latency_batch`` on onnxruntime CPU
-    (the copy is exported with the TorchScript exporter and timed, median of repeated runs); bisection
-    on the ratio as for MACs. Timing on a shared machine is noisy: treat it as approximate.
+  * ``"latency_ms"``: a budget in milliseconds for one batch of ``latency_batch`` on the deploy runtime;
+    ``"speedup"``: ``speedup`` times faster than the unpruned model there. Both choose a width per
+    group of coupled channels from measured latency tables (pipeline.prune_latency): the result says
+    what was measured, how long it took, predicted and measured speedup. Timing on a shared machine
+    is noisy: the pick is verified against the unpruned model with the interleaved protocol.
 
 What stays fixed (pipeline.prune_scope): the output channels of the layers that produce the model's
 outputs (a classifier's last layer, a vision tower's projector), modules named in the model's
@@ -43,10 +45,19 @@ import torch_pruning as tp
 
 from edgerun.errors import brief
 from pipeline import prune_attention as attn
+from pipeline import prune_latency as latency
 from pipeline import prune_scope as scope
 from pipeline.errors import PipelineError
 from pipeline.models import forward_named
-from pipeline.prune_cost import conv_linear_macs, count_macs, measure_latency_ms  # noqa: F401 (public here)
+from pipeline.prune_cost import (  # noqa: F401 (public here)
+    batch_of,
+    bisect_ratio,
+    conv_linear_macs,
+    count_macs,
+    export_for_timing,
+    measure_latency_ms,
+)
+from pipeline.prune_latency import GPU_ROUND_TO, latency_backend, resolve_round_to  # noqa: F401 (public here)
 from pipeline.prune_store import (  # noqa: F401
     HISTORY_FILE,
     SAFETENSORS_FILE,
@@ -59,10 +70,8 @@ from pipeline.prune_store import (  # noqa: F401
 from pipeline.train import logits_of
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "lamp", "random")
-TARGETS = ("ratio", "macs", "latency_ms")
-RATIO_MAX = 0.98      # the highest channel ratio the search tries
-BRACKET_STEP = 0.04   # first step when bracketing the ratio that meets a MAC/latency budget
-RATIO_TOL = 0.005     # bisection stops when the bracket is this narrow
+TARGETS = ("ratio", "macs", "latency_ms", "speedup")
+LATENCY_TARGETS = ("latency_ms", "speedup")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -231,7 +240,9 @@ def _validate(model, *, target, importance, head_ratio, iterative_steps, max_lay
 
 
 def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio: float = 0.5,
-                macs: float = 0.0, latency_ms: float = 0.0, latency_batch: int = 1, importance: str = "l2",
+                macs: float = 0.0, latency_ms: float = 0.0, latency_batch: int = 1, speedup: float = 0.0,
+                latency_threads: int = 1, latency_runtime: str = "onnxruntime-cpu", verify_processes: int = 3,
+                log: Callable[[str], object] | None = None, importance: str = "l2",
                 global_pruning: bool = False, round_to: int = 1, max_layer_ratio: float = 1.0,
                 iterative_steps: int = 1, ignored_layers: Iterable[str] = (),
                 between_steps: Callable[[int, nn.Module], None] | None = None,
@@ -260,6 +271,9 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     _validate(model, target=target, importance=importance, head_ratio=head_ratio, iterative_steps=iterative_steps,
               max_layer_ratio=max_layer_ratio, ignored_layers=ignored_names, layer_ratios=layer_ratios,
               attentions=attentions)
+    if target in LATENCY_TARGETS and (layer_ratios or head_ratio):
+        raise PipelineError(f"prune.target = {target!r} chooses every group's width itself: it cannot be combined "
+                            "with layer_ratios or head_ratio; use ignored_layers to keep layers whole")
     unwrapped = scope.unwrapped_dims(model, unwrapped_parameters)
     batches = list(taylor_batches) if taylor_batches is not None else []
     if importance == "taylor" and not batches:
@@ -276,39 +290,44 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                   head_ratio=float(head_ratio), narrow_heads=float(head_ratio) == 0.0, unwrapped=unwrapped)
     info: dict = {"target": target}
 
-    if target == "ratio":
+    if target in LATENCY_TARGETS:
+        if target == "latency_ms" and latency_ms <= 0:
+            raise PipelineError("prune.latency_ms: give a positive latency budget in milliseconds")
+        if target == "latency_ms":
+            info["latency_budget_ms"] = float(latency_ms)
+        found = _latency_search(model, example_input, common, batch=latency_batch, threads=latency_threads,
+                                backend=latency_runtime, block=round_to if round_to > 1 else 0,
+                                speedup=float(speedup) if target == "speedup" else 0.0,
+                                latency_ms=float(latency_ms) if target == "latency_ms" else 0.0,
+                                verify_processes=verify_processes, log=log)
+        history = _apply_widths(model, example_input, found.widths, common, between_steps, progress)
+        info.update(latency_search=found.summary(), latency_tables=found.tables_json(),
+                    latency_ms_after=found.pruned_ms)
+        ratio_used = None
+    elif target == "ratio":
         if not 0.0 <= float(ratio) < 1.0:
             raise PipelineError(f"prune.ratio: must be in [0, 1), got {ratio}")
         ratio_used = float(ratio)
     else:
-        if target == "macs":
-            if macs <= 0:
-                raise PipelineError("prune.macs: give a fraction of MACs to keep (0 < macs <= 1) or a MAC budget (> 1)")
-            budget = float(macs) * macs_before if macs <= 1.0 else float(macs)
-            info["macs_budget"] = int(budget)
+        if macs <= 0:
+            raise PipelineError("prune.macs: give a fraction of MACs to keep (0 < macs <= 1) or a MAC budget (> 1)")
+        budget = float(macs) * macs_before if macs <= 1.0 else float(macs)
+        info["macs_budget"] = int(budget)
 
-            def cost(m):
-                return count_macs(m, example_input)[0]
-            what = "MACs"
-        else:
-            if latency_ms <= 0:
-                raise PipelineError("prune.latency_ms: give a positive latency budget in milliseconds")
-            budget = float(latency_ms)
-            info["latency_budget_ms"] = budget
-
-            def cost(m):
-                return measure_latency_ms(m, example_input, latency_batch)
-            what = f"ms at batch {latency_batch}"
-        ratio_used, sim_channels = _bisect_ratio(model, example_input, budget, cost, what, common,
-                                                 cost0=macs_before if target == "macs" else None)
-    history = _run_schedule(model, example_input, ratio=ratio_used, between_steps=between_steps,
-                            progress=progress, **common)
+        def cost(m):
+            return count_macs(m, example_input)[0]
+        what = "MACs"
+        ratio_used, sim_channels = bisect_ratio(model, example_input, budget, cost, what, common, _run_schedule,
+                                                cost0=macs_before)
+    if target not in LATENCY_TARGETS:
+        history = _run_schedule(model, example_input, ratio=ratio_used, between_steps=between_steps,
+                                progress=progress, **common)
 
     # With fine-tuning between global steps the allocation can differ from the simulation: top up
     # (heads were removed already: the top-up only narrows what the main schedule may narrow).
-    if target != "ratio" and layer_channels(model) != sim_channels and cost(model) > budget:
+    if target == "macs" and layer_channels(model) != sim_channels and cost(model) > budget:
         once = {**common, "iterative_steps": 1, "layer_ratios": None, "head_ratio": 0.0}
-        extra, _ = _bisect_ratio(model, example_input, budget, cost, what, once)
+        extra, _ = bisect_ratio(model, example_input, budget, cost, what, once, _run_schedule)
         history += _run_schedule(model, example_input, ratio=extra, **once)
         info["top_up_ratio"] = extra
 
@@ -324,63 +343,86 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                                "head_dim_before": h["head_dim"], "num_heads": heads_after[n]["num_heads"],
                                "head_dim": heads_after[n]["head_dim"]} for n, h in heads_before.items()},
                  "unwrapped": scope.unwrapped_report(bare_before, model)})
-    if target == "latency_ms":
-        info["latency_ms_after"] = measure_latency_ms(model, example_input, latency_batch)
     return model, info
 
 
-def _bisect_ratio(model, example_input, budget, cost, what, common, cost0=None) -> tuple[float, dict]:
-    """Smallest channel ratio (within RATIO_TOL) whose simulated pruned copy costs <= budget; also the
-    channels it gives. Each trial prunes a deepcopy, so trials are few: a first guess from
-    cost ~ (1 - ratio)^2, a bracket grown outwards from it, then bisection of the bracket."""
-    cache: dict[float, tuple[float, dict]] = {}
+# --------------------------------------------------------------------------------------------- latency targets
+def _width_ratios(widths: dict[str, int], full: dict[str, int]) -> dict[str, float]:
+    # torch-pruning keeps int(n * (1 - ratio)) channels: aim half a channel above w so that float
+    # rounding cannot drop one more
+    return {n: 1.0 - (w + 0.5) / full[n] for n, w in widths.items() if w < full[n]}
 
-    def trial(r):
-        r = round(min(max(r, 0.0), RATIO_MAX), 6)
-        if r not in cache:
-            m = copy.deepcopy(model)
-            if r > 0 or common.get("layer_ratios") or common.get("head_ratio"):
-                _run_schedule(m, example_input, ratio=r, **common)
-            cache[r] = (cost(m), layer_channels(m))
-        return r, cache[r][0]
 
-    if cost0 is None or common.get("layer_ratios") or common.get("head_ratio"):
-        cost0 = trial(0.0)[1]
-    else:
-        cache[0.0] = (cost0, layer_channels(model))
-    if cost0 <= budget:
-        return 0.0, cache[0.0][1]
-    guess = 1.0 - math.sqrt(budget / cost0)
-    r, c = trial(guess)
-    step = BRACKET_STEP
-    if c <= budget:  # grow downwards until it no longer fits
-        hi, lo = r, None
-        while lo is None:
-            r2, c2 = trial(hi - step)
-            if r2 <= 0.0 or c2 > budget:
-                lo = max(r2, 0.0) if c2 > budget else 0.0
-                if c2 <= budget:
-                    hi = r2
-            else:
-                hi = r2
-            step *= 2
-    else:  # grow upwards until it fits (global pruning can refuse to empty layers: not monotone at the top)
-        lo, hi = r, None
-        while hi is None:
-            if lo >= RATIO_MAX:
-                best = min(v[0] for v in cache.values())
-                raise PipelineError(f"prune: cannot reach {budget:,.4g} {what}: the lowest found is {best:,.4g}; "
-                                    "relax the target, max_layer_ratio or ignored_layers")
-            r2, c2 = trial(lo + step)
-            if c2 <= budget:
-                hi = r2
-            else:
-                lo = r2
-            step *= 2
-    while hi - lo > RATIO_TOL:
-        mid, c = trial((lo + hi) / 2)
-        if c <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return hi, cache[hi][1]
+def _apply_widths(model, example_input, widths: dict[str, int], common: dict, between_steps=None,
+                  progress=None) -> list:
+    """Prune ``model`` in place so that each group root in ``widths`` keeps that many channels."""
+    full = {n: c for n, c in layer_channels(model).items() if n in widths}
+    ratios = _width_ratios(widths, full)
+    if not ratios:
+        return []
+    opts = {**common, "layer_ratios": ratios, "global_pruning": False, "round_to": 1, "head_ratio": 0.0,
+            "narrow_heads": True}
+    history = _run_schedule(model, example_input, ratio=0.0, between_steps=between_steps, progress=progress, **opts)
+    got = {n: c for n, c in layer_channels(model).items() if n in widths}
+    if got != widths:
+        raise PipelineError(f"prune: torch-pruning kept {got} channels where the latency search chose {widths}")
+    return history
+
+
+def latency_groups(model, example_input, common: dict) -> tuple[list, list[str]]:
+    """The groups the pruner would rank (torch-pruning's own group objects, same ignored layers), with
+    their channels' importance; attention and grouped-channel groups are left whole (their names)."""
+    m = copy.deepcopy(model)
+    names = {mod: n for n, mod in m.named_modules()}
+    imp = _make_importance(common["importance"], m)
+    attentions = attn.find_attention(m)
+    groups, skipped = [], []
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            pruner = _pruner(m, example_input, imp, 0.0, global_pruning=False, round_to=1,
+                             max_layer_ratio=common["max_layer_ratio"], iterative_steps=1,
+                             ignored=_ignored(m, common["ignored_names"], example_input), layer_ratios=None,
+                             narrow_heads=True, unwrapped=common["unwrapped"], attentions=attentions)
+            if common["importance"] == "taylor":
+                _taylor_gradients(m, common["taylor_batches"])
+            for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                  root_module_types=pruner.root_module_types):
+                root = group[0].dep.target.module
+                name = names.get(root, type(root).__name__)
+                if pruner._is_atten_group(group)[0] or pruner._get_channel_groups(group) > 1:
+                    skipped.append(name)
+                    continue
+                scores = pruner.estimate_importance(group)
+                if scores is None:
+                    skipped.append(name)
+                    continue
+                n = int(pruner.DG.get_out_channels(root))
+                floor = max(1, math.ceil(n * (1.0 - common["max_layer_ratio"]) - 1e-9))
+                groups.append(latency.Group(name, n, tuple(sorted(float(v) for v in scores)), floor))
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch-pruning's failures are tracebacks deep in its graph code
+        raise PipelineError(f"prune: torch-pruning failed while listing groups ({brief(e)})") from None
+    return groups, skipped
+
+
+def _latency_search(model, example_input, common, *, batch, threads, backend, block, speedup, latency_ms,
+                    verify_processes, log) -> latency.LatencySearch:
+    from edgerun.machine import simd_block
+    groups, skipped = latency_groups(model, example_input, common)
+    # variants differ only in shape: a cheap importance picks their channels (latency ignores which)
+    cheap = {**common, "importance": "l1", "iterative_steps": 1, "taylor_batches": []}
+    x = batch_of(example_input, batch)
+
+    def build_variant(widths):
+        v = copy.deepcopy(model)
+        _apply_widths(v, example_input, {n: w for n, w in widths.items()}, cheap)
+        return v
+    opener = None
+    if backend == "tensorrt":   # NOT executed here (no GPU, no TensorRT): see prune_latency.tensorrt_opener
+        opener = latency.tensorrt_opener(batch, tuple(x.shape[1:]))
+    return latency.search(groups, build_variant=build_variant, export=lambda m, p: export_for_timing(m, x, p),
+                          x=x.numpy(), block=block or simd_block(), speedup=speedup, latency_ms=latency_ms,
+                          backend=backend, threads=threads, opener=opener, verify_processes=verify_processes,
+                          skipped=tuple(skipped), log=log)

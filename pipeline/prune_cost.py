@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import tempfile
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +19,11 @@ import torch_pruning as tp
 
 from edgerun.errors import brief
 from pipeline.errors import PipelineError
+from pipeline.prune_store import layer_channels
+
+RATIO_MAX = 0.98      # the highest channel ratio the search tries
+BRACKET_STEP = 0.04   # first step when bracketing the ratio that meets a MAC budget
+RATIO_TOL = 0.005     # bisection stops when the bracket is this narrow
 
 
 @contextmanager
@@ -98,36 +101,98 @@ def conv_linear_macs(model: nn.Module, example_input) -> int:
     return int(total[0])
 
 
+# --------------------------------------------------------------------------------------------- MAC budget
+def bisect_ratio(model, example_input, budget, cost, what, common, run_schedule, cost0=None) -> tuple[float, dict]:
+    """Smallest channel ratio (within RATIO_TOL) whose simulated pruned copy costs <= budget; also the
+    channels it gives (``run_schedule``: pipeline.prune's schedule). Each trial prunes a deepcopy,
+    so trials are few: a first guess from
+    cost ~ (1 - ratio)^2, a bracket grown outwards from it, then bisection of the bracket."""
+    cache: dict[float, tuple[float, dict]] = {}
+
+    def trial(r):
+        r = round(min(max(r, 0.0), RATIO_MAX), 6)
+        if r not in cache:
+            m = copy.deepcopy(model)
+            if r > 0 or common.get("layer_ratios") or common.get("head_ratio"):
+                run_schedule(m, example_input, ratio=r, **common)
+            cache[r] = (cost(m), layer_channels(m))
+        return r, cache[r][0]
+
+    if cost0 is None or common.get("layer_ratios") or common.get("head_ratio"):
+        cost0 = trial(0.0)[1]
+    else:
+        cache[0.0] = (cost0, layer_channels(model))
+    if cost0 <= budget:
+        return 0.0, cache[0.0][1]
+    guess = 1.0 - math.sqrt(budget / cost0)
+    r, c = trial(guess)
+    step = BRACKET_STEP
+    if c <= budget:  # grow downwards until it no longer fits
+        hi, lo = r, None
+        while lo is None:
+            r2, c2 = trial(hi - step)
+            if r2 <= 0.0 or c2 > budget:
+                lo = max(r2, 0.0) if c2 > budget else 0.0
+                if c2 <= budget:
+                    hi = r2
+            else:
+                hi = r2
+            step *= 2
+    else:  # grow upwards until it fits (global pruning can refuse to empty layers: not monotone at the top)
+        lo, hi = r, None
+        while hi is None:
+            if lo >= RATIO_MAX:
+                best = min(v[0] for v in cache.values())
+                raise PipelineError(f"prune: cannot reach {budget:,.4g} {what}: the lowest found is {best:,.4g}; "
+                                    "relax the target, max_layer_ratio or ignored_layers")
+            r2, c2 = trial(lo + step)
+            if c2 <= budget:
+                hi = r2
+            else:
+                lo = r2
+            step *= 2
+    while hi - lo > RATIO_TOL:
+        mid, c = trial((lo + hi) / 2)
+        if c <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi, cache[hi][1]
+
+
 # --------------------------------------------------------------------------------------------- latency
+def batch_of(example_input: torch.Tensor, batch: int) -> torch.Tensor:
+    """``batch`` copies of the example's first sample (the shape a latency is measured at)."""
+    return example_input[:1].detach().cpu().repeat(batch, *([1] * (example_input.dim() - 1)))
+
+
+def export_for_timing(model: nn.Module, x: torch.Tensor, path, *, what: str = "prune.latency_ms") -> Path:
+    """A TorchScript-exported copy of ``model`` at input ``x`` (fast: timing only, never deployed)."""
+    m = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad(), mha_fastpath_off(), warnings.catch_warnings():
+        # the trace is only timed at this one batch: its "might not generalize" notices do not apply
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(m, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                              dynamic_axes={"input": {0: "batch"}})
+        except Exception as e:  # noqa: BLE001 - the TorchScript exporter raises many types
+            raise PipelineError(f"{what}: cannot export a copy of the model to time it ({brief(e)})") from None
+    return Path(path)
+
+
 def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, batch: int = 1, *, warmup: int = 10,
                        runs: int = 50, threads: int = 0) -> float:
-    """Median latency (ms) of one batch on onnxruntime's CPU provider, from a TorchScript-exported copy."""
-    import numpy as np
-    import onnxruntime as ort
+    """Median latency (ms) of one batch on onnxruntime's CPU provider, from a TorchScript-exported copy,
+    timed with the project's timer (edgerun.timing.measure)."""
+    from edgerun.benchmark import open_session
+    from edgerun.timing import measure
 
-    m = copy.deepcopy(model).cpu().eval()
-    x = example_input[:1].detach().cpu().repeat(batch, *([1] * (example_input.dim() - 1)))
+    x = batch_of(example_input, batch)
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "model.onnx")
-        with torch.no_grad(), mha_fastpath_off(), warnings.catch_warnings():
-            # the trace is only timed at this one batch: its "might not generalize" notices do not apply
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            try:
-                torch.onnx.export(m, (x,), path, dynamo=False, opset_version=17, input_names=["input"],
-                                  dynamic_axes={"input": {0: "batch"}})
-            except Exception as e:  # noqa: BLE001 - the TorchScript exporter raises many types
-                raise PipelineError(f"prune.latency_ms: cannot export a copy of the model to time it "
-                                    f"({brief(e)})") from None
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        feed = {"input": x.numpy().astype(np.float32)}
-        for _ in range(warmup):
-            sess.run(None, feed)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+        path = export_for_timing(model, x, Path(tmp) / "model.onnx")
+        session = open_session(path, "onnxruntime-cpu", threads=threads)
+        try:
+            feed = x.numpy()
+            return float(measure(lambda: session.run(feed), warmup=warmup, iters=runs).p50_ms)
+        finally:
+            session.close()

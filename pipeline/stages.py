@@ -115,8 +115,9 @@ def baseline_gate(m, inputs, cfg):
 FINETUNE_TRAIN_KEYS = ("finetune.lr", "finetune.batch_size", "finetune.optimizer", "finetune.schedule",
                        "finetune.kd_temperature", "finetune.kd_weight", "finetune.token_weight", "finetune.val_size",
                        "finetune.device", "finetune.nproc")
-PRUNE_TARGET_KEYS = {"ratio": ("prune.ratio",), "macs": ("prune.macs",),
-                     "latency_ms": ("prune.latency_ms", "prune.latency_batch")}
+_LATENCY_KEYS = ("prune.latency_batch", "prune.latency_threads")
+PRUNE_TARGET_KEYS = {"ratio": ("prune.ratio", "prune.global_pruning"), "macs": ("prune.macs", "prune.global_pruning"),
+                     "latency_ms": ("prune.latency_ms", *_LATENCY_KEYS), "speedup": ("prune.speedup", *_LATENCY_KEYS)}
 
 
 def prune_keys(cfg):
@@ -124,6 +125,8 @@ def prune_keys(cfg):
     keys = [*model_keys(cfg), "prune.target", "prune.importance", "prune.global_pruning", "prune.round_to",
             "prune.max_layer_ratio", "prune.iterative_steps", "prune.head_ratio", "prune.ignored_layers",
             *PRUNE_TARGET_KEYS[p.target]]
+    if p.round_to == 0 or p.target in ("latency_ms", "speedup"):   # auto rounding / which runtime to time on
+        keys.append("run.target")
     if p.iterative_steps > 1:
         keys.append("finetune.between_steps_epochs")
         if cfg.finetune.between_steps_epochs > 0:
@@ -135,10 +138,14 @@ TAYLOR_IMAGES = 512   # images whose gradients rank channels for Taylor importan
 
 
 def prune(ctx: Context) -> Output:
-    from pipeline.prune import prune_model, save_pruned
+    from edgerun.io import write_json
+    from pipeline.prune import LATENCY_TARGETS, latency_backend, prune_model, resolve_round_to, save_pruned
     cfg, data, p = ctx.cfg, ctx.data, ctx.cfg.prune
     model = _baseline(ctx)
     target_args = {k.split(".")[1]: getattr(p, k.split(".")[1]) for k in PRUNE_TARGET_KEYS[p.target]}
+    round_to = resolve_round_to(p.round_to, cfg.run.target if p.round_to == 0 else "")
+    if p.target in LATENCY_TARGETS:
+        target_args.update(latency_runtime=latency_backend(cfg.run.target), log=ctx.log)
     between = None
     if p.iterative_steps > 1 and cfg.finetune.between_steps_epochs > 0:
         teacher = _baseline(ctx)
@@ -153,7 +160,7 @@ def prune(ctx: Context) -> Output:
         xs, ys = torch.from_numpy(data.x_train[:n]), torch.from_numpy(data.train.labels[:n])
         taylor = [(xs[i:i + 64], ys[i:i + 64]) for i in range(0, n, 64)]
     model, info = prune_model(model, modelio.example_input(cfg.data), target=p.target, importance=p.importance,
-                              global_pruning=p.global_pruning, round_to=p.round_to, max_layer_ratio=p.max_layer_ratio,
+                              global_pruning=p.global_pruning, round_to=round_to, max_layer_ratio=p.max_layer_ratio,
                               iterative_steps=p.iterative_steps, ignored_layers=p.ignored_layers,
                               head_ratio=p.head_ratio, between_steps=between, taylor_batches=taylor,
                               seed=cfg.run.seed, **target_args)
@@ -165,7 +172,11 @@ def prune(ctx: Context) -> Output:
                    macs_reduction=round(base["macs"] / counts["macs"], 3),
                    ops_tp_reduction=round(base["ops_tp"] / counts["ops_tp"], 3),
                    params_reduction=round(base["params"] / counts["params"], 3),
-                   **{k: info.get(k) for k in ("ratio_used", "channels", "heads", "unwrapped") if k in info})
+                   round_to_used=round_to,
+                   **{k: info.get(k) for k in ("ratio_used", "channels", "heads", "unwrapped", "latency_search")
+                      if k in info})
+    if "latency_tables" in info:   # the measured tables are part of the stage's output
+        write_json(ctx.out / "latency_table.json", {"search": info["latency_search"], "tables": info["latency_tables"]})
     return Output(metrics=metrics)
 
 
@@ -287,7 +298,19 @@ def quantize_keys(cfg):
             "quantize.model_type"]
     if q.target == "onnxruntime":
         keys.append("quantize.tensorrt_form")
-    return [*keys, "quantize.max_drop"] if q.accuracy_control else keys
+    if q.accuracy_control:
+        return [*keys, "quantize.max_drop"]
+    if q.target == "tensorrt":   # always fully quantized (pipeline/quantize_stage.py says why)
+        return keys
+    keys.append("quantize.keep_fp32")
+    if q.keep_fp32 == "listed":
+        keys.append("quantize.keep_fp32_nodes")
+    elif q.keep_fp32 == "auto":
+        # Timed like the profile stage: its thread count, else run.threads.
+        keys += ["quantize.max_drop", "quantize.choose_val_size", "quantize.choose_batch", "profile.threads"]
+        if cfg.profile.threads == 0:
+            keys.append("run.threads")
+    return keys
 
 
 def quantize(ctx: Context) -> Output:

@@ -99,7 +99,7 @@ def test_bundle_works_on_its_own_without_torch(runs, tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads((bundle / "pred.json").read_text())
-    assert doc["accuracy"] is not None and len(doc["predictions"]) == 256
+    assert doc["accuracy"]["count"] == 256 and len(doc["predictions"]) == 256
     p = subprocess.run([sys.executable, "-c", code, "check", "model_int8_trt.onnx", "--trt-major", "10"], cwd=bundle,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -111,3 +111,19 @@ def test_bundle_works_on_its_own_without_torch(runs, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads((bundle / "bench.json").read_text())
+
+
+def test_infer_accuracy_equals_the_reports_top1_for_that_file(runs, tmp_path):
+    """The same test images the pipeline scored, through the bundle's own infer: the same top-1."""
+    from pipeline.data import load_split
+    from pipeline.package import _idx_bytes
+    test = load_split("mnist", "data/mnist", "test", subset=300, seed=0)
+    (tmp_path / "t-images-idx3-ubyte.gz").write_bytes(_idx_bytes(test.images[:, 0]))
+    (tmp_path / "t-labels-idx1-ubyte.gz").write_bytes(_idx_bytes(test.labels.astype("uint8")))
+    p = cli("infer", "--bundle", str(runs / "smoke/deploy"), "--model", "model.onnx", "--input",
+            str(tmp_path / "t-images-idx3-ubyte.gz"), "--format", "json", "--output", str(tmp_path / "p.json"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads((tmp_path / "p.json").read_text())
+    export = next(s for s in report(runs)["stages"] if s["name"] == "export_onnx")
+    assert doc["accuracy"]["count"] == 300
+    assert abs(doc["accuracy"]["top1_pct"] - export["metrics"]["top1"]) < 1e-3

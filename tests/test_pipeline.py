@@ -5,26 +5,28 @@ import shutil
 import typing
 
 import pytest
+from conftest import SMALL
 
 import pipeline
-from conftest import SMALL
 from pipeline.config import CHOICES, Config, load_config
 from pipeline.contract import fingerprint_values
 from pipeline.stages import STAGES
 
 CONFIG = "configs/cpu.toml"
+# The MAC target keeps these in-process runs fast; test_e2e runs the default (latency) recipe.
+FAST = [*SMALL, "prune.target=macs", "prune.macs=0.1"]
 
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    result = pipeline.run(CONFIG, SMALL, run_name="t", runs=runs, log=lambda m: None)
+    result = pipeline.run(CONFIG, FAST, run_name="t", runs=runs, log=lambda m: None)
     assert result.passed, result.message
     return runs, result
 
 
 def again(runs, *extra, name="t", log=None):
-    return pipeline.run(CONFIG, [*SMALL, *extra], run_name=name, runs=runs, log=log or (lambda m: None))
+    return pipeline.run(CONFIG, [*FAST, *extra], run_name=name, runs=runs, log=log or (lambda m: None))
 
 
 def statuses(result):
@@ -152,6 +154,7 @@ def test_ignored_key_warns(first):
     runs, _ = first
     result = again(runs, "prune.ratio=0.3")
     assert any("prune.ratio" in w and "ignored" in w for w in result.warnings)
+    assert any("prune.speedup" in w for w in result.warnings)   # cpu.toml's, not read under target = macs
     assert statuses(result)["prune"] == "cached"
 
 

@@ -509,7 +509,8 @@ def test_split_concat_blocks_fail_in_one_line_naming_the_layer():
 def test_latency_target_keeps_mha_heads():
     torch.manual_seed(0)
     model, ex = ViTMHA(dim=64).eval(), torch.zeros(1, 1, 28, 28)
-    base = measure_latency_ms(model, ex, batch=16)
-    model, info = prune_model(model, ex, target="latency_ms", latency_ms=base * 0.6, latency_batch=16)
+    # attention groups stay whole under the latency search (their names in skipped_groups); the MLPs shrink
+    model, info = prune_model(model, ex, target="speedup", speedup=1.1, latency_batch=16, verify_processes=0)
+    assert info["latency_search"]["skipped_groups"]
     _mha_ok(model)
     assert info["macs_after"] < info["macs_before"]

@@ -7,7 +7,7 @@ input channels (as ``in_channels`` or ``in_chans``) and the image size (as ``ima
 catch-all gets neither: it may forward them to code that rejects them). Whatever a factory does
 wrong (raises, fails to import, returns something that is not an ``nn.Module``) is one line naming
 the factory. ``probe_model`` runs the built model once before any training. Nothing here imports
-torch at import time: ``pipeline infer`` must not pull it in.
+torch at import time: importing the registry must stay light.
 """
 from __future__ import annotations
 

@@ -1,0 +1,370 @@
+"""Per-group widths chosen by latency measured on the deploy runtime (prune.target = "latency_ms" | "speedup").
+
+1. Groups: torch-pruning's groups of coupled channels, the objects its pruner ranks (pipeline.prune
+   builds them with the pruner it prunes with); each carries its channels' importance, ascending.
+2. Tables: for each group, the whole model with only that group narrowed to each candidate width
+   (every other group at the current pick) is exported at the deployment batch and timed against the
+   current pick, interleaved (edgerun.timing.compare, the project's one timer). Whole-model variants,
+   not a per-layer proxy: the table includes reorders, fusions and the fixed per-run cost as they are.
+   Candidates: multiples of the runtime's block, powers of two below one block, and one channel above
+   each block boundary (a probe: 17 input channels fall out of onnxruntime's NCHWc kernels on AVX-512).
+3. Greedy: the predicted time ratio is the product over groups of r_g(w_g). A conv's cost scales
+   with its input times its output width, so savings of two groups around one layer multiply; a sum
+   of savings predicted 11x where 3.2x was measured on SimpleCNN, the product 3.4x. For small
+   changes both agree. Each move narrows one group to the candidate that loses the least importance
+   per millisecond saved, and only where it saves at least STEP_TOL of the reference's time: channels
+   inside a latency step buy nothing. Once the goal is met, each group widens back to the widest
+   candidate of the same step.
+4. Verify: the pick is timed against the unpruned model. The product still ignores the fixed
+   per-run cost and the interactions of more than two groups, so a pick that misses the goal gets
+   its tables rebuilt around it and the greedy goes on, at most MAX_ROUNDS rounds.
+
+Runtimes: onnxruntime CPU (executed here); TensorRT (tensorrt_opener: FP16-typed ONNX built by
+Polygraphy into an engine per variant) is written against the documented API, its plumbing tested
+with fakes, and NOT executed in this workplace (no GPU, no TensorRT).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgerun.timing import compare
+from pipeline.errors import PipelineError
+
+STEP_TOL = 0.03        # a width saves time only when it cuts >= 3 % of the reference: less is noise (+-4 % at batch 1)
+MAX_ROUNDS = 3         # table rebuilds around the pick when the measured ratio misses the goal
+MAX_MULTIPLES = 12     # block multiples per group; wider groups get a coarser grid (bounded search time)
+TABLE_BLOCK_MS, TABLE_ROUNDS = 15.0, 11    # interleaved blocks for the tables (a quick screen)
+CHECK_BLOCK_MS, CHECK_ROUNDS = 30.0, 25    # the protocol's blocks for pick vs unpruned
+
+# FP16 tensor cores want channel counts that are multiples of 8 (NVIDIA's Deep Learning Performance
+# Guide, "Tensor Core Requirements": 8 for FP16, 16 for INT8 on most GPUs); see resolve_round_to.
+GPU_ROUND_TO = 8
+
+
+def resolve_round_to(round_to: int, run_target: str, flags: frozenset[str] | None = None) -> int:
+    """``round_to`` = 0 means auto: the CPU's SIMD block (16 on AVX-512, 8 on AVX2) for run.target cpu,
+    GPU_ROUND_TO for GPU targets; any other value is used as given."""
+    if round_to < 0:
+        raise PipelineError(f"prune.round_to: must be >= 0 (0 = auto), got {round_to}")
+    if round_to:
+        return int(round_to)
+    if run_target == "cpu":
+        from edgerun.machine import simd_block
+        return simd_block(flags)
+    return GPU_ROUND_TO
+
+
+def latency_backend(run_target: str) -> str:
+    """The runtime a latency target is timed on: onnxruntime CPU for run.target cpu, TensorRT for GPU
+    targets (where TensorRT and a GPU are present; refused otherwise: a CPU table would be the wrong one)."""
+    if run_target == "cpu":
+        return "onnxruntime-cpu"
+    from edgerun.trt import trt_version_info
+    if trt_version_info() is None:
+        raise PipelineError(f"prune.target: a latency target for run.target {run_target!r} is timed with TensorRT, "
+                            "which is not available here; use target = 'macs' here or run the prune stage on the "
+                            "device")
+    return "tensorrt"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prunable group: its root module, its width before pruning, its channels' importance (ascending)."""
+    name: str
+    channels: int
+    importance: tuple[float, ...]
+    min_width: int = 1
+
+    def lost(self, kept_from: int, kept_to: int) -> float:
+        """Importance removed when the group goes from ``kept_from`` to ``kept_to`` channels (least first)."""
+        return float(sum(self.importance[self.channels - kept_from:self.channels - kept_to]))
+
+
+@dataclass(frozen=True)
+class Table:
+    """Measured time of the model with ``group`` at each width, over the reference (the pick ``at``)."""
+    group: str
+    at: int                           # the group's width in the reference model
+    widths: tuple[int, ...]
+    ratios: tuple[float, ...]         # median over rounds of variant time / reference time
+    reference_ms: float
+
+    def ratio_of(self) -> dict[int, float]:
+        return {self.at: 1.0, **dict(zip(self.widths, self.ratios, strict=True))}
+
+
+@dataclass(frozen=True)
+class Pick:
+    widths: dict[str, int]
+    predicted: float                  # predicted time ratio vs the tables' reference
+    reached: bool
+    # (group, from, to, importance lost per ratio saved | minus the importance a widening regained)
+    moves: tuple[tuple[str, int, int, float], ...]
+
+
+@dataclass(frozen=True)
+class LatencySearch:
+    """What the search measured and chose (the prune stage's ``latency_search`` metrics)."""
+    backend: str
+    batch: int
+    threads: int
+    block: int
+    goal: str
+    goal_ratio: float                 # pruned / unpruned time the goal asks for
+    channels: dict[str, int]          # per group, before
+    widths: dict[str, int]            # per group, chosen
+    predicted_speedup: float
+    measured_speedup: float           # the protocol's check (median over processes where run in processes)
+    measured_p10_p90: tuple[float, float]
+    processes: int
+    process_spread: float
+    unpruned_ms: float
+    pruned_ms: float
+    rounds: int
+    measurements: int                 # variants exported and timed
+    table_size: int                   # table entries over all rounds
+    seconds: float
+    skipped_groups: tuple[str, ...] = ()
+    load_average: tuple | None = None
+    tables: tuple[Table, ...] = field(default=(), repr=False)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("tables")
+        return d
+
+    def tables_json(self) -> list[dict]:
+        return [asdict(t) for t in self.tables]
+
+
+# --------------------------------------------------------------------------------------------- candidates
+def candidate_widths(channels: int, block: int, *, below: int | None = None, min_width: int = 1) -> tuple[int, ...]:
+    """Kept widths worth timing for a group of ``channels``, narrower than ``below`` (default: channels)."""
+    below = channels if below is None else below
+    step = block * max(1, math.ceil((channels // block) / MAX_MULTIPLES)) if block > 1 else 1
+    widths = set(range(step, channels, step)) if block > 1 else set()
+    widths |= {m + 1 for m in list(widths)}             # just above a boundary: where cliffs are
+    b = max(block // 2, 1)
+    while b >= 1:                                        # below one block only fewer inputs save time
+        widths.add(b)
+        b //= 2
+    return tuple(sorted(w for w in widths if min_width <= w < below))
+
+
+# --------------------------------------------------------------------------------------------- the greedy
+def greedy(groups: list[Group], tables: list[Table], start: dict[str, int], goal: float,
+           tol: float = STEP_TOL) -> Pick:
+    """Narrow groups from ``start`` (the tables' reference) until the predicted ratio is <= ``goal``."""
+    by_name = {g.name: g for g in groups}
+    table = {t.group: t.ratio_of() for t in tables}
+    widths = dict(start)
+
+    def predicted(ws):
+        return math.prod(table[n][ws[n]] for n in table)
+
+    moves = []
+    while predicted(widths) > goal:
+        best = None
+        here = predicted(widths)
+        for n, ratio in table.items():
+            now = widths[n]
+            for w in ratio:
+                saved = here - predicted({**widths, n: w})
+                if w >= now or saved < tol:    # wider, or inside the current step: no time bought
+                    continue
+                key = (by_name[n].lost(now, w) / saved, -saved, n, -w)
+                if best is None or key < best[0]:
+                    best = (key, n, w)
+        if best is None:
+            return Pick(widths, predicted(widths), False, tuple(moves))
+        (cost, *_), n, w = best
+        moves.append((n, widths[n], w, cost))
+        widths[n] = w
+    while True:   # give back what the goal allows, most importance first (a wider width of the same step too)
+        best = None
+        for n, ratio in table.items():
+            for w in ratio:
+                if w > widths[n] and predicted({**widths, n: w}) <= goal:
+                    key = (-by_name[n].lost(w, widths[n]), -w, n)
+                    if best is None or key < best[0]:
+                        best = (key, n, w)
+        if best is None:
+            return Pick(widths, predicted(widths), True, tuple(moves))
+        (regained, *_), n, w = best
+        moves.append((n, widths[n], w, regained))
+        widths[best[1]] = w
+
+
+# --------------------------------------------------------------------------------------------- runtimes
+Opener = Callable[[Path], object]   # an ONNX path -> a session with .run(x) and .close()
+
+
+def cpu_opener(threads: int) -> Opener:
+    from edgerun.benchmark import open_session
+    return lambda path: open_session(path, "onnxruntime-cpu", threads=threads)
+
+
+def tensorrt_opener(batch: int, input_shape: tuple[int, ...]) -> Opener:
+    """An engine per variant, built from its FP16-typed ONNX (what a GPU target deploys; TensorRT 10
+    and 11 both honour strong typing, api-facts.md). NOT executed here: no GPU, no TensorRT."""
+    def open_(path: Path):
+        from export.fp16 import to_fp16
+        fp16 = path.with_name(path.stem + "_fp16.onnx")
+        to_fp16(path, fp16)
+        return _trt_session(build_trt_engine(fp16, (batch, *input_shape)))
+    return open_
+
+
+def build_trt_engine(onnx_path: Path, shape: tuple[int, ...]) -> bytes:
+    """Serialized engine for one static input shape (Polygraphy's loaders). NOT executed here."""
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
+    profile = Profile().add("input", min=shape, opt=shape, max=shape)
+    return engine_bytes_from_network(NetworkFromOnnxPath(str(onnx_path), strongly_typed=True),
+                                     config=CreateConfig(profiles=[profile]))
+
+
+def _trt_session(engine: bytes):
+    """A session over an in-memory engine (Polygraphy TrtRunner; host<->device copies included)."""
+    from types import SimpleNamespace
+
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    runner = TrtRunner(EngineFromBytes(engine))
+    runner.activate()
+    return SimpleNamespace(run=lambda x: runner.infer({"input": x}), close=runner.deactivate)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+class _Timer:
+    """Exports variants, opens them on the runtime and compares them; counts what it measured."""
+
+    def __init__(self, build_variant, export, opener: Opener, x: np.ndarray, workdir: Path, clock):
+        self.build_variant, self.export, self.opener, self.x = build_variant, export, opener, x
+        self.workdir, self.clock, self.measurements, self._n = workdir, clock, 0, 0
+
+    def _open(self, widths: dict[str, int]):
+        self._n += 1
+        path = self.export(self.build_variant(widths), self.workdir / f"variant_{self._n}.onnx")
+        self.measurements += 1
+        return self.opener(path), path
+
+    def compare(self, variants: dict[str, dict[str, int]], reference: str, *, block_ms: float, rounds: int):
+        sessions = {}
+        try:
+            for name, widths in variants.items():
+                sessions[name] = self._open(widths)[0]
+            runs = {n: (lambda s=s: s.run(self.x)) for n, s in sessions.items()}
+            kwargs = {"clock": self.clock} if self.clock is not None else {}
+            return compare(runs, reference=reference, block_ms=block_ms, rounds=rounds, **kwargs)
+        finally:
+            for s in sessions.values():
+                s.close()
+
+    def table(self, group: Group, pick: dict[str, int], block: int) -> Table | None:
+        widths = candidate_widths(group.channels, block, below=pick[group.name], min_width=group.min_width)
+        if not widths:
+            return None
+        variants = {"ref": pick, **{str(w): {**pick, group.name: w} for w in widths}}
+        c = self.compare(variants, "ref", block_ms=TABLE_BLOCK_MS, rounds=TABLE_ROUNDS)
+        return Table(group.name, pick[group.name], widths, tuple(round(c.ratio(str(w)).median, 5) for w in widths),
+                     round(c.ratio("ref").p50_ms, 6))
+
+
+def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], object],
+           export: Callable[[object, Path], Path], x: np.ndarray, block: int, speedup: float = 0.0,
+           latency_ms: float = 0.0, backend: str = "onnxruntime-cpu", threads: int = 1, opener: Opener | None = None,
+           verify_processes: int = 3, clock=None, skipped: tuple[str, ...] = (),
+           log: Callable[[str], object] | None = None) -> LatencySearch:
+    """Widths per group that meet ``speedup`` (x, vs the unpruned model) or ``latency_ms`` at x's batch.
+
+    ``build_variant(widths)`` returns the model with those groups narrowed (others unpruned);
+    ``export(model, path)`` writes its ONNX. Raises PipelineError when the goal cannot be met."""
+    if (speedup > 0) == (latency_ms > 0):
+        raise PipelineError("prune: the latency search needs exactly one goal: speedup > 1 or latency_ms > 0")
+    if speedup and speedup <= 1.0:
+        raise PipelineError(f"prune.speedup: must be > 1 (x faster than the unpruned model), got {speedup}")
+    if not groups:
+        raise PipelineError("prune: the latency search found no prunable channel group (all ignored or attention)")
+    opener = opener or (cpu_opener(threads) if backend == "onnxruntime-cpu" else None)
+    if opener is None:
+        raise PipelineError(f"prune: no latency runtime for backend {backend!r}")
+    t0 = time.perf_counter()
+    full = {g.name: g.channels for g in groups}
+    pick, tables_all, ref_vs_unpruned, goal, unpruned_ms = dict(full), [], 1.0, None, None
+    with tempfile.TemporaryDirectory(prefix="prune_latency_") as tmp:
+        timer = _Timer(build_variant, export, opener, x, Path(tmp), clock)
+        for rnd in range(1, MAX_ROUNDS + 1):
+            tables = [t for g in groups if (t := timer.table(g, pick, block)) is not None]
+            tables_all += tables
+            if goal is None:
+                unpruned_ms = tables[0].reference_ms if tables else float("nan")
+                goal = 1.0 / speedup if speedup else latency_ms / unpruned_ms
+            chosen = greedy(groups, tables, pick, goal / ref_vs_unpruned)
+            if not chosen.reached:
+                best = ref_vs_unpruned * chosen.predicted
+                raise PipelineError(f"prune: cannot reach {_goal_text(speedup, latency_ms)} on {backend} at batch "
+                                    f"{x.shape[0]}: the narrowest widths predict {1 / best:.2f}x "
+                                    f"({best * unpruned_ms:.4g} ms; a fixed per-run cost bounds tiny models); "
+                                    "relax the goal, max_layer_ratio or ignored_layers")
+            predicted = ref_vs_unpruned * chosen.predicted
+            pick = chosen.widths
+            check = timer.compare({"unpruned": full, "pick": pick}, "unpruned", block_ms=CHECK_BLOCK_MS,
+                                  rounds=CHECK_ROUNDS).ratio("pick")
+            ref_vs_unpruned = check.median
+            if log:
+                log(f"  latency search round {rnd}: {pick} predicted {1 / predicted:.2f}x, "
+                    f"measured {1 / check.median:.2f}x")
+            if check.median <= goal:
+                break
+        else:
+            raise PipelineError(f"prune: {_goal_text(speedup, latency_ms)} not met after {MAX_ROUNDS} rounds of "
+                                f"measured tables: the last pick measured {1 / ref_vs_unpruned:.2f}x; relax the goal")
+        final = _verify(timer, full, pick, backend, threads, x, verify_processes)
+    from edgerun.machine import load_average
+    return LatencySearch(
+        backend=backend, batch=int(x.shape[0]), threads=threads, block=block, goal=_goal_text(speedup, latency_ms),
+        goal_ratio=round(goal, 5), channels=full, widths=pick, predicted_speedup=round(1 / predicted, 3),
+        measured_speedup=round(1 / final.median, 3),
+        measured_p10_p90=(round(1 / final.p90, 3), round(1 / final.p10, 3)),
+        processes=final.processes, process_spread=round(final.spread, 3), unpruned_ms=round(final.to_p50_ms, 6),
+        pruned_ms=round(final.p50_ms, 6), rounds=rnd, measurements=timer.measurements,
+        table_size=sum(len(t.widths) for t in tables_all), seconds=round(time.perf_counter() - t0, 1),
+        skipped_groups=tuple(skipped), load_average=load_average(), tables=tuple(tables_all))
+
+
+def _goal_text(speedup: float, latency_ms: float) -> str:
+    return f"speedup {speedup:g}x" if speedup else f"latency {latency_ms:g} ms"
+
+
+@dataclass(frozen=True)
+class _Final:
+    median: float
+    p10: float
+    p90: float
+    processes: int
+    spread: float
+    p50_ms: float
+    to_p50_ms: float
+
+
+def _verify(timer: _Timer, full, pick, backend, threads, x, processes) -> _Final:
+    """The pick against the unpruned model with the protocol: in fresh processes on onnxruntime CPU
+    (their spread says whether it reproduces), else in this process."""
+    if backend == "onnxruntime-cpu" and processes > 0 and timer.clock is None:
+        from edgerun.timing import Spec, SpecItem, repeat_in_processes
+        a = timer.export(timer.build_variant(full), timer.workdir / "unpruned.onnx")
+        b = timer.export(timer.build_variant(pick), timer.workdir / "pick.onnx")
+        spec = Spec(items=(SpecItem("unpruned", str(a), backend), SpecItem("pick", str(b), backend)),
+                    reference="unpruned", batches=(int(x.shape[0]),), input_shape=tuple(x.shape[1:]),
+                    threads=threads, block_ms=CHECK_BLOCK_MS, rounds=CHECK_ROUNDS)
+        p = repeat_in_processes(spec, processes)[0].pair("pick")
+        return _Final(p.median, p.p10, p.p90, p.processes, p.spread, p.p50_ms, p.to_p50_ms)
+    r = timer.compare({"unpruned": full, "pick": pick}, "unpruned", block_ms=CHECK_BLOCK_MS,
+                      rounds=CHECK_ROUNDS).ratio("pick")
+    return _Final(r.median, r.p10, r.p90, 1, 1.0, r.p50_ms, r.to_p50_ms)

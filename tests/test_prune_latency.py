@@ -1,0 +1,227 @@
+"""The latency-driven width search (pipeline.prune_latency): candidates, the greedy on fake tables,
+the whole search on a fake runtime with a fake clock (deterministic), the TensorRT plumbing with
+fakes (never executed here), auto rounding, the stage's declared keys, and one small real run."""
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import prune_latency as pl
+from pipeline.config import Config, PruneCfg, RunCfg, _check_prune
+from pipeline.errors import PipelineError
+from pipeline.models.cnn import SimpleCNN
+from pipeline.prune import GPU_ROUND_TO, prune_model, resolve_round_to
+from pipeline.stages import prune_keys
+
+
+# ---------------------------------------------------------------- candidates
+def test_candidates_are_block_multiples_probes_and_sub_block_powers():
+    assert pl.candidate_widths(32, 16) == (1, 2, 4, 8, 16, 17)
+    assert pl.candidate_widths(64, 8) == (1, 2, 4, 8, 9, 16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57)
+    assert pl.candidate_widths(32, 16, below=16, min_width=2) == (2, 4, 8)
+    # a wide group gets a coarser grid (bounded search), still multiples of the block
+    wide = pl.candidate_widths(1024, 16)
+    multiples = [w for w in wide if w % 16 == 0]
+    assert len(multiples) <= pl.MAX_MULTIPLES and all(w % 16 == 0 for w in multiples)
+
+
+# ---------------------------------------------------------------- the greedy on fake tables
+def _group(name, n, scores):
+    return pl.Group(name, n, tuple(sorted(scores)))
+
+
+def test_greedy_takes_least_importance_per_time_saved_first():
+    a = _group("a", 4, [1.0, 1.0, 1.0, 1.0])      # cheap channels
+    b = _group("b", 4, [10.0, 10.0, 10.0, 10.0])  # precious channels
+    # both save the same time per width step
+    tables = [pl.Table("a", 4, (2,), (0.8,), 1.0), pl.Table("b", 4, (2,), (0.8,), 1.0)]
+    pick = pl.greedy([a, b], tables, {"a": 4, "b": 4}, goal=0.85)
+    assert pick.reached and pick.widths == {"a": 2, "b": 4}
+    assert pick.moves[0][:3] == ("a", 4, 2)
+    # when b saves ten times more per step, its importance per time is the lower one
+    tables = [pl.Table("a", 4, (2,), (0.98,), 1.0), pl.Table("b", 4, (2,), (0.5,), 1.0)]
+    pick = pl.greedy([a, b], tables, {"a": 4, "b": 4}, goal=0.6)
+    assert pick.widths == {"a": 4, "b": 2}
+
+
+def test_greedy_never_prunes_inside_a_latency_step():
+    g = _group("g", 32, range(32))
+    # 4..16 kept channels cost the same (one SIMD block); 17 falls off a cliff
+    tables = [pl.Table("g", 32, (1, 2, 4, 8, 16, 17), (0.5, 0.5, 0.6, 0.6, 0.6, 1.3), 1.0)]
+    pick = pl.greedy([g], tables, {"g": 32}, goal=0.7)
+    assert pick.reached and pick.widths == {"g": 16}    # the widest width of the step that meets the goal
+    pick = pl.greedy([g], tables, {"g": 32}, goal=0.55)
+    assert pick.widths == {"g": 2}                      # 2 and 1 are one step: keep 2
+    assert not any(m[2] == 17 for m in pick.moves)      # the cliff is never a move
+
+
+def test_greedy_honours_the_budget_and_gives_back_what_it_allows():
+    a, b = _group("a", 16, range(16)), _group("b", 16, range(16))
+    tables = [pl.Table("a", 16, (4, 8), (0.5, 0.7), 1.0), pl.Table("b", 16, (4, 8), (0.5, 0.7), 1.0)]
+    for goal in (0.9, 0.7, 0.49, 0.35, 0.25):
+        pick = pl.greedy([a, b], tables, {"a": 16, "b": 16}, goal=goal)
+        assert pick.reached and pick.predicted <= goal + 1e-12
+        assert math.isclose(pick.predicted, tables[0].ratio_of()[pick.widths["a"]] *
+                            tables[1].ratio_of()[pick.widths["b"]])
+        # nothing spent that the goal did not need: no single widening would still meet it
+        ra, rb = tables[0].ratio_of(), tables[1].ratio_of()
+        assert all(ra[w] * rb[pick.widths["b"]] > goal for w in ra if w > pick.widths["a"])
+        assert all(ra[pick.widths["a"]] * rb[w] > goal for w in rb if w > pick.widths["b"])
+    unreachable = pl.greedy([a, b], tables, {"a": 16, "b": 16}, goal=0.2)
+    assert not unreachable.reached and unreachable.widths == {"a": 4, "b": 4}
+
+
+# ---------------------------------------------------------------- the whole search on a fake runtime
+class FakeRuntime:
+    """Variants are widths dicts written as JSON; running one advances a fake clock by its cost."""
+
+    def __init__(self, cost):
+        self.now, self.cost, self.opened, self.closed = 0.0, cost, [], 0
+
+    def clock(self):
+        return self.now
+
+    def export(self, widths, path):
+        Path(path).write_text(json.dumps(widths))
+        return Path(path)
+
+    def opener(self, path):
+        widths = json.loads(Path(path).read_text())
+        self.opened.append(widths)
+        cost = self.cost(widths)
+
+        def run(_x):
+            self.now += cost
+        return type("S", (), {"run": staticmethod(run), "close": lambda s=None: self._close()})()
+
+    def _close(self):
+        self.closed += 1
+
+
+def cnn_cost(w):
+    """A SimpleCNN-like cost in seconds: fixed cost, conv2 stepping every 16 outputs, classifier linear."""
+    c1, c2 = w["c1"], w["c2"]
+    blocks = math.ceil(c2 / 16)
+    return 1e-5 * (20 + 0.5 * c1 + 4 * c1 * blocks + 1.5 * c2 + (40 if c2 % 16 == 1 else 0))
+
+
+def test_search_meets_a_speedup_on_a_fake_runtime_deterministically():
+    groups = [_group("c1", 16, np.linspace(1, 2, 16)), _group("c2", 32, np.linspace(1, 2, 32))]
+    results = []
+    for _ in range(2):
+        rt = FakeRuntime(cnn_cost)
+        r = pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((1, 1, 4, 4), np.float32), block=16,
+                      speedup=2.5, opener=rt.opener, clock=rt.clock)
+        results.append(r)
+        assert rt.closed == len(rt.opened)        # every session closed
+    r = results[0]
+    assert r.widths == results[1].widths and r.measured_speedup == results[1].measured_speedup
+    full = cnn_cost({"c1": 16, "c2": 32})
+    assert full / cnn_cost(r.widths) >= 2.5
+    assert r.measured_speedup == pytest.approx(full / cnn_cost(r.widths), rel=1e-3)
+    assert r.widths["c2"] % 16 != 1                  # never on the cliff
+    assert r.measurements > 0 and r.table_size >= 10 and r.rounds >= 1 and r.processes == 1
+    assert {t.group for t in r.tables} == {"c1", "c2"}
+    summary = r.summary()
+    assert "tables" not in summary and summary["block"] == 16 and summary["goal"] == "speedup 2.5x"
+
+
+def test_search_latency_budget_and_unreachable_goal():
+    groups = [_group("c1", 16, np.ones(16)), _group("c2", 32, np.ones(32))]
+    rt = FakeRuntime(cnn_cost)
+    budget_ms = cnn_cost({"c1": 16, "c2": 32}) * 1000 * 0.6
+    r = pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((1, 1, 4, 4), np.float32), block=16,
+                  latency_ms=budget_ms, opener=rt.opener, clock=rt.clock)
+    assert cnn_cost(r.widths) * 1000 <= budget_ms and r.goal == f"latency {budget_ms:g} ms"
+    rt = FakeRuntime(cnn_cost)
+    with pytest.raises(PipelineError, match="cannot reach speedup 50x.*fixed per-run cost"):
+        pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((1, 1, 4, 4), np.float32), block=16,
+                  speedup=50.0, opener=rt.opener, clock=rt.clock)
+    for bad in ({"speedup": 0.9}, {"speedup": 2.0, "latency_ms": 1.0}, {}):
+        with pytest.raises(PipelineError, match="prune"):
+            pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((1, 1), np.float32), block=16,
+                      opener=rt.opener, clock=rt.clock, **bad)
+
+
+def test_tensorrt_branch_plumbing_with_fakes(monkeypatch, tmp_path):
+    """NOT executed on TensorRT: checks that each variant becomes an FP16 ONNX, then an engine of the
+    deployment shape, then a session the timer runs."""
+    import export.fp16
+    rt = FakeRuntime(cnn_cost)
+    built = []
+
+    def fake_fp16(src, dst):
+        Path(dst).write_text(Path(src).read_text())
+    monkeypatch.setattr(export.fp16, "to_fp16", fake_fp16)
+    monkeypatch.setattr(pl, "build_trt_engine", lambda path, shape: built.append((Path(path).name, shape)) or
+                        Path(path).read_bytes())
+    monkeypatch.setattr(pl, "_trt_session", lambda engine: rt.opener(_write(tmp_path, engine)))
+    groups = [_group("c1", 16, np.ones(16)), _group("c2", 32, np.ones(32))]
+    r = pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((2, 1, 4, 4), np.float32), block=8,
+                  speedup=2.0, backend="tensorrt", opener=pl.tensorrt_opener(2, (1, 4, 4)), clock=rt.clock)
+    assert r.backend == "tensorrt" and r.batch == 2 and r.block == 8
+    assert built and all(name.endswith("_fp16.onnx") and shape == (2, 1, 4, 4) for name, shape in built)
+    assert len(built) == r.measurements
+
+
+def _write(tmp_path, data: bytes) -> Path:
+    p = tmp_path / f"engine_{abs(hash(data))}.json"
+    p.write_bytes(data)
+    return p
+
+
+# ---------------------------------------------------------------- auto rounding and the stage's keys
+def test_auto_round_to_per_target_and_cpu_flags():
+    assert resolve_round_to(0, "cpu", frozenset({"avx2", "avx512f"})) == 16
+    assert resolve_round_to(0, "cpu", frozenset({"avx2"})) == 8
+    assert resolve_round_to(0, "cpu", frozenset()) == 4
+    assert resolve_round_to(0, "desktop-gpu") == GPU_ROUND_TO == 8
+    assert resolve_round_to(0, "jetson-orin") == 8
+    assert resolve_round_to(4, "jetson-orin") == 4
+    with pytest.raises(PipelineError, match="prune.round_to"):
+        resolve_round_to(-1, "cpu")
+
+
+def _cfg(**prune):
+    return dataclasses.replace(Config(), prune=PruneCfg(**prune))
+
+
+def test_prune_keys_declare_run_target_only_when_read():
+    keys = set(prune_keys(_cfg(target="speedup", speedup=4.0)))
+    assert {"prune.speedup", "prune.latency_batch", "prune.latency_threads", "run.target"} <= keys
+    assert "prune.global_pruning" not in keys and "prune.ratio" not in keys
+    keys = set(prune_keys(_cfg(target="ratio", round_to=0)))
+    assert {"run.target", "prune.global_pruning", "prune.ratio"} <= keys and "prune.speedup" not in keys
+    assert "run.target" not in prune_keys(_cfg(target="macs", macs=0.1, round_to=16))
+
+
+def test_check_prune_messages():
+    def bad(msg):
+        raise PipelineError(msg)
+    for kwargs, word in (({"target": "speedup", "speedup": 1.0}, "prune.speedup"), ({"round_to": -1}, "round_to"),
+                         ({"latency_threads": -2}, "latency_threads")):
+        with pytest.raises(PipelineError, match=word):
+            _check_prune(_cfg(**kwargs), bad)
+    _check_prune(_cfg(target="speedup", speedup=4.0, round_to=0), bad)
+    assert RunCfg().target == "cpu"
+
+
+# ---------------------------------------------------------------- a small real run
+@pytest.mark.slow   # ~30 s on the shared 2-core machine under load (exports and times ~10 variants)
+def test_real_search_on_a_tiny_cnn_prunes_and_verifies():
+    torch.manual_seed(0)
+    model, ex = SimpleCNN(channels=(8, 16), image_size=12).eval(), torch.randn(1, 1, 12, 12)
+    model, info = prune_model(model, ex, target="speedup", speedup=1.3, verify_processes=0)
+    s = info["latency_search"]
+    assert s["backend"] == "onnxruntime-cpu" and s["batch"] == 1 and s["threads"] == 1
+    assert s["channels"] == {"features.0": 8, "features.2": 16}
+    assert info["channels"]["features.0"] == s["widths"]["features.0"]
+    assert info["channels"]["features.2"] == s["widths"]["features.2"]
+    assert sum(s["widths"].values()) < 24 and info["macs_after"] < info["macs_before"]
+    assert s["measured_speedup"] > 1.0 and s["measurements"] >= 2 and s["seconds"] > 0
+    assert info["latency_ms_after"] == s["pruned_ms"] > 0
+    assert len(info["latency_tables"]) >= 1 and model(ex).shape == (1, 10)

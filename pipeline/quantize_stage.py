@@ -1,12 +1,80 @@
-"""The quantize stage's work: a calibration set from the train split, NNCF INT8 for the CPU, and the
-TensorRT form (symmetric signed int8 Q/DQ) beside it when the CPU form is not valid for TensorRT."""
+"""The quantize stage's work: a calibration set from the train split, NNCF INT8 for the CPU with INT8
+only where it pays (``quantize.keep_fp32``), and the TensorRT form (symmetric signed int8 Q/DQ)
+beside it when the CPU form is not valid for TensorRT.
+
+"auto" quantizes the model once per candidate set of FP32 layers (all INT8; convs that read the
+image; the Gemm classifier; both), measures each against the FP32 ONNX with edgerun.timing
+(calib.choose_quantized_layers) and keeps the fastest within ``quantize.max_drop`` on a held-out
+TRAIN slice. When no variant beats FP32, the fastest one is still written (the profile measures it
+and the package stage ships FP32 by its objective) and the metrics say ``pays: false``.
+
+The TensorRT form stays fully quantized: TensorRT fuses Q/DQ pairs into its own INT8 kernels and
+chooses per layer itself at build time; onnxruntime CPU timings say nothing about a Jetson.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline import modelio
+from pipeline.errors import PipelineError
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output
+
+
+def _val_slice(ctx: Context, n: int):
+    """The last ``n`` train images (normalized) and labels: accuracy for choices, never the test set."""
+    data = ctx.data
+    n = min(len(data.train.labels), n)
+    return data.x_train[-n:], data.train.labels[-n:]
+
+
+def candidates(src) -> dict[str, tuple[str, ...]]:
+    """Named sets of nodes to keep in FP32: calib's defaults, the convs that read the image, and both ends."""
+    from calib import qdq
+    from calib.layers import default_candidates
+    model, _ = qdq._as_model(src)
+    out = dict(default_candidates(model))
+    inputs = {i.name for i in model.graph.input}
+    stem = tuple(n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs)
+    if stem and stem != out.get("stem_fp32"):
+        out["input_conv_fp32"] = stem
+    ends = tuple(dict.fromkeys([*out.get("stem_fp32", stem), *out.get("gemm_fp32", ())]))
+    if ends and ends not in out.values():
+        out["stem_gemm_fp32"] = ends
+    return out
+
+
+def _choose(ctx: Context, src, dst, images) -> dict:
+    """keep_fp32 = "auto": measure every candidate, write the winner (or the fastest) to ``dst``."""
+    from calib.layers import choose_quantized_layers
+    from calib.quantize import quantize_onnx
+    q = ctx.cfg.quantize
+    if q.choose_val_size < 1 or q.choose_batch < 1:
+        raise PipelineError(f"quantize.choose_val_size and quantize.choose_batch must be >= 1, "
+                            f"got {q.choose_val_size} and {q.choose_batch}")
+    x_val, y_val = _val_slice(ctx, q.choose_val_size)
+    threads = ctx.cfg.profile.threads or ctx.cfg.run.threads
+    choice = choose_quantized_layers(src, dst, ctx.data.norm(images), x_val, y_val, target="onnxruntime",
+                                     max_drop=q.max_drop / 100.0, candidates=candidates(src), threads=threads,
+                                     batch=q.choose_batch, work_dir=ctx.out)
+    variants = {v.name: v for v in choice.variants}
+    if choice.path is None:
+        # No variant pays: write the fastest within the drop (else the most accurate), labelled as such.
+        fit = sorted((v for v in choice.variants if v.within_drop), key=lambda v: v.ratio)
+        written = fit[0] if fit else max(choice.variants, key=lambda v: v.top1)
+    else:
+        written = variants[choice.chosen]
+    info = quantize_onnx(src, dst, ctx.data.norm(images), target="onnxruntime", keep_fp32=written.keep_fp32)
+    info["layer_choice"] = {
+        "mode": "auto", "chosen": choice.chosen, "written": written.name, "pays": choice.path is not None,
+        "keep_fp32": list(written.keep_fp32), "measured": choice.measured,
+        "fp32_val_top1": round(choice.fp32_top1 * 100, 4), "fp32_p50_ms": round(choice.fp32_p50_ms, 4),
+        "val": f"last {len(y_val)} images of the train split (never the test split)",
+        "candidates": [{"name": v.name, "keep_fp32": list(v.keep_fp32), "val_top1": round(v.top1 * 100, 4),
+                        "drop_pt": v.drop_pt, "ratio_vs_fp32": round(v.ratio, 4), "ratio_p10": round(v.ratio_p10, 4),
+                        "ratio_p90": round(v.ratio_p90, 4), "p50_ms": round(v.p50_ms, 4),
+                        "within_drop": v.within_drop} for v in choice.variants]}
+    return info
 
 
 def _quantize(ctx: Context, src, dst, images, target: str) -> dict:
@@ -14,11 +82,19 @@ def _quantize(ctx: Context, src, dst, images, target: str) -> dict:
     q, data = ctx.cfg.quantize, ctx.data
     model_type = q.model_type or None
     if q.accuracy_control:
-        n = min(len(data.train.labels), 1000)
-        return quantize_onnx_with_accuracy_control(src, dst, data.norm(images), data.x_train[-n:],
-                                                   data.train.labels[-n:], target=target,
+        x_val, y_val = _val_slice(ctx, 1000)
+        return quantize_onnx_with_accuracy_control(src, dst, data.norm(images), x_val, y_val, target=target,
                                                    max_drop=q.max_drop / 100.0, model_type=model_type)
-    return quantize_onnx(src, dst, data.norm(images), target=target, model_type=model_type)
+    if target == "tensorrt":   # fully quantized whatever keep_fp32 says (module docstring)
+        return quantize_onnx(src, dst, data.norm(images), target=target, model_type=model_type)
+    if q.keep_fp32 == "auto":
+        return _choose(ctx, src, dst, images)
+    keep = tuple(q.keep_fp32_nodes) if q.keep_fp32 == "listed" else ()
+    if q.keep_fp32 == "listed" and not keep:
+        raise PipelineError('quantize.keep_fp32 = "listed" needs ONNX node names in quantize.keep_fp32_nodes')
+    info = quantize_onnx(src, dst, data.norm(images), target=target, model_type=model_type, keep_fp32=keep)
+    info["layer_choice"] = {"mode": q.keep_fp32, "keep_fp32": list(keep)}
+    return info
 
 
 def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
@@ -44,6 +120,7 @@ def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
                    calibration={k: calib[k] for k in ("n", "sha256", "seed", "per_class")},
                    target=q.target, qdq=info.get("qdq"), reverted=info.get("reverted"),
                    int32_bias=info.get("int32_bias"), keep_fp32=info.get("keep_fp32"),
+                   layer_choice=info.get("layer_choice"),
                    parity_vs_fp32={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
     artifacts = [Artifact("onnx-int8", "onnx", "model_int8.onnx", "int8", f"ONNX int8 ({q.target} Q/DQ)"),
                  Artifact("calibration", "calibration", "calib.npz", "", "calibration set")]
@@ -55,5 +132,5 @@ def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
                                          "agreement_with_fp32": round(float((pred_t == fp32_pred).mean() * 100), 4),
                                          "qdq": trt_info.get("qdq")}}
         artifacts.append(Artifact("onnx-int8-trt", "onnx", "model_int8_trt.onnx", "int8",
-                                  "ONNX int8 (TensorRT Q/DQ)", top1=mt["top1"]))
+                                  "ONNX int8 (TensorRT Q/DQ, fully quantized)", top1=mt["top1"]))
     return Output(metrics=metrics, artifacts=tuple(artifacts))

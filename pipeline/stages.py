@@ -122,7 +122,7 @@ PRUNE_TARGET_KEYS = {"ratio": ("prune.ratio", "prune.global_pruning"), "macs": (
 
 def prune_keys(cfg):
     p = cfg.prune
-    keys = [*model_keys(cfg), "prune.target", "prune.importance", "prune.global_pruning", "prune.round_to",
+    keys = [*model_keys(cfg), "prune.target", "prune.importance", "prune.round_to",
             "prune.max_layer_ratio", "prune.iterative_steps", "prune.head_ratio", "prune.ignored_layers",
             *PRUNE_TARGET_KEYS[p.target]]
     if p.round_to == 0 or p.target in ("latency_ms", "speedup"):   # auto rounding / which runtime to time on
@@ -160,7 +160,7 @@ def prune(ctx: Context) -> Output:
         xs, ys = torch.from_numpy(data.x_train[:n]), torch.from_numpy(data.train.labels[:n])
         taylor = [(xs[i:i + 64], ys[i:i + 64]) for i in range(0, n, 64)]
     model, info = prune_model(model, modelio.example_input(cfg.data), target=p.target, importance=p.importance,
-                              global_pruning=p.global_pruning, round_to=round_to, max_layer_ratio=p.max_layer_ratio,
+                              round_to=round_to, max_layer_ratio=p.max_layer_ratio,
                               iterative_steps=p.iterative_steps, ignored_layers=p.ignored_layers,
                               head_ratio=p.head_ratio, between_steps=between, taylor_batches=taylor,
                               seed=cfg.run.seed, **target_args)

@@ -13,8 +13,8 @@ from pipeline.contract import fingerprint_values
 from pipeline.stages import STAGES
 
 CONFIG = "configs/cpu.toml"
-# The MAC target keeps these in-process runs fast; test_e2e runs the default (latency) recipe.
-FAST = [*SMALL, "prune.target=macs", "prune.macs=0.1"]
+# The MAC target and one INT8 form keep these in-process runs fast; test_e2e runs the default recipe.
+FAST = [*SMALL, "prune.target=macs", "prune.macs=0.1", "quantize.keep_fp32=none"]
 
 
 @pytest.fixture(scope="module")

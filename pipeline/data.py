@@ -1,23 +1,28 @@
 """Datasets as uint8 arrays plus normalisation: the pipeline's only view of images.
 
-Every check on the data happens here, where it enters: labels in [0, num_classes) in both splits,
-no empty split, images of the configured size and channels (MNIST can be replicated to 3 channels
-and resized, for compute-bound workloads on real data).
+Every check on the data happens here, where it enters, and before any training: both splits are
+read (and checked) together, labels in [0, num_classes) in both, no empty split, a subset no
+larger than its split, images of the configured size and channels (MNIST can be replicated to 3
+channels and resized, for compute-bound workloads on real data), and a dataset that fits in memory.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from edgerun.readers import load_image_folder, load_mnist
 from edgerun.io import sha256_file
+from edgerun.readers import load_image_folder, load_mnist
 from pipeline.errors import PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MNIST_CLASSES = 10
+# uint8 pixels plus the normalised float32 copy training reads: 5 bytes per pixel.
+BYTES_PER_PIXEL = 1 + 4
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Split:
     images: np.ndarray  # uint8 [N, C, H, W]
     labels: np.ndarray  # int64 [N]
     classes: list[str]
+    source_size: tuple[int, int] | None = None  # (H, W) of the images on disk, before any resize
 
 
 def resolve_root(root: str) -> Path:
@@ -36,9 +42,27 @@ def resolve_root(root: str) -> Path:
     return PROJECT_ROOT / p
 
 
+def memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits(n: int, channels: int, size, where: str) -> None:
+    """Refuse, before allocating, a split that would take more than half of this machine's memory."""
+    h, w = size
+    need, total = n * channels * h * w * BYTES_PER_PIXEL, memory_bytes()
+    if total and need > total // 2:
+        raise PipelineError(f"{where}: {n} images of {channels}x{h}x{w} need {need / 2**30:.1f} GiB "
+                            f"(uint8 + float32), more than half of this machine's {total / 2**30:.1f} GiB; "
+                            f"lower data.size or set data.train_subset / data.test_subset")
+
+
 def _adapt_mnist(images: np.ndarray, size, channels: int) -> np.ndarray:
-    """MNIST is 1x28x28: resize (bilinear) and replicate to 3 channels when the config asks."""
-    if tuple(size) != (28, 28):
+    """MNIST is 1x28x28 on disk: resize (bilinear) and replicate to 3 channels when the config asks."""
+    if tuple(images.shape[2:]) != tuple(size):
         from PIL import Image
         h, w = size
         images = np.stack([np.asarray(Image.fromarray(im[0]).resize((w, h), Image.BILINEAR))[None] for im in images])
@@ -49,22 +73,41 @@ def _adapt_mnist(images: np.ndarray, size, channels: int) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def _subset(images: np.ndarray, labels: np.ndarray, subset: int, seed: int, key: str, where: str):
+    if subset > len(labels):
+        raise PipelineError(f"{key} = {subset}: {where} has only {len(labels)} images "
+                            f"(0 = the whole split)")
+    if subset and subset < len(labels):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:subset])
+        images, labels = images[idx], labels[idx]
+    return images, labels
+
+
 def load_split(kind: str, root: str, split: str, *, size=(28, 28), channels=1, subset=0, seed=0,
                classes: list[str] | None = None, num_classes: int | None = None) -> Split:
-    """``split`` is 'train' or 'test'. ``subset`` > 0 keeps a seeded random subset."""
+    """``split`` is 'train' or 'test'. ``subset`` > 0 keeps a seeded random subset (at most the split)."""
     path = resolve_root(root)
+    where = f"data ({kind} {split} split at {path})"
+    key = f"data.{split}_subset"
     if kind == "mnist":
-        images, labels = load_mnist(path, split)
+        if num_classes is not None and num_classes < MNIST_CLASSES:
+            raise PipelineError(f"{where}: MNIST has {MNIST_CLASSES} classes, model.num_classes is {num_classes}")
+        images, labels = load_mnist(path, split, num_classes=num_classes or MNIST_CLASSES)
+        source = tuple(images.shape[2:])
+        images, labels = _subset(images, labels, subset, seed, key, where)  # before resizing: less work
+        _check_fits(len(labels), channels, size, where)
         images = _adapt_mnist(images, size, channels)
-        names = [str(i) for i in range(10)]
+        names = [str(i) for i in range(MNIST_CLASSES)]
     elif kind == "imagefolder":
         sub = path / split
         if split == "test" and not sub.is_dir() and (path / "val").is_dir():
             sub = path / "val"
-        images, labels, names = load_image_folder(sub, tuple(size), channels, classes)
+        images, labels, names = load_image_folder(sub, tuple(size), channels, classes, num_classes=num_classes)
+        source = None  # every image is resized as it is read; their own sizes may differ
+        images, labels = _subset(images, labels, subset, seed, key, where)
+        _check_fits(len(labels), channels, size, where)
     else:
         raise PipelineError(f"data.kind: unknown kind {kind!r}; expected 'mnist' or 'imagefolder'")
-    where = f"data ({kind} {split} split at {path})"
     if len(labels) == 0:
         raise PipelineError(f"{where}: no images")
     if num_classes is not None:
@@ -74,10 +117,11 @@ def load_split(kind: str, root: str, split: str, *, size=(28, 28), channels=1, s
         if lo < 0 or hi >= num_classes:
             raise PipelineError(f"{where}: labels must be in [0, {num_classes}) (model.num_classes), "
                                 f"found {lo if lo < 0 else hi}")
-    if subset and subset < len(labels):
-        idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:subset])
-        images, labels = images[idx], labels[idx]
-    return Split(images, labels, names)
+    # What reaches the model is exactly what the config says, whatever the reader returned.
+    if images.dtype != np.uint8 or images.shape[1:] != (channels, *size):
+        raise PipelineError(f"{where}: images are {images.dtype} {list(images.shape[1:])}, "
+                            f"expected uint8 {[channels, *size]} (data.channels, data.size)")
+    return Split(images, labels, names, source)
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
@@ -89,7 +133,10 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 class Data:
-    """The run's images, loaded once per process and only when a stage reads them."""
+    """The run's images, loaded once per process and only when a stage reads them.
+
+    Reading either split reads both: a bad test split must stop the run before the baseline trains,
+    not after."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -101,13 +148,26 @@ class Data:
                           seed=self.cfg.run.seed, classes=classes, num_classes=self.cfg.model.num_classes)
 
     @cached_property
-    def train(self) -> Split:
-        return self._split("train", self.cfg.data.train_subset)
+    def _splits(self) -> tuple[Split, Split]:
+        d, q = self.cfg.data, self.cfg.quantize
+        train = self._split("train", d.train_subset)
+        test = self._split("test", d.test_subset, classes=train.classes if d.kind == "imagefolder" else None)
+        if train.source_size != test.source_size:
+            raise PipelineError(f"data ({d.kind} at {resolve_root(d.root)}): the train images are "
+                                f"{'x'.join(map(str, train.source_size))} on disk, the test images "
+                                f"{'x'.join(map(str, test.source_size))}: both splits must be one size")
+        if q.enabled and q.calib_size > len(train.labels):
+            raise PipelineError(f"quantize.calib_size = {q.calib_size}: more than the {len(train.labels)} "
+                                f"training images the calibration set is drawn from (data.train_subset)")
+        return train, test
 
-    @cached_property
+    @property
+    def train(self) -> Split:
+        return self._splits[0]
+
+    @property
     def test(self) -> Split:
-        imagefolder = self.cfg.data.kind == "imagefolder"
-        return self._split("test", self.cfg.data.test_subset, classes=self.train.classes if imagefolder else None)
+        return self._splits[1]
 
     def norm(self, images: np.ndarray) -> np.ndarray:
         return normalize(images, self.cfg.data.mean, self.cfg.data.std)

@@ -4,6 +4,7 @@ Plain functions over torch models and config sections; no stage, runner or conte
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ def load_state(model, path: Path, *, unsafe_pickle: bool = False, strict: bool =
         hint = ("; if you made this file yourself and it holds a pickled model, "
                 "--set model.unsafe_pickle=true loads it (pickle runs code from the file)"
                 if "weights_only" in str(e) or "Unsupported global" in str(e) else "")
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+        # torch wraps part of its message in ANSI bold codes: they do not belong in a one-line error.
+        first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [type(e).__name__])[0])
         raise PipelineError(f"model.weights: {path}: not a weights-only state_dict ({first[:160]}){hint}") from None
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
@@ -53,6 +55,11 @@ def load_state(model, path: Path, *, unsafe_pickle: bool = False, strict: bool =
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"model.weights: {path}: expected a state_dict of tensors, got {type(state).__name__}")
+    # NaN or inf weights give NaN logits, and a NaN argmax scores like a guess: refuse them here.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise PipelineError(f"model.weights: {path}: {len(broken)} tensors hold NaN or inf values "
+                            f"(first {broken[0]}): the checkpoint is damaged or its training diverged")
     own = model.state_dict()
     report = {"missing": sorted(k for k in own if k not in state),
               "unexpected": sorted(k for k in state if k not in own),
@@ -70,8 +77,14 @@ def load_state(model, path: Path, *, unsafe_pickle: bool = False, strict: bool =
 
 
 def save_weights(model, path: Path) -> None:
+    import io
+
     import torch
-    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    # Serialised in memory first: torch.save on a full disk raises RuntimeError ("iostream error"),
+    # while atomic_write turns the OSError of a failed write into one line naming the file.
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def torch_outputs(model, x: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
@@ -83,9 +96,27 @@ def torch_outputs(model, x: np.ndarray, batch: int = 500) -> dict[str, np.ndarra
         for i in range(0, len(x), batch):
             out = model(torch.from_numpy(x[i:i + batch]))
             out = out if isinstance(out, (tuple, list)) else (out,)
-            for n, o in zip(names, out):
+            if len(out) != len(names):
+                if names != ("logits",):
+                    raise PipelineError(f"model: {type(model).__name__} returned {len(out)} outputs, its "
+                                        f"output_names has {len(names)} ({', '.join(names)})")
+                out = out[-1:]   # an unnamed tuple ends with the logits (as probe_model reads it)
+            for n, o in zip(names, out, strict=True):
                 chunks[n].append(o.numpy())
-    return {n: np.concatenate(c) for n, c in chunks.items()}
+    outputs = {n: np.concatenate(c) for n, c in chunks.items()}
+    check_finite(outputs, f"model: {type(model).__name__}")
+    return outputs
+
+
+def check_finite(outputs: dict[str, np.ndarray], what: str) -> None:
+    """Refuse NaN or inf outputs: their argmax is a class all the same, so top-1 would look like a
+    (bad) result instead of a broken model."""
+    for name, out in outputs.items():
+        bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1) if out.size else np.zeros(0, bool)
+        if bad.any():
+            raise PipelineError(f"{what} gives NaN or inf {name} for {int(bad.sum())} of {len(out)} images "
+                                f"(first: image {int(np.argmax(bad))}): a model that computes NaN, or a "
+                                f"training that diverged (lower the learning rate)")
 
 
 def onnx_outputs(path: Path, x: np.ndarray, threads: int = 0) -> dict[str, np.ndarray]:

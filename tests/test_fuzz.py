@@ -1,11 +1,12 @@
-"""Property-based fuzzing of the loaders that read user files: bounded, derandomized, no deadline.
+"""Property-based fuzzing of what users hand the pipeline: the config reader (TOML files and --set
+values) and the ONNX checker. Bounded, derandomized, no deadline.
 
-Every input either loads or fails with the project's own error (PipelineError, CalibError,
-ExportError) whose message is one line. Any other exception is what a user would see as a
-traceback, so it is a bug.
+Every input either loads or fails with the project's own error (PipelineError, ExportError) whose
+message is one line; any other exception is what a user would see as a traceback, so it is a bug.
+A config that loads must also mean something: the invariants below are what the stages rely on.
+(The IDX and image readers are fuzzed in tests/test_readers.py.)
 """
 import atexit
-import gzip
 import json
 import math
 import shutil
@@ -13,14 +14,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edgerun.readers import ReaderError as CalibError  # read_idx raises ReaderError (tests moved to test_readers.py)
-from edgerun.readers import _IDX_DTYPES, read_idx
 from export.errors import ExportError
 from export.onnx_export import check_onnx
-from pipeline.config import Config, load_config
+from pipeline.config import Config, read_config
 from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,13 +35,14 @@ def one_line(e: BaseException) -> str:
     return text
 
 
-# ---------------------------------------------------------------- config loader
+# ---------------------------------------------------------------- config reader
 
 SECTIONS = {name: list(Config().section(name)) for name in Config.__dataclass_fields__}
 VALUES = st.recursive(
     st.none().map(lambda _: "") | st.booleans() | st.integers(-2**63, 2**63 - 1)
     | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
-    | st.sampled_from(["cpu", "jetson-orin", "ratio", "l2", "fail", "warn", "int8", "mnist", "a/b", ".x"]),
+    | st.sampled_from(["cpu", "jetson-orin", "ratio", "l2", "fail", "warn", "int8", "mnist", "a/b", ".x", "..",
+                       "a\x00b", "cuda", 0, -1, 1, 2, 10**12, 0.0, 1.0, 1e-300]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8)
 
@@ -55,7 +55,9 @@ def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
-        return repr(v) if not isinstance(v, float) or math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        if not isinstance(v, float) or math.isfinite(v):
+            return repr(v)
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list):
@@ -76,13 +78,47 @@ def toml_documents(draw):
     return "\n".join(lines) + "\n"
 
 
-def load_or_pipeline_error(path, overrides=()):
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def assert_meaningful(cfg: Config, explicit: frozenset):
+    """What every stage takes for granted about a config that loaded."""
+    values = cfg.to_dict()
+    typed = dict(values)
+    typed["model"] = {k: v for k, v in values["model"].items() if k != "kwargs"}  # the factory's own business
+    for leaf in _leaves(typed):
+        assert not isinstance(leaf, float) or math.isfinite(leaf), leaf
+        assert not isinstance(leaf, str) or "\0" not in leaf, leaf
+    d = cfg.data
+    assert len(d.size) == 2 and min(d.size) >= 1 and d.channels in (1, 3)
+    assert len(d.mean) == len(d.std) == d.channels and all(0 < s <= 1 for s in d.std)
+    assert d.train_subset >= 0 and d.test_subset >= 0 and cfg.run.seed >= 0 and cfg.model.num_classes >= 2
+    name = cfg.run.name
+    assert name and "/" not in name and not name.startswith(".") and len(name.encode()) <= 255
+    assert cfg.finetune.epochs > 0 and cfg.finetune.kd_temperature > 0 and cfg.quantize.calib_size > 0
+    assert 0 <= cfg.run.threads <= 1024 and 0 <= cfg.profile.threads <= 1024
+    assert cfg.baseline.min_top1 == -1 or 0 <= cfg.baseline.min_top1 <= 100
+    image = d.channels * d.size[0] * d.size[1] * 4
+    assert max(cfg.profile.batches) * image <= 2 << 30 and cfg.export.example_batch * image <= 2 << 30
+    assert all("." in k for k in explicit)
+
+
+def read_or_pipeline_error(path, overrides=()):
     try:
-        cfg = load_config(path, list(overrides))
+        cfg, explicit = read_config(path, list(overrides))
     except PipelineError as e:
         one_line(e)
         return None
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, Config) and isinstance(explicit, frozenset)
+    assert_meaningful(cfg, explicit)
     return cfg
 
 
@@ -90,13 +126,19 @@ def load_or_pipeline_error(path, overrides=()):
 @given(toml_documents())
 @example("[prune]\nratio = nan\n")
 @example('[run]\nname = "../x"\n')
+@example('[run]\nname = "a\\u0000b"\n')
 @example("[data]\nsize = [28]\nmean = []\n")
+@example("[data]\nsize = [100000, 100000]\n")
+@example("[data]\nmean = [123.7]\nstd = [58.4]\n")
 @example("[profile]\nbatches = []\n")
+@example("[export]\nopset = 9223372036854775807\n")
+@example("[run]\nseed = -1\n")
 @example("[[run]]\n")
+@example("run = 5\n")
 def test_config_file_fuzz(text):
     path = WORK / "fuzz.toml"
     path.write_text(text, encoding="utf-8")
-    load_or_pipeline_error(path)
+    read_or_pipeline_error(path)
 
 
 @FUZZ
@@ -104,7 +146,7 @@ def test_config_file_fuzz(text):
 def test_config_random_text_fuzz(data):
     path = WORK / "raw.toml"
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
-    load_or_pipeline_error(path)
+    read_or_pipeline_error(path)
 
 
 OVERRIDE_KEYS = [f"{s}.{k}" for s, keys in SECTIONS.items() for k in keys]
@@ -112,116 +154,68 @@ OVERRIDE_KEYS = [f"{s}.{k}" for s, keys in SECTIONS.items() for k in keys]
 
 @FUZZ
 @given(st.lists(st.text(max_size=30)
-                | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(OVERRIDE_KEYS + ["run", "x.y", "run.target.x", "a..b"]),
+                | st.builds(lambda k, v: f"{k}={v}",
+                            st.sampled_from(OVERRIDE_KEYS + ["run", "x.y", "run.target.x", "a..b"]),
                             st.text(max_size=12) | VALUES.map(toml_value)), max_size=3))
 @example(["run.target.x=1"])
 @example(["prune.ratio=[1, 2"])
 @example(["=1"])
 @example(["run.seed=1\nname = 'x'"])
+@example(["prune={ratio=0.3}"])
+@example(["model.kwargs={depth={a=[1, {b=2}]}}"])
+@example(["data.size=[0, 0]"])
+@example(["finetune.epochs=0"])
+@example(["run.threads=1000000"])
 def test_config_override_fuzz(overrides):
-    load_or_pipeline_error(ROOT / "configs/cpu.toml", overrides)
-
-
-# ---------------------------------------------------------------- IDX reader
-
-def expected_idx(raw: bytes):
-    """What read_idx must return for these bytes: (shape, dtype), or None for an error."""
-    if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        return None
-    ndim, header = raw[3], 4 + 4 * raw[3]
-    if len(raw) < header:
-        return None
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    if len(raw) - header != math.prod(shape) * dtype.itemsize:  # Python ints: no overflow
-        return None
-    return shape, dtype
-
-
-def check_idx(raw: bytes, stored: bytes, suffix: str):
-    path = WORK / f"fuzz{suffix}"
-    path.write_bytes(stored)
-    want = expected_idx(raw) if raw is not None else "unknown"
-    try:
-        arr = read_idx(path)
-    except CalibError as e:
-        assert str(path) in one_line(e)
-        assert want in (None, "unknown"), f"read_idx refused a well-formed IDX: {e}"
-        return
-    if want == "unknown":  # mutated gzip that still decompressed: judge the bytes it holds
-        want = expected_idx(gzip.decompress(stored))
-    assert want is not None, f"read_idx accepted a malformed IDX as {arr.shape}"
-    shape, dtype = want
-    assert arr.shape == shape and arr.dtype == dtype.newbyteorder("=")
-    header = 4 + 4 * len(shape)
-    data = raw if raw is not None else gzip.decompress(stored)
-    assert np.array_equal(arr, np.frombuffer(data, dtype=dtype, offset=header).reshape(shape))
-
-
-def real_idx() -> bytes:
-    """A real IDX file: the first 300 MNIST test labels, header rewritten to match."""
-    raw = gzip.decompress((ROOT / "data/mnist/t10k-labels-idx1-ubyte.gz").read_bytes())
-    return raw[:4] + (300).to_bytes(4, "big") + raw[8:8 + 300]
-
-
-def small_image_idx() -> bytes:
-    raw = gzip.decompress((ROOT / "data/mnist/t10k-images-idx3-ubyte.gz").read_bytes())
-    return raw[:4] + (2).to_bytes(4, "big") + raw[8:16] + raw[16:16 + 2 * 784]
-
-
-REAL = [real_idx(), small_image_idx()]
-
-
-@st.composite
-def mutated_idx(draw):
-    raw = bytearray(draw(st.sampled_from(REAL)))
-    kind = draw(st.sampled_from(["truncate", "flip_header", "set_byte", "append", "dims"]))
-    if kind == "truncate":
-        raw = raw[:draw(st.integers(0, len(raw)))]
-    elif kind == "flip_header":
-        for _ in range(draw(st.integers(1, 4))):
-            raw[draw(st.integers(0, 15))] ^= 1 << draw(st.integers(0, 7))
-    elif kind == "set_byte":
-        raw[draw(st.integers(0, 15))] = draw(st.integers(0, 255))
-    elif kind == "append":
-        raw += draw(st.binary(min_size=1, max_size=16))
-    else:  # rewrite the type code, the number of dims and the dims themselves
-        ndim = draw(st.integers(0, 4))
-        raw = (bytes([0, 0, draw(st.sampled_from([*_IDX_DTYPES, 0x0A, 0xFF])), ndim])
-               + b"".join(draw(st.integers(0, 2**32 - 1)).to_bytes(4, "big") if draw(st.booleans())
-                          else draw(st.integers(0, 400)).to_bytes(4, "big") for _ in range(ndim))
-               + bytes(raw[16:]))
-    return bytes(raw)
+    read_or_pipeline_error(ROOT / "configs/cpu.toml", overrides)
 
 
 @FUZZ
-@given(st.binary(max_size=64))
-@example(b"")
-@example(b"\x00\x00\x08\x00")
-@example(b"\x00\x00\x08\x01\x00\x00\x00\x00")  # zero items: an empty array is correct
-@example(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x3f\x80\x00\x00")  # one big-endian float32 1.0
-def test_read_idx_random_bytes(raw):
-    check_idx(raw, raw, ".idx")
+@given(st.sampled_from(OVERRIDE_KEYS), VALUES)
+def test_config_override_of_each_real_key(key, value):
+    """Every real key with every kind of value: a Config that means something, or one line."""
+    read_or_pipeline_error(ROOT / "configs/cpu.toml", [f"{key}={toml_value(value)}"])
+
+
+def typed_value(key: str):
+    """A value of the key's own type (so the type check passes and the meaning checks are what decide)."""
+    from pipeline.config import CHOICES
+    section, name = key.split(".")
+    default = Config().section(section)[name]
+    ints = st.integers(-3, 70) | st.sampled_from([0, 1, 2, 10**6, 2**40, -2**40])
+    floats = st.floats(-2, 200, allow_nan=False) | st.sampled_from([0.0, 1.0, 1e-12, 1e12, -1.0, 100.0])
+    if key in CHOICES:
+        return st.sampled_from(CHOICES[key])
+    if isinstance(default, bool):
+        return st.booleans()
+    if isinstance(default, int):
+        return ints
+    if isinstance(default, float):
+        return floats
+    if isinstance(default, str):
+        return st.sampled_from(["", "x", "a/b", "..", "data/mnist", "n" * 300, "a\x00b"])
+    if isinstance(default, (tuple, list)):
+        item = default[0] if default else ""
+        inner = floats if isinstance(item, float) else ints if isinstance(item, int) else st.text(max_size=4)
+        return st.lists(inner, min_size=0, max_size=4)
+    return st.dictionaries(st.sampled_from(["depth", "width", "classes_arg"]), ints, max_size=2)
+
+
+SKIP_TYPED = {"run.name", "data.root", "data.kind", "model.factory", "model.weights", "model.name"}  # other tests
 
 
 @FUZZ
-@given(mutated_idx())
-def test_read_idx_mutated_real_files(raw):
-    check_idx(raw, raw, "-ubyte")
+@given(st.data())
+def test_config_typed_values_fuzz(data):
+    """Values of the right type but maybe no meaning (NaN excluded: the type check has it): most load."""
+    keys = data.draw(st.lists(st.sampled_from([k for k in OVERRIDE_KEYS if k not in SKIP_TYPED]), min_size=1,
+                              max_size=4, unique=True))
+    read_or_pipeline_error(ROOT / "configs/cpu.toml", [f"{k}={toml_value(data.draw(typed_value(k)))}" for k in keys])
 
 
-@FUZZ
-@given(mutated_idx())
-def test_read_idx_mutated_real_files_gzipped(raw):
-    check_idx(raw, gzip.compress(raw, mtime=0), "-ubyte.gz")
-
-
-@FUZZ
-@given(st.binary(max_size=64))
-def test_read_idx_random_bytes_named_gz(raw):
-    # Bytes that are not gzip at all, under a .gz name (gzip's own header checks refuse them).
-    assume(not raw.startswith(b"\x1f\x8b"))
-    check_idx(None, raw, ".gz")
+def test_the_shipped_configs_are_meaningful():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        assert read_or_pipeline_error(path) is not None, path
 
 
 # ---------------------------------------------------------------- ONNX checker
@@ -240,7 +234,8 @@ def small_onnx() -> bytes:
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Flatten", ["r"], ["f"]),
              helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 14, 14])],
+    graph = helper.make_graph(nodes, "small",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 14, 14])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model, full_check=True)
@@ -299,13 +294,3 @@ def test_check_onnx_mutated_real_model(data):
         at = data.draw(st.sampled_from([i for i in range(len(raw)) if raw[i] in (0x08, 0x0A, 0x12, 0x1A, 0x22, 0x3A)]))
         raw[at] = data.draw(st.integers(0, 255))
     check_onnx_file(bytes(raw))
-
-
-@FUZZ
-@given(st.data())
-def test_read_idx_corrupted_gzip_stream(data):
-    raw = bytearray(gzip.compress(REAL[0], mtime=0))
-    # Past gzip's 10-byte header, before its 8-byte trailer: the deflate stream itself.
-    for _ in range(data.draw(st.integers(1, 6))):
-        raw[data.draw(st.integers(10, len(raw) - 9))] = data.draw(st.integers(0, 255))
-    check_idx(None, bytes(raw), "-ubyte.gz")

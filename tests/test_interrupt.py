@@ -1,5 +1,7 @@
 """Interruption: a run SIGKILLed in the middle of a stage resumes there, and ends with the same
-metrics as a run that was never interrupted; two runs on one run folder at once are refused.
+metrics as a run that was never interrupted; SIGTERM and SIGINT end a run like Ctrl-C (exit 130,
+`FAILED | interrupted`, a report that does not claim success, resumable state); two runs on one
+run folder at once are refused.
 
 Real runs through the CLI in subprocesses, on a small MNIST subset, starting from a fixed
 checkpoint (model.weights) where a test compares two runs, except the baseline-kill test, which
@@ -19,11 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package"]
 FOLDER = {s: f"{i + 1:02d}_{s}" for i, s in enumerate(STAGES)} | {"package": "deploy"}
 # run.threads=1: on a small shared machine two OpenMP threads per process fight everything else.
-SETS = ["run.threads=1", "data.train_subset=600", "data.test_subset=200", "finetune.epochs=0.3", "finetune.val_size=100",
-        "finetune.max_drop=100", "quantize.calib_size=32", "quantize.max_drop=100", "quantize.min_agreement=0",
+SETS = ["run.threads=1", "data.train_subset=600", "data.test_subset=200", "finetune.epochs=0.3",
+        "finetune.val_size=100", "finetune.max_drop=100", "quantize.calib_size=32", "quantize.max_drop=99",
+        "quantize.min_agreement=0",
+        "quantize.keep_fp32=none",  # "auto" times variants: a resumed run could choose another one
+        "prune.target=ratio", "prune.ratio=0.5", "prune.importance=l2",  # not the latency search of cpu.toml
         "profile.iters=3", "profile.warmup=1", "profile.batches=[1]", "profile.torch=false"]
 # What a rerun may change: timings, and what is chosen from timings.
-UNSTABLE = {"latency", "environment", "chosen", "seconds"}
+UNSTABLE = {"latency", "environment", "chosen", "seconds", "speedup", "comparisons"}
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +39,16 @@ def weights(tmp_path_factory):
 
     from pipeline.config import Config
     from pipeline.data import load_split, normalize
-    from pipeline.stages import build
-    from pipeline.train import train_classifier
+    from pipeline.modelio import build
+    from pipeline.train import train
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = build(Config())
-        train = load_split("mnist", "data/mnist", "train", subset=1000, seed=1)
-        train_classifier(model, normalize(train.images, (0.1307,), (0.3081,)), train.labels, epochs=1, lr=1e-3,
-                         batch_size=64, seed=0)
+        model = build(Config().model, Config().data)
+        split = load_split("mnist", "data/mnist", "train", subset=1000, seed=1)
+        train(model, None, normalize(split.images, (0.1307,), (0.3081,)), split.labels, epochs=1, lr=1e-3,
+              batch_size=64, seed=0, schedule="constant", progress=None)
     finally:
         torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("ckpt") / "weights.pt"
@@ -80,16 +85,24 @@ def kill(proc: subprocess.Popen):
     proc.wait(timeout=30)
 
 
-def kill_during(proc: subprocess.Popen, run_dir: Path, stage: str, delay: float, timeout=300):
-    """SIGKILL the run once `stage` has started (its .tmp folder exists) and `delay` seconds passed."""
+def wait_for_stage(proc: subprocess.Popen, run_dir: Path, stage: str, delay: float, timeout=300,
+                   marker: tuple[Path, str] | None = None):
+    """Return once `stage` has started (its .tmp folder exists), the log holds `marker` (log, text) if
+    given, and `delay` seconds passed."""
     tmp = run_dir / f"{FOLDER[stage]}.tmp"
     deadline = time.monotonic() + timeout
+    while not tmp.is_dir() or (marker and marker[1] not in marker[0].read_text()):
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {stage} started"
+        assert time.monotonic() < deadline, f"{stage} did not start within {timeout} s"
+        time.sleep(0.02)
+    time.sleep(delay)
+
+
+def kill_during(proc: subprocess.Popen, run_dir: Path, stage: str, delay: float, timeout=300, marker=None):
+    """SIGKILL the run once `stage` has started (its .tmp folder exists) and `delay` seconds passed."""
+    tmp = run_dir / f"{FOLDER[stage]}.tmp"
     try:
-        while not tmp.is_dir():
-            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {stage} started"
-            assert time.monotonic() < deadline, f"{stage} did not start within {timeout} s"
-            time.sleep(0.02)
-        time.sleep(delay)
+        wait_for_stage(proc, run_dir, stage, delay, timeout, marker)
     finally:
         kill(proc)  # also when the wait failed: never leave a run behind
     assert proc.returncode == -signal.SIGKILL
@@ -136,9 +149,15 @@ def compare(run_dir: Path, reference: Path):
 
 # ---------------------------------------------------------------- fast: one stage
 
-def test_kill_during_finetune_resumes_there(tmp_path, weights):
-    ref = tmp_path / "ref"
-    run_to_end(command(ref, "r", weights=weights, until="finetune"), tmp_path / "ref.log")
+@pytest.fixture(scope="module")
+def finetune_reference(tmp_path_factory, weights):
+    """An uninterrupted run up to finetune, to compare the resumed runs with."""
+    ref = tmp_path_factory.mktemp("finetune_reference")
+    run_to_end(command(ref, "r", weights=weights, until="finetune"), ref / "ref.log")
+    return ref / "r"
+
+
+def test_kill_during_finetune_resumes_there(tmp_path, weights, finetune_reference):
     runs = tmp_path / "runs"
     run_dir = runs / "r"
     cmd = command(runs, "r", weights=weights, until="finetune")
@@ -149,7 +168,52 @@ def test_kill_during_finetune_resumes_there(tmp_path, weights):
     report = json.loads((run_dir / "report.json").read_text())
     assert [s["status"] for s in report["stages"]] == ["cached", "cached", "ran"]
     assert_clean(run_dir)
-    compare(run_dir, ref / "r")
+    compare(run_dir, finetune_reference)
+
+
+def stop_with(proc: subprocess.Popen, run_dir: Path, stage: str, delay: float, signum: int, log: Path,
+              marker: str | None = None) -> str:
+    """Send `signum` to the run inside `stage`; returns the last stdout line after checking the ending."""
+    try:
+        wait_for_stage(proc, run_dir, stage, delay, marker=(log, marker) if marker else None)
+        os.killpg(proc.pid, signum)
+        proc.wait(timeout=60)
+    finally:
+        kill(proc)
+    out = log.with_suffix(".out").read_text().strip().splitlines()
+    err = log.read_text()
+    assert proc.returncode == 130, (proc.returncode, out, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert out[-1] == "FAILED | interrupted: finished stages are kept; rerun to resume"
+    # Ended like Ctrl-C: the stage is only a .tmp folder, the report says so and claims nothing.
+    assert (run_dir / f"{FOLDER[stage]}.tmp").is_dir() and not (run_dir / FOLDER[stage]).exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["outcome"] == {"passed": False, "message": "interrupted"}
+    return out[-1]
+
+
+def test_sigterm_during_finetune_then_resume(tmp_path, weights, finetune_reference):
+    """What a service manager, `timeout` or a job scheduler sends: the same ending as Ctrl-C."""
+    runs = tmp_path / "runs"
+    run_dir = runs / "r"
+    cmd = command(runs, "r", weights=weights, until="finetune")
+    stop_with(start(cmd, tmp_path / "term.log"), run_dir, "finetune", 0.5, signal.SIGTERM, tmp_path / "term.log")
+    for stage in ("baseline", "prune"):
+        assert (run_dir / FOLDER[stage] / "stage.json").is_file()
+    run_to_end(cmd, tmp_path / "resume.log")
+    assert_resumed_at(tmp_path / "resume.log", "finetune")
+    assert json.loads((run_dir / "report.json").read_text())["outcome"] == {"passed": True}
+    assert_clean(run_dir)
+    compare(run_dir, finetune_reference)
+
+
+def test_sigint_during_baseline_training(tmp_path):
+    """Ctrl-C while the baseline trains (no checkpoint): nothing of it is kept as finished."""
+    runs = tmp_path / "runs"
+    cmd = command(runs, "r", until="baseline")
+    log = tmp_path / "int.log"
+    stop_with(start(cmd, log), runs / "r", "baseline", 0.2, signal.SIGINT, log, marker="  training ")
+    assert not (runs / ".store").exists() or not any((runs / ".store").iterdir())
 
 
 def test_second_run_on_the_same_folder_is_refused(tmp_path, weights):
@@ -210,10 +274,12 @@ def test_kill_during_each_long_stage_then_resume(tmp_path, weights, reference):
 @pytest.mark.slow
 def test_kill_during_baseline_training_resumes_to_the_same_model(tmp_path):
     ref = tmp_path / "ref"
-    run_to_end(command(ref, "r", until="baseline"), tmp_path / "ref.log")
+    # Six epochs: a few seconds of training, so that the kill lands inside it however fast the machine is.
+    run_to_end(command(ref, "r", "baseline.epochs=6", until="baseline"), tmp_path / "ref.log")
     runs = tmp_path / "runs"
-    cmd = command(runs, "r", until="baseline")
-    kill_during(start(cmd, tmp_path / "killed.log"), runs / "r", "baseline", delay=3.0)
+    cmd = command(runs, "r", "baseline.epochs=6", until="baseline")
+    log = tmp_path / "killed.log"
+    kill_during(start(cmd, log), runs / "r", "baseline", delay=1.0, marker=(log, "  training "))
     run_to_end(cmd, tmp_path / "resume.log")
     assert_resumed_at(tmp_path / "resume.log", "baseline")
     got, want = stable_metrics(runs / "r"), stable_metrics(ref / "r")

@@ -1,23 +1,24 @@
-"""Bad input and untrusted files: every case gives one line naming what and where, exit 1, no
-traceback (unless --debug), and leaves nothing that looks finished. docs/robustness.md lists each
-case with the line the user sees.
+"""Every input validated where it enters (issue 12): a bad one gives one line naming the input, what
+was expected and what was found, exit 1, no traceback (unless --debug), and nothing half-written
+that looks finished. docs/robustness.md lists each case with the line the user sees.
 
-Most CLI cases call pipeline.cli.main in this process (an exception escaping main() is exactly
-what would be a traceback, and no interpreter start-up is paid); a few run the real CLI in a
-subprocess to prove the exit code and the absence of a traceback end to end.
+The pipeline is called in this process through pipeline.cli.main (an exception escaping main() is
+exactly what would be a traceback, and no interpreter start-up is paid); a few cases run the real
+CLI in a subprocess (--debug, a file-size limit). Cases that still fail because of code outside
+this file's owners are strict xfails: each names the fix in its reason.
 """
-import dataclasses
 import gzip
-import io
 import json
 import os
 import pickle
 import resource
+import shutil
 import signal
+import struct
 import subprocess
 import sys
-import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,38 +26,42 @@ import pytest
 
 from calib.calibset import load_calibration_set
 from calib.errors import CalibError
+from edgerun.trt import EngineError, check_engine_compat, record_engine, sidecar_path
 from export.errors import ExportError
 from export.onnx_export import check_onnx
-from export.tensorrt import EngineOptions, check_engine_compat, record_engine, sidecar_path
+from export.trt_options import EngineOptions, build_info
 from pipeline.cli import main
-from pipeline.runner import RECORD, intact
+from pipeline.runner import RECORD, changed_files, read_record
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT / "data/mnist"
-TINY = ["data.train_subset=300", "data.test_subset=100"]
+CPU = ROOT / "configs/cpu.toml"
+# 300 training images keep a baseline at a few seconds; the calibration set must fit in them.
+TINY = ["data.train_subset=300", "data.test_subset=100", "quantize.calib_size=64", "baseline.epochs=1"]
 
 
 # ---------------------------------------------------------------- helpers
 
-def cli(capsys, *argv, lines=False):
-    """(exit code, the last stdout line, stderr) of `python -m pipeline ...`, in this process."""
+def cli(capsys, *argv):
+    """(exit code, stdout lines, stderr) of `edgepipe ...`, run in this process."""
     rc = main([str(a) for a in argv])
     cap = capsys.readouterr()
-    out = cap.out.strip().splitlines()
-    return rc, (out if lines else out[-1] if out else ""), cap.err
+    return rc, cap.out.strip().splitlines(), cap.err
 
 
-def user_error(capsys, *argv) -> str:
-    """Runs the CLI, checks the user-error contract and returns the message after 'FAILED | error: '."""
-    rc, out, err = cli(capsys, *argv, lines=True)
+def user_error(capsys, *argv, before_training=True) -> str:
+    """Runs the CLI, checks the user-error contract, returns the message after 'FAILED | error: '."""
+    rc, out, err = cli(capsys, *argv)
     assert rc == 1, (rc, out, err[-2000:])
     assert len(out) == 1 and out[0].startswith("FAILED | error: "), out  # stdout is that one line
     assert "Traceback" not in err
-    return out[0][len("FAILED | error: "):]
+    if before_training:
+        assert "  training " not in err, "refused only after the baseline trained"
+    return out[-1][len("FAILED | error: "):]
 
 
-def run_args(runs, *sets, until="baseline", run="r"):
-    args = ["run", "--config", ROOT / "configs/cpu.toml", "--runs", runs, "--run", run]
+def run_args(runs, *sets, until="baseline", run="r", config=CPU):
+    args = ["run", "--config", config, "--runs", runs, "--run", run]
     if until:
         args += ["--until", until]
     for s in [*TINY, *sets]:
@@ -65,93 +70,33 @@ def run_args(runs, *sets, until="baseline", run="r"):
 
 
 def assert_nothing_finished(run_dir: Path, failing: str | None = None):
-    """Only finished stages have a folder without .tmp/.failed, and each is complete; no temporary
-    or partial file sits at a final place."""
+    """After a failure: no report claims success, the failing stage exists only as `.tmp`, every other
+    stage folder holds a stage record whose files are intact, and no temporary file sits at a final place."""
     if not run_dir.exists():
         return
-    assert not (run_dir / "report.json").exists()  # a report is written only for a pass or a failed gate
+    if (run_dir / "report.json").exists():
+        assert json.loads((run_dir / "report.json").read_text())["outcome"]["passed"] is False
     for p in run_dir.iterdir():
         if p.is_dir() and not p.name.endswith((".tmp", ".failed")):
             assert not p.name.endswith(".old"), p
             if failing:
                 assert not p.name.endswith(f"_{failing}") and not (failing == "package" and p.name == "deploy"), p
-            record = json.loads((p / RECORD).read_text())
-            assert record["status"] in ("ran", "skipped") and intact(p, record), p
+            record = read_record(p)
+            assert record is not None and record.status in ("ran", "skipped") and not changed_files(p, record), p
     for f in run_dir.rglob("*"):
         parents = f.relative_to(run_dir).parts[:-1]
         if f.is_file() and not any(part.endswith((".tmp", ".failed")) for part in parents):
             assert not f.name.endswith((".partial", ".tmp")), f"half-written file at a final place: {f}"
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A state_dict that fits the default model (seeded init: the tests need it to load, not to be good)."""
-    import torch
+def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
+    arr = np.ascontiguousarray(arr)
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
 
-    from pipeline.config import Config
-    from pipeline.stages import build
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "good.pt"
-    torch.save(build(Config()).state_dict(), path)
-    return path
-
-
-# ---------------------------------------------------------------- config
-
-@pytest.mark.parametrize("sets, message", [
-    (["prune.ration=0.3"], "configs/cpu.toml: config: unknown key 'prune.ration' (did you mean 'ratio'?)"),
-    (["prune.ratio=abc"], "configs/cpu.toml: config: prune.ratio must be a number, got str 'abc'"),
-    (["baseline.epochs=two"], "configs/cpu.toml: config: baseline.epochs must be an integer, got str 'two'"),
-    (["run.target=jetson-nano"], "configs/cpu.toml: config: run.target = 'jetson-nano' is not one of 'cpu', "
-                                 "'desktop-gpu', 'jetson-orin' (did you mean 'jetson-orin'?)"),
-    (["prune"], "--set 'prune': expected section.key=value"),
-    (["prune.ratio=1.5"], "configs/cpu.toml: config: prune.ratio must be in [0, 1), got 1.5"),
-])
-def test_config_errors(tmp_path, capsys, sets, message):
-    msg = user_error(capsys, *run_args(tmp_path, *sets))
-    assert msg.endswith(message)
-    assert not (tmp_path / "r").exists()  # refused before the run folder is made
-
-
-def test_config_file_errors(tmp_path, capsys):
-    typo = tmp_path / "typo.toml"
-    typo.write_text("[prun]\nratio = 0.3\n")
-    assert user_error(capsys, "run", "--config", typo) == f"{typo}: config: unknown key 'prun' (did you mean 'prune'?)"
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[prune]\nratio = \n")
-    assert user_error(capsys, "run", "--config", bad) == f"{bad}: not valid TOML (Invalid value (at line 2, column 9))"
-    missing = tmp_path / "nope.toml"
-    assert user_error(capsys, "run", "--config", missing) == f"{missing}: config file not found"
-
-
-def test_cli_selection_errors(tmp_path, capsys):
-    assert user_error(capsys, *run_args(tmp_path, until=None), "--from", "prun") == (
-        "--from 'prun': no such stage (stages: baseline, prune, finetune, export_onnx, quantize, engine, profile, package)")
-    assert user_error(capsys, *run_args(tmp_path, run="../x")) == "--run '../x': must be a plain folder name"
-
-
-@pytest.mark.parametrize("where", ["file", "override"])
-def test_config_deeply_nested_value(tmp_path, capsys, where):
-    deep = "[" * 3000 + "]" * 3000
-    if where == "file":
-        path = tmp_path / "deep.toml"
-        path.write_text(f"[model]\nkwargs = {{ x = {deep} }}\n")
-        msg = user_error(capsys, "run", "--config", path)
-    else:
-        msg = user_error(capsys, *run_args(tmp_path, f"model.kwargs={deep}"))
-    assert "nested" in msg or "TOML" in msg
-
-
-def test_debug_shows_the_traceback(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pipeline", "--debug", *map(str, run_args(tmp_path, "prune.ration=0.3"))],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and "Traceback" in p.stderr and "unknown key 'prune.ration'" in p.stderr
-
-
-# ---------------------------------------------------------------- data
 
 def mnist_root(tmp_path, name, replace: dict) -> Path:
-    """A copy of data/mnist (symlinks) with some files replaced: {vendored name: (new name, bytes)}."""
+    """A copy of data/mnist (symlinks) with some files replaced: {vendored .gz name: (new name, bytes)}."""
     root = tmp_path / name
     root.mkdir()
     for f in MNIST.glob("*.gz"):
@@ -163,10 +108,408 @@ def mnist_root(tmp_path, name, replace: dict) -> Path:
     return root
 
 
+TEST_LABELS = np.frombuffer(gzip.decompress((MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:], np.uint8)
+
+
+def image_folder(root: Path, broken: dict | None = None, classes=("cat", "dog"), test_classes=None) -> Path:
+    """train/ and test/ with three 28x28 PNGs per class; broken = {relative path: bytes, 'dir' or None (delete)}."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, names in (("train", classes), ("test", test_classes or classes)):
+        for cls in names:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    for rel, data in (broken or {}).items():
+        p = root / rel
+        if data is None:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif data == "dir":
+            p.mkdir(parents=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    return root
+
+
+IMAGEFOLDER = ["data.kind=imagefolder", "model.num_classes=2", "baseline.gate=off", "quantize.calib_size=2",
+               "data.train_subset=0", "data.test_subset=0"]   # the folders hold 6 images per split
+
+
+def png_bytes(tmp_path, array) -> bytes:
+    from PIL import Image
+    p = tmp_path / "x.png"
+    Image.fromarray(array).save(p)
+    return p.read_bytes()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 1-bit pixels, with a few bytes of data: what a
+    decompression bomb looks like to a reader that trusts the header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
+
+
+FACTORIES = '''
+import torch
+import torch.nn as nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes=10, in_channels=1, width=None, mode=""):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, width or num_classes)
+        self.mode = mode
+
+    def forward(self, x):
+        y = self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+        if self.mode == "nan":
+            return y * float("nan")
+        if self.mode == "dict":
+            return {"logits": y}
+        return y
+
+
+class Fixed28(nn.Module):
+    """Takes 1x28x28 only, whatever data.size says."""
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def tiny(**kw): return Tiny(**kw)
+def wide(**kw): return Tiny(width=7, **kw)
+def nan(**kw): return Tiny(mode="nan", **kw)
+def returns_dict(**kw): return Tiny(mode="dict", **kw)
+def fixed28(num_classes=10): return Fixed28(num_classes)
+def raises(**kw): raise ValueError("no such depth")
+def not_a_module(**kw): return 42
+def exits(**kw): raise SystemExit(3)
+'''
+
+
+@pytest.fixture(scope="module")
+def factories(tmp_path_factory):
+    """Model factories on sys.path: `robust_models:<name>`, and a module that fails to import."""
+    where = tmp_path_factory.mktemp("factories")
+    (where / "robust_models.py").write_text(FACTORIES)
+    (where / "robust_broken.py").write_text("import torch\nraise RuntimeError('CUDA_HOME is not set')\n")
+    sys.path.insert(0, str(where))
+    yield where
+    sys.path.remove(str(where))
+    for name in ("robust_models", "robust_broken"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A state_dict that fits the default model (seeded init: the tests need it to load, not to be good)."""
+    import torch
+
+    from pipeline.config import Config
+    from pipeline.modelio import build
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "good.pt"
+    torch.save(build(Config().model, Config().data).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def passed_runs(tmp_path_factory):
+    """A runs folder with one passed baseline (run 'r'); tests copy it before changing it."""
+    runs = tmp_path_factory.mktemp("passed") / "runs"
+    assert main([str(a) for a in run_args(runs)]) == 0
+    return runs
+
+
+def copy_runs(passed_runs, tmp_path) -> Path:
+    runs = tmp_path / "runs"
+    shutil.copytree(passed_runs, runs)
+    return runs
+
+
+# ---------------------------------------------------------------- config values
+
+CONFIG_CASES = [
+    (["prune.ration=0.3"], "configs/cpu.toml: config: unknown key 'prune.ration' (did you mean 'ratio'?)"),
+    (["prune.ratio=abc"], "configs/cpu.toml: config: prune.ratio must be a number, got str 'abc'"),
+    (["baseline.epochs=two"], "configs/cpu.toml: config: baseline.epochs must be an integer, got str 'two'"),
+    (["run.target=jetson-nano"], "configs/cpu.toml: config: run.target = 'jetson-nano' is not one of 'cpu', "
+                                 "'desktop-gpu', 'jetson-orin' (did you mean 'jetson-orin'?)"),
+    (["prune"], "--set 'prune': expected section.key=value"),
+    (["prune.ratio=1.5"], "configs/cpu.toml: config: prune.ratio must be in [0, 1), got 1.5"),
+    (["prune.ratio=nan"], "configs/cpu.toml: config: prune.ratio must be a finite number, got nan"),
+    (["finetune.lr=inf"], "configs/cpu.toml: config: finetune.lr must be a finite number, got inf"),
+    (["data.mean=[nan]"], "configs/cpu.toml: config: data.mean must be a finite number, got nan"),
+    (["data.train_subset=-5"], "configs/cpu.toml: config: data.train_subset and data.test_subset must be >= 0 "
+                               "(0 = the whole split)"),
+    (["data.size=[0, 28]"], "configs/cpu.toml: config: data.size must be two positive integers [H, W], got [0, 28]"),
+    (["data.size=[-28, 28]"], "configs/cpu.toml: config: data.size must be two positive integers [H, W], "
+                              "got [-28, 28]"),
+    (["data.size=[28]"], "configs/cpu.toml: config: data.size must be a list of 2 values (an integer each), "
+                         "got list [28]"),
+    (["data.size=[20000, 20000]"], "configs/cpu.toml: config: data.size (the model probe, batch 2): a float32 batch "
+                                   "of 2 x 1x20000x20000 is 3.0 GiB, more than the 2 GiB this pipeline allows"),
+    (["data.mean=[0.1, 0.1]"], "configs/cpu.toml: config: data.mean and data.std need 1 values (data.channels)"),
+    (["data.mean=[123.7]", "data.std=[58.4]"],
+     "configs/cpu.toml: config: data.mean must be in [0, 1] and data.std in (0, 1]: pixels are scaled to [0, 1] "
+     "first (e.g. 0.485, not 123.7), got mean [123.7], std [58.4]"),
+    (["data.std=[0]"], "configs/cpu.toml: config: data.std values must be > 0"),
+    (["data.channels=2"], "configs/cpu.toml: config: data.channels must be 1 or 3, got 2"),
+    (["model.num_classes=1"], "configs/cpu.toml: config: model.num_classes must be >= 2, got 1"),
+    (["run.seed=-1"], "configs/cpu.toml: config: run.seed must be >= 0 (numpy refuses negative seeds), got -1"),
+    (["finetune.kd_temperature=0"], "configs/cpu.toml: config: finetune.kd_temperature must be > 0, got 0.0"),
+    (["finetune.epochs=0"], "configs/cpu.toml: config: finetune.epochs must be > 0 (got 0.0), "
+                            "finetune.between_steps_epochs >= 0, learning rates > 0"),
+    (["run.threads=-1"], "configs/cpu.toml: config: run.threads and profile.threads must be >= 0 "
+                         "(0 = the library's default)"),
+    (["profile.threads=100000"], "configs/cpu.toml: config: profile.threads = 100000: more than 1024 threads "
+                                 "(a typo? 0 = the library's default)"),
+    (["profile.warmup=-1"], "configs/cpu.toml: config: profile.warmup must be >= 0 (got -1), profile.block_ms > 0 "
+                            "(got 30.0) and profile.processes >= 1 (got 3)"),
+    (["profile.batches=[1000000]"], "configs/cpu.toml: config: profile.batches: a float32 batch of 1000000 x 1x28x28 "
+                                    "is 2.9 GiB, more than the 2 GiB this pipeline allows"),
+    (["export.opset=13"], "configs/cpu.toml: config: export.opset = 13: the exporter (torch.onnx, dynamo) writes "
+                          "opset >= 18"),
+    (["export.example_batch=1"], "configs/cpu.toml: config: export.example_batch must be >= 2: with a batch-1 "
+                                 "example torch.export may fix the batch to 1"),
+    (["export.example_batch=100000000"], "configs/cpu.toml: config: export.example_batch: a float32 batch of "
+                                         "100000000 x 1x28x28 is 292.1 GiB, more than the 2 GiB this pipeline allows"),
+    (["engine.opt_level=9"], "configs/cpu.toml: config: [engine] EngineCfg.opt_level: expected 0–5, got 9"),
+    # A gate that no result can pass is a config error (exit 1), not a failed gate (exit 2).
+    (["baseline.min_top1=150"], "configs/cpu.toml: config: baseline.min_top1 must be -1 (chance + 10 pt) or a "
+                                "top-1 in [0, 100], got 150.0"),
+    (["quantize.min_agreement=101"], "configs/cpu.toml: config: quantize.min_agreement must be in [0, 100] and "
+                                     "quantize.min_cosine in (0, 1]"),
+    (["export.min_cosine=1.5"], "configs/cpu.toml: config: export.max_abs must be >= 0 and export.min_cosine in "
+                                "(0, 1]"),
+    (["finetune.max_drop=-1"], "configs/cpu.toml: config: finetune.max_drop must be >= 0"),
+    # quantize.max_drop reaches calib as a fraction (pt / 100), refused there from 1.0 on, after four stages.
+    (["quantize.max_drop=100"], "configs/cpu.toml: config: quantize.max_drop must be in [0, 100) pt (got 100.0), "
+                                "quantize.choose_val_size and quantize.choose_batch >= 1 (got 1000, 1)"),
+    (["quantize.keep_fp32=listed"], 'configs/cpu.toml: config: quantize.keep_fp32 = "listed" needs ONNX node names '
+                                    'in quantize.keep_fp32_nodes'),
+    (["prune.target=speedup", "prune.speedup=1"], "configs/cpu.toml: config: prune.target = 'speedup' needs "
+                                                  "prune.speedup > 1 (x faster than unpruned), got 1.0"),
+    (['run.name="a\\u0000b"'], "configs/cpu.toml: config: run.name must not contain a NUL character, got 'a\\x00b'"),
+    (['data.root="data\\u0000/mnist"'], "configs/cpu.toml: config: data.root must not contain a NUL character, "
+                                       "got 'data\\x00/mnist'"),
+    (["prune={ratio=0.3}"], "--set 'prune={ratio=0.3}': the key must be section.key, e.g. prune.ratio=0.5"),
+    (["prune.ratio={a=1}"], "configs/cpu.toml: config: prune.ratio must be a number, got dict {'a': 1}"),
+    (["run.name.x=1"], "configs/cpu.toml: config: run.name must be a string, got dict {'x': 1}"),
+    (["model.kwargs=5"], "configs/cpu.toml: config: model.kwargs must be a table, got int 5"),
+]
+
+
+@pytest.mark.parametrize("sets, message", CONFIG_CASES, ids=[c[0][0][:30] for c in CONFIG_CASES])
+def test_config_value_is_refused_before_anything_runs(tmp_path, capsys, sets, message):
+    msg = user_error(capsys, *run_args(tmp_path, *sets))
+    assert msg == message or msg.endswith(message), msg
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_opset_newer_than_onnxruntime_loads(tmp_path, capsys):
+    from pipeline.config import newest_loadable_opset
+    newest = newest_loadable_opset(100)
+    assert newest is not None and newest >= 18
+    msg = user_error(capsys, *run_args(tmp_path, f"export.opset={newest + 1}"))
+    assert msg.endswith(f"configs/cpu.toml: config: export.opset = {newest + 1}: onnx/onnxruntime here load "
+                        f"opsets up to {newest}; every stage after export runs the model with onnxruntime"), msg
+
+
+def test_finetune_device_cuda_without_cuda(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present here")
+    assert user_error(capsys, *run_args(tmp_path, "finetune.device=cuda")).endswith(
+        "config: finetune.device = 'cuda' but no CUDA device is present here (use 'auto' or 'cpu')")
+
+
+def test_config_file_errors(tmp_path, capsys):
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[prun]\nratio = 0.3\n")
+    assert user_error(capsys, "run", "--config", typo) == f"{typo}: config: unknown key 'prun' (did you mean 'prune'?)"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[prune]\nratio = \n")
+    assert user_error(capsys, "run", "--config", bad) == f"{bad}: not valid TOML (Invalid value (at line 2, column 9))"
+    missing = tmp_path / "nope.toml"
+    assert user_error(capsys, "run", "--config", missing) == f"{missing}: config file not found"
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[run]\n")
+    assert user_error(capsys, "run", "--config", binary).startswith(f"{binary}: not valid TOML (")
+    top = tmp_path / "top.toml"
+    top.write_text("run = 5\n")
+    assert user_error(capsys, "run", "--config", top) == f"{top}: config: [run] must be a table, got 5"
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline/config.py read_config: a folder is reported as 'config file not "
+                                       "found'; say '<path>: is a folder, not a config file'")
+def test_config_file_that_is_a_folder(tmp_path, capsys):
+    folder = tmp_path / "configs.toml"
+    folder.mkdir()
+    assert user_error(capsys, "run", "--config", folder) == f"{folder}: is a folder, not a config file"
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_config_deeply_nested_value(tmp_path, capsys, where):
+    deep = "[" * 3000 + "]" * 3000
+    if where == "file":
+        path = tmp_path / "deep.toml"
+        path.write_text(f"[model]\nkwargs = {{ x = {deep} }}\n")
+        assert user_error(capsys, "run", "--config", path) == f"{path}: not valid TOML (nested too deeply)"
+    else:
+        assert user_error(capsys, *run_args(tmp_path, f"model.kwargs={deep}")) == \
+            "--set model.kwargs: value nested too deeply"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pipeline", "--debug", *map(str, run_args(tmp_path, "prune.ration=0.3"))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "unknown key 'prune.ration'" in p.stderr
+
+
+# ---------------------------------------------------------------- command line and exit codes
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "edgepipe: the following arguments are required: VERB"),
+    (["nope"], "edgepipe: argument VERB: invalid choice: 'nope'"),
+    (["run", "--bogus"], "edgepipe: unrecognized arguments: --bogus"),
+    (["run", "--config"], "edgepipe run: argument --config: expected one argument"),
+    (["config"], "edgepipe config: the following arguments are required: config_command"),
+])
+def test_usage_errors_exit_1_not_2(capsys, argv, message):
+    """argparse exits 2 on a usage error; here 2 means a failed gate, so usage errors are 1."""
+    assert user_error(capsys, *argv).startswith(message)
+
+
+def test_stage_selection_errors(tmp_path, capsys):
+    stages = "baseline, prune, finetune, export_onnx, quantize, engine, profile, package"
+    assert user_error(capsys, *run_args(tmp_path, until=None), "--from", "prun") == \
+        f"--from 'prun': no such stage (stages: {stages})"
+    assert user_error(capsys, *run_args(tmp_path, until=None), "--force", "nope") == \
+        f"--force 'nope': no such stage (stages: {stages})"
+    assert user_error(capsys, *run_args(tmp_path, until="baseline"), "--from", "prune") == \
+        "--from prune comes after --until baseline"
+    msg = user_error(capsys, *run_args(tmp_path, until="prune"), "--from", "prune")
+    assert msg == f"stage baseline has no up-to-date result in {tmp_path}/r/01_baseline and is outside " \
+                  f"--from/--until: run it first"
+
+
+@pytest.mark.parametrize("name", ["../x", "..", ".hidden", "a/b", " "])
+def test_run_name_that_is_not_a_plain_folder(tmp_path, capsys, name):
+    assert user_error(capsys, *run_args(tmp_path, run=name)) == f"--run {name!r}: must be a plain folder name"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline/api.py load: `if run_name:` ignores --run '' (the config's stem is "
+                                       "used); `--run 'a\\0b'` and a 300-byte name escape as ValueError/OSError. "
+                                       "Refuse them with the same '--run ...: must be a plain folder name' line")
+@pytest.mark.parametrize("name", ["", "a\0b", "n" * 300])
+def test_run_name_empty_nul_or_too_long(tmp_path, capsys, name):
+    assert user_error(capsys, *run_args(tmp_path, run=name)) == f"--run {name!r}: must be a plain folder name"
+
+
+def test_run_name_in_the_config_file_is_checked_too(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[run]\nname = "{"n" * 300}"\n')
+    assert user_error(capsys, "run", "--config", cfg, "--runs", tmp_path).startswith(
+        f"{cfg}: config: run.name 'nnnn")
+    cfg.write_text('[run]\nname = "../up"\n')
+    assert "must be a plain folder name" in user_error(capsys, "run", "--config", cfg, "--runs", tmp_path)
+
+
+def test_failed_gate_exits_2_and_a_cached_result_is_judged_again(passed_runs, tmp_path, capsys):
+    """The contrast to every case above: a real result below a (sensible) floor is a failed gate."""
+    runs = copy_runs(passed_runs, tmp_path)
+    rc, out, err = cli(capsys, *run_args(runs, "baseline.min_top1=99.9"))
+    assert rc == 2 and out[-1].startswith("FAILED | gate: stage baseline: top1_vs_chance = ") and "Traceback" not in err
+    assert "baseline: running" not in err  # judged on the cached result
+    assert json.loads((runs / "r/report.json").read_text())["outcome"]["passed"] is False
+
+
+# ---------------------------------------------------------------- model factories
+
+def factory_error(tmp_path, capsys, factory, *sets) -> str:
+    msg = user_error(capsys, *run_args(tmp_path, f'model.factory="{factory}"', *sets))
+    assert_nothing_finished(tmp_path / "r", "baseline")
+    return msg
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("robust_models:raises", "model.factory: robust_models:raises(num_classes=10) raised ValueError: no such depth"),
+    ("robust_models:not_a_module", "model.factory: robust_models:not_a_module returned int, not a torch.nn.Module"),
+    ("robust_models:exits", "model.factory: robust_models:exits(num_classes=10) raised SystemExit: 3"),
+    ("robust_models:missing", "model.factory: 'robust_models' has no callable 'missing'"),
+    ("robust_broken:make", "model.factory: cannot import module 'robust_broken' for robust_broken:make "
+                           "(RuntimeError: CUDA_HOME is not set)"),
+    ("no_such_module_xyz:make", "model.factory 'no_such_module_xyz:make': no module 'no_such_module_xyz' found on "
+                                "the Python path"),
+    ("robust_models", "model: unknown model 'robust_models'; built-in: "),
+    ("robust_models:wide", "model: Tiny gives logits of shape [2, 7] for an input of shape [2, 1, 28, 28]; expected "
+                           "[2, 10] (model.num_classes = 10)"),
+    ("robust_models:returns_dict", "model: Tiny returned dict for an input of shape [2, 1, 28, 28]; expected a logits "
+                                   "tensor (or a tuple ending with one)"),
+])
+def test_model_factory_that_fails_is_refused_before_training(tmp_path, capsys, factories, factory, message):
+    assert factory_error(tmp_path, capsys, factory).startswith(message)
+
+
+def test_model_kwargs_the_factory_does_not_take(tmp_path, capsys, factories):
+    msg = factory_error(tmp_path, capsys, "robust_models:fixed28", "model.kwargs={depth=3}")
+    assert msg == "model.kwargs: robust_models:fixed28 has no parameter 'depth' (its parameters: num_classes)"
+
+
+def test_data_size_the_model_cannot_take(tmp_path, capsys, factories):
+    msg = factory_error(tmp_path, capsys, "robust_models:fixed28", "data.size=[32, 32]")
+    assert msg.startswith("model: Fixed28 fails on zeros of shape [2, 1, 32, 32] in fc (Linear): RuntimeError: "
+                          "mat1 and mat2 shapes cannot be multiplied (2x1024 and 784x10)"), msg
+
+
+def test_model_with_nan_outputs_is_an_error_not_a_failed_gate(tmp_path, capsys, factories):
+    """NaN logits argmax to class 0: the old pipeline scored them as a (bad) top-1 and failed the gate (exit 2)."""
+    msg = user_error(capsys, *run_args(tmp_path, 'model.factory="robust_models:nan"'), before_training=False)
+    assert msg.startswith("model: Tiny gives NaN or inf logits for 100 of 100 images (first: image 0): "), msg
+    assert_nothing_finished(tmp_path / "r", "baseline")
+
+
+def test_model_outputs_are_read_as_the_probe_reads_them():
+    """An unnamed tuple's logits are its last item (as probe_model takes them), never silently the first;
+    declared output_names must match what forward returns."""
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.modelio import torch_outputs
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3] * 0 - 1, x.flatten(1)[:, :10]
+
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    assert np.array_equal(torch_outputs(Pair(), x)["logits"], x.reshape(4, -1)[:, :10])
+    named = Pair()
+    named.output_names = ("tokens", "logits", "extra")
+    with pytest.raises(PipelineError, match=r"^model: Pair returned 2 outputs, its output_names has 3 "):
+        torch_outputs(named, x)
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline/models/__init__.py probe_model: refuse non-finite logits "
+                                       "(torch.isfinite) in the probe, so the run stops before the baseline trains")
+def test_model_with_nan_outputs_is_refused_before_training(tmp_path, capsys, factories):
+    user_error(capsys, *run_args(tmp_path, 'model.factory="robust_models:nan"'))
+
+
+# ---------------------------------------------------------------- data: shapes, labels, splits
+
 def test_missing_data_folder(tmp_path, capsys):
     assert user_error(capsys, *run_args(tmp_path, "data.root=/nonexistent/mnist")) == \
         "data.root: /nonexistent/mnist is not a folder"
-    assert_nothing_finished(tmp_path / "r", "baseline")
     assert not (tmp_path / "r/01_baseline.tmp").exists()  # refused before any stage started
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -197,6 +540,8 @@ RAW_LABELS = gzip.decompress(LABELS)
      "train-labels-idx1-ubyte.gz: not a readable gzip IDX file (Not a gzipped file (b'\\x00\\x00'))"),
     ("count mismatch", "train-labels-idx1-ubyte", RAW_LABELS[:4] + (59999).to_bytes(4, "big") + RAW_LABELS[8:-1],
      "MNIST train images (60000, 28, 28) and labels (59999,) do not match"),
+    ("float labels", "train-labels-idx1-ubyte", idx_bytes(np.zeros(60000, np.float32), 0x0D),
+     "train-labels-idx1-ubyte: labels must be integers [N], got float32 (60000,)"),
 ])
 def test_corrupt_idx_files(tmp_path, capsys, case, new_name, data, message):
     root = mnist_root(tmp_path, "mnist", {"train-labels-idx1-ubyte.gz": (new_name, data)})
@@ -213,50 +558,101 @@ def test_corrupt_gzip_stream(tmp_path, capsys):
     assert msg.startswith(f"{root}/train-labels-idx1-ubyte.gz: not a readable gzip IDX file")
 
 
-def test_idx_header_whose_size_overflows(tmp_path):
-    from calib.sources import read_idx
-    path = tmp_path / "bomb-idx3-ubyte"
-    path.write_bytes(bytes([0, 0, 8, 3]) + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"))
-    with pytest.raises(CalibError, match="header says"):
-        read_idx(path)
+def with_label(index: int, value: int, dtype=np.uint8, code=0x08) -> bytes:
+    labels = TEST_LABELS.astype(dtype)
+    labels[index] = value
+    return idx_bytes(labels, code)
 
 
-def image_folder(root: Path, broken: dict | None = None) -> Path:
-    """train/ and test/ with two classes of three 28x28 PNGs; broken = {relative path: bytes}."""
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in ("cat", "dog"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
-    for rel, data in (broken or {}).items():
-        (root / rel).write_bytes(data)
-    return root
+@pytest.mark.parametrize("case, replace, message", [
+    ("test label out of range", {"t10k-labels-idx1-ubyte.gz": ("t10k-labels-idx1-ubyte", with_label(5, 12))},
+     "t10k-labels-idx1-ubyte: label 12 at index 5 is outside [0, 10) (10 classes)"),
+    ("negative test label", {"t10k-labels-idx1-ubyte.gz": ("t10k-labels-idx1-ubyte", with_label(7, -3, np.int8, 0x09))},
+     "t10k-labels-idx1-ubyte: negative label -3 at index 7"),
+    ("empty test split",
+     {"t10k-labels-idx1-ubyte.gz": ("t10k-labels-idx1-ubyte", idx_bytes(np.zeros(0, np.uint8))),
+      "t10k-images-idx3-ubyte.gz": ("t10k-images-idx3-ubyte", idx_bytes(np.zeros((0, 28, 28), np.uint8)))},
+     "t10k-images-idx3-ubyte: the MNIST test split is empty (0 images)"),
+    ("test images of another size",
+     {"t10k-images-idx3-ubyte.gz": ("t10k-images-idx3-ubyte", idx_bytes(np.zeros((10000, 14, 14), np.uint8)))},
+     "): the train images are 28x28 on disk, the test images 14x14: both splits must be one size"),
+    ("int16 test images",
+     {"t10k-images-idx3-ubyte.gz": ("t10k-images-idx3-ubyte", idx_bytes(np.zeros((10000, 28, 28), np.int16), 0x0B))},
+     "t10k-images-idx3-ubyte: MNIST images must be uint8, got int16"),
+])
+def test_bad_test_split_is_refused_before_training(tmp_path, capsys, case, replace, message):
+    """The test split used to be read after the baseline trained: its errors came minutes late."""
+    root = mnist_root(tmp_path, "mnist", replace)
+    msg = user_error(capsys, *run_args(tmp_path, f"data.root={root}"))
+    assert msg.endswith(message), msg
+    assert_nothing_finished(tmp_path / "r", "baseline")
 
 
-def png_bytes(tmp_path) -> bytes:
-    from PIL import Image
-    p = tmp_path / "x.png"
-    Image.fromarray(np.full((28, 28), 7, np.uint8)).save(p)
-    return p.read_bytes()
+@pytest.mark.parametrize("sets, message", [
+    (["data.train_subset=100000"], "data.train_subset = 100000: data (mnist train split at {mnist}) has only 60000 "
+                                   "images (0 = the whole split)"),
+    (["data.test_subset=20000"], "data.test_subset = 20000: data (mnist test split at {mnist}) has only 10000 "
+                                 "images (0 = the whole split)"),
+    (["model.num_classes=5"], "data (mnist train split at {mnist}): MNIST has 10 classes, model.num_classes is 5"),
+    (["quantize.calib_size=512"], "quantize.calib_size = 512: more than the 300 training images the calibration set "
+                                  "is drawn from (data.train_subset)"),
+    (["data.size=[2000, 2000]", "data.train_subset=0", 'model.factory="robust_models:tiny"'],
+     "data (mnist train split at {mnist}): 60000 images of 1x2000x2000 need 1117.6 GiB (uint8 + float32), "
+     "more than half of this machine's"),
+])
+def test_data_that_does_not_fit_the_config(tmp_path, capsys, factories, sets, message):
+    msg = user_error(capsys, *run_args(tmp_path, *sets))
+    assert msg.startswith(message.format(mnist=MNIST)), msg
+    assert_nothing_finished(tmp_path / "r", "baseline")
 
+
+# ---------------------------------------------------------------- image folders
 
 @pytest.mark.parametrize("case", ["random bytes", "truncated", "empty"])
 def test_corrupt_image_files(tmp_path, capsys, case):
-    good = png_bytes(tmp_path)
+    good = png_bytes(tmp_path, np.full((28, 28), 7, np.uint8))
     data = {"random bytes": os.urandom(200), "truncated": good[:len(good) // 2], "empty": b""}[case]
     root = image_folder(tmp_path / "imgs", {"train/dog/1.png": data})
-    msg = user_error(capsys, *run_args(tmp_path, "data.kind=imagefolder", f"data.root={root}"))
+    msg = user_error(capsys, *run_args(tmp_path, *IMAGEFOLDER, f"data.root={root}"))
     assert msg.startswith(f"{root}/train/dog/1.png: unreadable image ("), msg
     assert_nothing_finished(tmp_path / "r", "baseline")
 
 
-def test_image_folder_without_classes(tmp_path, capsys):
-    root = tmp_path / "imgs"
-    (root / "train").mkdir(parents=True)
-    assert user_error(capsys, *run_args(tmp_path, "data.kind=imagefolder", f"data.root={root}")) == \
-        f"{root}/train: no class subfolders (expected one folder per class)"
+def test_image_folder_sixteen_bit_image(tmp_path, capsys):
+    root = image_folder(tmp_path / "imgs", {"train/dog/1.png": png_bytes(tmp_path, np.full((28, 28), 4000, np.uint16))})
+    assert user_error(capsys, *run_args(tmp_path, *IMAGEFOLDER, f"data.root={root}")) == (
+        f"{root}/train/dog/1.png: image mode I;16 has more than 8 bits per channel; convert it to 8-bit "
+        "(it would be clipped to 0..255)")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_image_folder_decompression_bomb(tmp_path, capsys, split):
+    root = image_folder(tmp_path / "imgs", {f"{split}/dog/1.png": png_header_only(40000, 40000)})
+    msg = user_error(capsys, *run_args(tmp_path, *IMAGEFOLDER, f"data.root={root}"))
+    assert msg.startswith(f"{root}/{split}/dog/1.png: image refused as a decompression bomb (DecompressionBombError: "
+                          "Image size (1600000000 pixels) exceeds limit"), msg
+
+
+@pytest.mark.parametrize("case, broken, sets, message", [
+    ("no class subfolders", {"train/cat": None, "train/dog": None}, [],
+     "{root}/train: no class subfolders (expected one folder per class)"),
+    ("empty class folder in train", {"train/emu": "dir"}, ["model.num_classes=3"],
+     "{root}/train/emu: empty class folder (no files with suffixes .png, .jpg, .jpeg, .bmp, .gif, .pgm, .ppm, .tif, "
+     ".tiff, .webp)"),
+    ("empty class folder in test", {"test/dog/0.png": None, "test/dog/1.png": None, "test/dog/2.png": None}, [],
+     "{root}/test/dog: empty class folder (no files with suffixes .png"),
+    ("more class folders than classes", {"train/emu/0.png": b"", "test/emu": "dir"}, [],
+     "{root}/train: 3 class folders, more than the 2 classes the model has"),
+    ("a test class not in train", {"test/emu/0.png": b""}, ["model.num_classes=3"],
+     "{root}/test: class folders ['emu'] are not among the training classes ['cat', 'dog']"),
+    ("no test split", {"test": None}, [], "{root}/test: image folder not found"),
+    ("broken image in test", {"test/cat/2.png": b"\x89PNG broken"}, [], "{root}/test/cat/2.png: unreadable image ("),
+])
+def test_image_folder_layout(tmp_path, capsys, case, broken, sets, message):
+    root = image_folder(tmp_path / "imgs", broken)
+    msg = user_error(capsys, *run_args(tmp_path, *IMAGEFOLDER, f"data.root={root}", *sets))
+    assert msg.startswith(message.format(root=root)), msg
+    assert_nothing_finished(tmp_path / "r", "baseline")
 
 
 # ---------------------------------------------------------------- checkpoints (--set model.weights=...)
@@ -281,61 +677,69 @@ class SystemPayload:
 
 def checkpoint_error(tmp_path, capsys, path) -> str:
     msg = user_error(capsys, *run_args(tmp_path, f"model.weights={path}"))
-    assert msg.startswith(f"{path}: "), msg
+    assert msg.startswith(f"model.weights: {path}"), msg
     assert_nothing_finished(tmp_path / "r", "baseline")
-    return msg[len(f"{path}: "):]
+    return msg[len(f"model.weights: {path}"):]
 
 
-def test_checkpoint_missing(tmp_path, capsys):
-    assert checkpoint_error(tmp_path, capsys, tmp_path / "nope.pt") == "checkpoint not found"
+def test_checkpoint_missing_or_a_folder(tmp_path, capsys):
+    assert checkpoint_error(tmp_path, capsys, tmp_path / "nope.pt") == " is not a file"
+    (tmp_path / "folder.pt").mkdir()
+    assert checkpoint_error(tmp_path, capsys, tmp_path / "folder.pt") == " is not a file"
 
 
 def test_checkpoint_corrupt(tmp_path, capsys, weights):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00garbage" * 20)
-    assert checkpoint_error(tmp_path, capsys, garbage).startswith("not a weights-only state_dict (")
+    assert checkpoint_error(tmp_path, capsys, garbage).startswith(": not a weights-only state_dict (")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(weights.read_bytes()[:50_000])
     # torch's own detail varies with where the zip is cut ("[Errno 22] Invalid argument" at 50 kB).
-    assert checkpoint_error(tmp_path, capsys, truncated).startswith("not a weights-only state_dict (")
-
-
-def test_checkpoint_empty_file(tmp_path, capsys):
+    assert checkpoint_error(tmp_path, capsys, truncated).startswith(": not a weights-only state_dict (")
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    assert checkpoint_error(tmp_path, capsys, empty).startswith("not a weights-only state_dict (")
+    assert checkpoint_error(tmp_path, capsys, empty).startswith(": not a weights-only state_dict (")
 
 
 def test_checkpoint_pickled_full_model(tmp_path, capsys):
     import torch
 
     from pipeline.config import Config
-    from pipeline.stages import build
+    from pipeline.modelio import build
     path = tmp_path / "full_model.pt"
-    torch.save(build(Config()), path)
+    torch.save(build(Config().model, Config().data), path)
     msg = checkpoint_error(tmp_path, capsys, path)
-    assert msg.startswith("not a weights-only state_dict (Weights only load failed.")
+    assert msg.startswith(": not a weights-only state_dict (Weights only load failed.")
     assert msg.endswith("--set model.unsafe_pickle=true loads it (pickle runs code from the file)")
+    assert "\x1b" not in msg  # torch's ANSI bold codes are taken out
 
 
-@pytest.mark.parametrize("case", ["other shapes", "other keys", "not tensors", "a list"])
+@pytest.mark.parametrize("case", ["other shapes", "other keys", "not tensors", "a list", "nan weights"])
 def test_checkpoint_not_matching_the_model(tmp_path, capsys, case):
+    import dataclasses
+
     import torch
 
-    from pipeline.config import Config, ModelCfg
-    from pipeline.stages import build
-    own = build(Config()).state_dict()
-    obj = {"other shapes": lambda: build(dataclasses.replace(Config(), model=ModelCfg(num_classes=5))).state_dict(),
+    from pipeline.config import Config
+    from pipeline.modelio import build
+    cfg = Config()
+    own = build(cfg.model, cfg.data).state_dict()
+    obj = {"other shapes": lambda: build(dataclasses.replace(cfg.model, num_classes=5), cfg.data).state_dict(),
            "other keys": lambda: {"encoder.weight": torch.zeros(3)},
            "not tensors": lambda: {k: 1 for k in own},
-           "a list": lambda: [torch.zeros(2)]}[case]()
+           "a list": lambda: [torch.zeros(2)],
+           "nan weights": lambda: {k: v.fill_(float("nan")) if k.endswith("bias") else v
+                                   for k, v in own.items()}}[case]()
     path = tmp_path / "other.pt"
     torch.save(obj, path)
     msg = checkpoint_error(tmp_path, capsys, path)
-    if case == "a list":
-        assert msg == "expected a state_dict, got list"
-    else:
-        assert msg.startswith("does not match the model (")
+    expected = {"other shapes": " does not match the model (2 reshaped keys, first classifier.",
+                "other keys": " does not match the model (",
+                "not tensors": ": expected a state_dict of tensors, got dict",
+                "a list": ": expected a state_dict of tensors, got list",
+                "nan weights": f": {sum(k.endswith('bias') for k in own)} tensors hold NaN or inf values (first "
+                               "features.0.bias): the checkpoint is damaged or its training diverged"}[case]
+    assert msg.startswith(expected), msg
 
 
 @pytest.mark.parametrize("payload", [Payload, SystemPayload])
@@ -349,53 +753,175 @@ def test_checkpoint_with_code_does_not_run_it(tmp_path, capsys, payload, fmt):
         torch.save(obj, path)
     else:
         path.write_bytes(pickle.dumps(obj, protocol=2))
-    msg = checkpoint_error(tmp_path, capsys, path)
-    assert msg.startswith("not a weights-only state_dict (")
+    assert checkpoint_error(tmp_path, capsys, path).startswith(": not a weights-only state_dict (")
     assert not marker.exists(), "loading the checkpoint ran code from it"
 
 
-# ---------------------------------------------------------------- failed writes
+# ---------------------------------------------------------------- writers
 
+OS_ERRORS = "pipeline/runner.py run_lock (mkdir, open) and Runner._one (mkdir, os.replace) let OSError escape: " \
+            "wrap them into PipelineError('<path>: cannot create/use the run folder (<strerror>)'), or catch " \
+            "OSError in pipeline/cli.py main as 'FAILED | error: <filename>: <strerror>'"
+
+
+@pytest.mark.xfail(strict=True, reason=OS_ERRORS)
 def test_runs_folder_under_a_regular_file(tmp_path, capsys):
-    """As root chmod does not stop writes; a --runs path through a regular file does."""
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    assert user_error(capsys, *run_args(afile / "runs")) == f"{afile}/runs/r: Not a directory"
+    assert user_error(capsys, *run_args(afile / "runs")).startswith(f"{afile}/runs")
     assert afile.read_text() == "not a folder"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="procfs")
+@pytest.mark.xfail(strict=True, reason=OS_ERRORS)
 def test_runs_folder_in_proc(capsys):
-    """/proc refuses new folders even to root."""
-    assert user_error(capsys, *run_args("/proc/self/runs")) == "/proc/self/runs: No such file or directory"
+    """/proc refuses new folders even to root (tests run as root, where chmod stops nothing)."""
+    assert user_error(capsys, *run_args("/proc/self/runs")).startswith("/proc/self/runs")
 
 
-def _limit_file_size():
-    # The shell's `ulimit -f`: writes past 300 kB fail with EFBIG, as on a full disk (SIGXFSZ ignored,
-    # else it kills the process instead of failing the write).
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+def _limit_file_size(limit):
+    def apply():
+        # The shell's `ulimit -f`: writes past the limit fail with EFBIG, as on a full disk (SIGXFSZ
+        # ignored, else it kills the process instead of failing the write).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
 
 
-def test_failed_write_mid_stage(tmp_path, weights):
+def run_with_file_limit(args, limit, factories=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(factories or ""), str(ROOT)]))}
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=_limit_file_size(limit), env=env)
+
+
+def test_full_disk_while_writing_the_weights(tmp_path, weights):
+    """model.pt (1 MB) cannot be written under a 300 kB limit: one line naming it, the stage not done."""
     runs = tmp_path / "runs"
-    p = subprocess.run([sys.executable, "-m", "pipeline", *map(str, run_args(runs, f"model.weights={weights}"))],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    p = run_with_file_limit(run_args(runs, f"model.weights={weights}"), 300_000)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1].startswith(
+        f"FAILED | error: {runs}/r/01_baseline.tmp/model.pt: could not write (")
+    assert p.stdout.strip().endswith("disk full or not writable?")
     assert_nothing_finished(runs / "r", "baseline")
     assert (runs / "r/01_baseline.tmp").is_dir()
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline/stages.py baseline writes reference.npz (np.savez), "
+                                       "test_tokens.npy and model.json directly: write them with edgerun.io."
+                                       "atomic_write so a full disk is one line naming the file")
+def test_full_disk_while_writing_the_reference_batch(tmp_path, factories):
+    """A tiny model's weights fit under 100 kB; the reference batch (64 x 784 floats) does not."""
+    runs = tmp_path / "runs"
+    p = run_with_file_limit(run_args(runs, 'model.factory="robust_models:tiny"', "baseline.gate=off"), 100_000,
+                            factories)
+    assert_nothing_finished(runs / "r", "baseline")
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert p.stdout.strip().splitlines()[-1].startswith(f"FAILED | error: {runs}/r/01_baseline.tmp/model.pt: ")
+    assert p.stdout.strip().splitlines()[-1].startswith(f"FAILED | error: {runs}/r/01_baseline.tmp/reference.npz: ")
 
 
-def test_real_cli_user_error_has_no_traceback(tmp_path, weights):
-    """The subprocess view of one stage-time error: exit 1, one line, no traceback."""
+def test_report_that_cannot_be_written(passed_runs, tmp_path, capsys):
+    runs = copy_runs(passed_runs, tmp_path)
+    (runs / "r/report.json").unlink()
+    (runs / "r/report.json").mkdir()
+    assert user_error(capsys, *run_args(runs)) == \
+        f"{runs}/r/report.json: could not write (Is a directory): disk full or not writable?"
+    assert read_record(runs / "r/01_baseline") is not None  # the stage itself was done, and stays done
+
+
+def test_shared_store_that_cannot_be_written_costs_reuse_not_the_run(tmp_path, capsys, weights):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".store").write_text("a file where the store folder goes")
+    rc, out, err = cli(capsys, *run_args(runs, f"model.weights={weights}", "baseline.gate=off"))
+    assert rc == 0 and out[-1].startswith("PASSED | 1 stages: 1 ran"), out
+    assert f"note: could not add baseline to the shared store {runs}/.store (" in err
+
+
+# ---------------------------------------------------------------- run-folder state
+
+@pytest.mark.parametrize("content", ["\xff{", "[1, 2]", '{"name": "baseline"}', "FILES"])
+def test_stage_record_not_of_the_expected_structure_is_not_done(passed_runs, tmp_path, capsys, content):
+    runs = copy_runs(passed_runs, tmp_path)
+    record = runs / "r/01_baseline" / RECORD
+    if content == "FILES":   # valid JSON, the right keys, a file table of the wrong shape
+        content = json.dumps({**json.loads(record.read_text()), "files": [1]})
+    for entry in (runs / ".store").iterdir():   # the store's copy too, else it is reused (verified) instead
+        (entry / RECORD).write_text(content)
+    record.write_text(content)
+    rc, out, err = cli(capsys, *run_args(runs))
+    assert rc == 0 and out[-1].startswith("PASSED | 1 stages: 1 ran"), (out, err[-2000:])
+    assert f"{runs}/r/01_baseline/{RECORD} is not a stage record; rerunning" in err
+    assert read_record(runs / "r/01_baseline") is not None
+
+
+def test_stage_record_damaged_in_the_run_folder_only_is_taken_from_the_store(passed_runs, tmp_path, capsys):
+    runs = copy_runs(passed_runs, tmp_path)
+    (runs / "r/01_baseline" / RECORD).write_text("[]")
+    rc, out, err = cli(capsys, *run_args(runs))
+    assert rc == 0 and out[-1].startswith("PASSED | 1 stages: 0 ran, 1 cached"), out
+    assert "is not a stage record; rerunning" in err and f"reusing the result in {runs}/.store/baseline-" in err
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline/runner.py Runner._finish: a cached stage.json of the right shape "
+                                       "whose metrics lack what the gate reads raises KeyError; treat a gate error "
+                                       "on a cached record as 'not done' and rerun the stage")
+def test_stage_record_without_the_metrics_its_gate_reads(passed_runs, tmp_path, capsys):
+    runs = copy_runs(passed_runs, tmp_path)
+    for folder in (runs / "r/01_baseline", *(runs / ".store").iterdir()):
+        record = folder / RECORD
+        record.write_text(json.dumps({**json.loads(record.read_text()), "metrics": {}}))
+    rc, out, err = cli(capsys, *run_args(runs))
+    assert rc == 0 and "Traceback" not in err
+
+
+@pytest.mark.xfail(strict=True, reason=OS_ERRORS + "; a stage folder, its .tmp or the run folder that is a regular "
+                                                   "file, or a .lock that is a folder, escape as OSError")
+@pytest.mark.parametrize("what", ["stage folder", "stage .tmp", "lock", "run folder"])
+def test_run_folder_entries_of_the_wrong_kind(passed_runs, tmp_path, capsys, what):
+    runs = copy_runs(passed_runs, tmp_path)
+    target = {"stage folder": runs / "r/01_baseline", "stage .tmp": runs / "r/01_baseline.tmp",
+              "lock": runs / "r/.lock", "run folder": runs / "r"}[what]
+    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if what == "lock":
+        target.mkdir()
+    else:
+        target.write_text("not a folder")
+    rc, out, err = cli(capsys, *run_args(runs), *(["--force"] if what == "stage .tmp" else []))
+    assert "Traceback" not in err and rc in (0, 1)
+    assert rc == 0 or str(target) in out[-1]
+
+
+# ---------------------------------------------------------------- the report after a user error
+
+def test_user_error_after_a_passing_run_does_not_leave_a_report_claiming_success(passed_runs, tmp_path, capsys):
+    runs = copy_runs(passed_runs, tmp_path)
+    assert json.loads((runs / "r/report.json").read_text())["outcome"]["passed"] is True
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    msg = user_error(capsys, *run_args(runs, f"model.weights={bad}"))
+    report = json.loads((runs / "r/report.json").read_text())
+    assert report["outcome"] == {"passed": False, "message": msg}
+    assert (runs / "r/01_baseline.tmp").is_dir()   # the failed attempt; 01_baseline is still the earlier result
+    assert_nothing_finished(runs / "r")
+
+
+def test_config_error_leaves_the_run_folder_as_it_was(passed_runs, tmp_path, capsys):
+    """Nothing ran: the folder still holds the previous run, report included, byte for byte."""
+    runs = copy_runs(passed_runs, tmp_path)
+    before = {p: p.read_bytes() for p in (runs / "r").rglob("*") if p.is_file()}
+    user_error(capsys, *run_args(runs, "prune.ratio=2"))
+    assert {p: p.read_bytes() for p in (runs / "r").rglob("*") if p.is_file()} == before
+
+
+def test_real_cli_user_error_has_no_traceback(tmp_path):
+    """The subprocess view of one stage-time error: exit 1, the last line, no traceback."""
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"junk")
     p = subprocess.run([sys.executable, "-m", "pipeline", *map(str, run_args(tmp_path, f"model.weights={bad}"))],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     out = p.stdout.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith(f"FAILED | error: {bad}: not a weights-only state_dict (")
+    assert len(out) == 1 and out[0].startswith(f"FAILED | error: model.weights: {bad}: not a weights-only state_dict (")
 
 
 # ---------------------------------------------------------------- ONNX files
@@ -466,7 +992,7 @@ def test_check_onnx_refuses_external_data_outside_its_folder(tmp_path, location)
 def test_quantize_onnx_refuses_corrupt_files(tmp_path):
     from calib.quantize import quantize_onnx
     calib = np.zeros((4, 1, 28, 28), np.float32)
-    for name, path in bad_onnx_files(tmp_path).items():
+    for path in bad_onnx_files(tmp_path).values():
         with pytest.raises(CalibError) as e:
             quantize_onnx(path, tmp_path / "q.onnx", calib)
         assert str(e.value).startswith(f"{path}: not a") and "\n" not in str(e.value)
@@ -484,6 +1010,7 @@ def test_quantize_onnx_refuses_external_data_outside_its_folder(tmp_path):
 
 def test_quantize_onnx_refuses_an_input_of_unknown_type(tmp_path):
     from onnx import helper
+
     from calib.quantize import quantize_onnx
     graph = helper.make_graph([helper.make_node("Identity", ["input"], ["y"])], "g",
                               [helper.make_tensor_value_info("input", 0, ["batch", 4])],
@@ -568,7 +1095,11 @@ def test_calibration_set_whose_header_claims_a_huge_array(tmp_path):
     assert calib_error(path) == "not a readable .npz calibration set (MemoryError)"
 
 
-# ---------------------------------------------------------------- TensorRT engines
+# ---------------------------------------------------------------- TensorRT engine sidecars (edgerun.trt)
+
+BUILD = build_info(EngineOptions(), input_name="input", input_shape=(1, 28, 28), precision="fp32")
+HERE = dict(trt_version="10.3.0.30", gpu_name="Orin", compute_capability="8.7")
+
 
 @pytest.fixture
 def engine(tmp_path):
@@ -576,16 +1107,12 @@ def engine(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     path = tmp_path / "model.engine"
     path.write_bytes(os.urandom(4096))
-    record_engine(tmp_path / "model.onnx", path, EngineOptions(input_shape=(1, 28, 28)), trt_version="10.3.0",
-                  gpu_name="Orin", compute_capability="8.7")
+    record_engine(tmp_path / "model.onnx", path, BUILD, trt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
     return path
 
 
-HERE = dict(trt_version="10.3.0.30", gpu_name="Orin", compute_capability="8.7")
-
-
 def engine_error(path, **here) -> str:
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(EngineError) as e:
         check_engine_compat(path, **{**HERE, **here})
     assert "\n" not in str(e.value)
     return str(e.value)
@@ -652,187 +1179,7 @@ def test_engine_sidecar_cannot_claim_compatibility_with_a_non_boolean(engine):
 
 
 def test_record_refuses_a_version_no_runtime_can_read(engine):
-    with pytest.raises(ExportError, match=r"^TensorRT version 'latest' not understood"):
-        record_engine(engine.with_name("model.onnx"), engine, EngineOptions(input_shape=(1, 28, 28)),
-                      trt_version="latest", gpu_name="Orin", compute_capability="8.7")
+    with pytest.raises(EngineError, match=r"^TensorRT version 'latest' not understood"):
+        record_engine(engine.with_name("model.onnx"), engine, BUILD, trt_version="latest", gpu_name="Orin",
+                      compute_capability="8.7")
     assert check_engine_compat(engine, **HERE)  # the old sidecar is left as it was
-
-
-def test_device_cli_failed_write_is_one_line(engine, capsys, monkeypatch):
-    """`python -m export.tensorrt record` (what build_engine.sh runs) when the sidecar cannot be written."""
-    import export.tensorrt
-    from export.tensorrt import main as trt_main
-    monkeypatch.setattr(export.tensorrt, "_cuda_device", lambda index=0: ("Orin", "8.7"))  # no GPU here
-    side = sidecar_path(engine)
-    side.unlink()
-    side.mkdir()  # a folder where the sidecar file should go: the rename onto it fails
-    rc = trt_main(["record", "--onnx", str(engine.with_name("model.onnx")), "--engine", str(engine),
-                   "--trt-version", "10.3.0", "--input-shape", "1x28x28"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and err == [f"FAILED | {side}: Is a directory"], err
-    assert [p.name for p in engine.parent.iterdir() if p.name.endswith(".partial")] == []
-
-
-# ---------------------------------------------------------------- infer
-
-@pytest.fixture
-def bundle(tmp_path):
-    b = tmp_path / "deploy"
-    b.mkdir()
-    small_onnx(b / "model.onnx")
-    (b / "manifest.json").write_text(json.dumps({
-        "input": {"name": "input", "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW",
-                  "normalisation": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]}},
-        "labels": [str(i) for i in range(10)],
-        "files": {"model.onnx": {"kind": "onnx", "precision": "fp32"}},
-        "chosen": {"file": "model.onnx"}}))
-    return b
-
-
-def idx_file(path: Path, arr: np.ndarray, code=0x08) -> Path:
-    arr = np.ascontiguousarray(arr)
-    header = bytes([0, 0, code, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    path.write_bytes(header + arr.astype(arr.dtype.newbyteorder(">")).tobytes())
-    return path
-
-
-def test_infer_works_on_the_fake_bundle(tmp_path, capsys, bundle):
-    rc, line, _ = cli(capsys, "infer", "--bundle", bundle, "--input", MNIST / "t10k-images-idx3-ubyte.gz")
-    assert rc == 0 and line.startswith("PASSED | 10000 predictions")
-
-
-def test_infer_bundle_missing_or_broken(tmp_path, capsys, bundle):
-    img = MNIST / "t10k-images-idx3-ubyte.gz"
-    assert user_error(capsys, "infer", "--bundle", tmp_path / "nope", "--input", img) == f"{tmp_path}/nope: bundle not found"
-    assert user_error(capsys, "infer", "--bundle", tmp_path, "--input", img) == \
-        f"{tmp_path}: not a deploy bundle (no manifest.json)"
-    (bundle / "model.onnx").write_bytes(b"garbage")
-    assert user_error(capsys, "infer", "--bundle", bundle, "--input", img).startswith(
-        "model.onnx: onnxruntime cannot load it (")
-    assert user_error(capsys, "infer", "--bundle", bundle, "--input", img, "--model", "model.engine") == \
-        f"{bundle}: no model 'model.engine' in the bundle (has model.onnx)"
-    (bundle / "manifest.json").write_text("{not json")
-    assert user_error(capsys, "infer", "--bundle", bundle, "--input", img).startswith(
-        f"{bundle}/manifest.json: unreadable manifest (")
-
-
-def test_infer_manifest_with_a_malformed_input_shape(capsys, bundle):
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["input"]["shape"] = [1, 28]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    assert "unreadable manifest" in user_error(capsys, "infer", "--bundle", bundle, "--input",
-                                               MNIST / "t10k-images-idx3-ubyte.gz")
-
-
-def test_infer_wrong_or_broken_input(tmp_path, capsys, bundle):
-    def err(path):
-        return user_error(capsys, "infer", "--bundle", bundle, "--input", path)
-    small = idx_file(tmp_path / "small-idx3-ubyte", np.zeros((5, 14, 14), np.uint8))
-    assert err(small) == f"{small}: images are uint8 (1, 14, 14), the bundle expects uint8 (1, 28, 28)"
-    floats = idx_file(tmp_path / "float-idx3-ubyte", np.zeros((5, 28, 28), np.float32), code=0x0D)
-    assert err(floats) == f"{floats}: images are float32 (1, 28, 28), the bundle expects uint8 (1, 28, 28)"
-    labels = MNIST / "t10k-labels-idx1-ubyte.gz"
-    assert err(labels) == f"{labels}: images are uint8 (), the bundle expects uint8 (1, 28, 28)"
-    assert err(tmp_path / "nope.gz") == f"{tmp_path}/nope.gz: IDX file not found"
-    truncated = tmp_path / "t-idx3-ubyte.gz"
-    truncated.write_bytes((MNIST / "t10k-images-idx3-ubyte.gz").read_bytes()[:5000])
-    assert err(truncated).startswith(f"{truncated}: not a readable gzip IDX file (")
-    assert user_error(capsys, "infer", "--bundle", bundle, "--input", small, "--batch-size", "0") == \
-        "--batch-size must be > 0, got 0"
-
-
-def test_infer_on_an_image_folder_with_a_broken_image(tmp_path, capsys, bundle):
-    root = image_folder(tmp_path / "imgs", {"test/cat/2.png": b"\x89PNG broken"})
-    rc, line, _ = cli(capsys, "infer", "--bundle", bundle, "--input", root / "train")
-    assert rc == 0 and line.startswith("PASSED | 6 predictions; per class: ")
-    assert user_error(capsys, "infer", "--bundle", bundle, "--input", root / "test").startswith(
-        f"{root}/test/cat/2.png: unreadable image (")
-
-
-def test_infer_on_a_flat_image_folder(tmp_path, capsys, bundle):
-    root = image_folder(tmp_path / "imgs") / "train" / "cat"
-    rc, line, _ = cli(capsys, "infer", "--bundle", bundle, "--input", root)
-    assert rc == 0 and line.startswith("PASSED | 3 predictions")
-
-
-# ---------------------------------------------------------------- bundle archives (untrusted)
-
-def tar_bundle(path: Path, bundle: Path, extra=()) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(bundle, arcname="deploy")
-        for info, data in extra:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return path
-
-
-def member(name, data=b"x", kind=tarfile.REGTYPE, target=""):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, target
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    return info, (data if kind == tarfile.REGTYPE else None)
-
-
-@pytest.fixture
-def scratch(tmp_path, monkeypatch):
-    """infer unpacks into a temporary folder: put it where the test can see what escapes it."""
-    import tempfile
-    where = tmp_path / "scratch" / "inner"
-    where.mkdir(parents=True)
-    monkeypatch.setattr(tempfile, "tempdir", str(where))
-    return where
-
-
-def test_infer_on_a_tar_bundle(tmp_path, capsys, bundle, scratch):
-    archive = tar_bundle(tmp_path / "b.tar.gz", bundle)
-    rc, line, _ = cli(capsys, "infer", "--bundle", archive, "--input", MNIST / "t10k-images-idx3-ubyte.gz")
-    assert rc == 0 and line.startswith("PASSED | 10000 predictions")
-    assert list(scratch.iterdir()) == []  # unpacked copy removed
-
-
-@pytest.mark.parametrize("case", ["dotdot", "dotdot deep", "symlink out", "hardlink out", "absolute symlink"])
-def test_tar_bundle_with_members_escaping_is_refused(tmp_path, capsys, bundle, scratch, case):
-    extra = {"dotdot": [member("../evil")],
-             "dotdot deep": [member("deploy/../../evil")],
-             "symlink out": [member("deploy/link", kind=tarfile.SYMTYPE, target="../../.."), member("deploy/link/evil")],
-             "hardlink out": [member("deploy/hard", kind=tarfile.LNKTYPE, target="../../etc/hostname")],
-             "absolute symlink": [member("deploy/abs", kind=tarfile.SYMTYPE, target="/etc")]}[case]
-    archive = tar_bundle(tmp_path / "evil.tar.gz", bundle, extra)
-    msg = user_error(capsys, "infer", "--bundle", archive, "--input", MNIST / "t10k-images-idx3-ubyte.gz")
-    assert msg.startswith(f"{archive}: refused or unreadable bundle archive (")
-    escaped = [p for p in tmp_path.rglob("*") if p.name == "evil" and scratch not in p.parents]
-    assert escaped == [], escaped
-    assert list(scratch.iterdir()) == []
-
-
-def test_tar_bundle_absolute_member_stays_inside(tmp_path, capsys, bundle, scratch):
-    target = tmp_path / "abs-evil"
-    archive = tar_bundle(tmp_path / "abs.tar.gz", bundle, [member(str(target))])
-    cli(capsys, "infer", "--bundle", archive, "--input", MNIST / "t10k-images-idx3-ubyte.gz")
-    assert not target.exists()
-
-
-def test_archives_without_exactly_one_bundle(tmp_path, capsys, bundle, scratch):
-    img = MNIST / "t10k-images-idx3-ubyte.gz"
-    empty = tmp_path / "empty.tar"
-    with tarfile.open(empty, "w"):
-        pass
-    assert user_error(capsys, "infer", "--bundle", empty, "--input", img) == \
-        f"{empty}: the archive must hold exactly one bundle (manifest.json), found 0"
-    two = tmp_path / "two.tar"
-    with tarfile.open(two, "w") as tar:
-        tar.add(bundle, arcname="a")
-        tar.add(bundle, arcname="b")
-    assert user_error(capsys, "infer", "--bundle", two, "--input", img) == \
-        f"{two}: the archive must hold exactly one bundle (manifest.json), found 2"
-
-
-@pytest.mark.parametrize("case", ["truncated", "corrupt stream", "junk"])
-def test_unreadable_archives(tmp_path, capsys, bundle, scratch, case):
-    good = bytearray(tar_bundle(tmp_path / "b.tar.gz", bundle).read_bytes())
-    data = {"truncated": good[:len(good) // 2], "corrupt stream": good[:200] + bytes(200) + good[400:],
-            "junk": b"junk" * 100}[case]
-    bad = tmp_path / "bad.tar.gz"
-    bad.write_bytes(bytes(data))
-    assert user_error(capsys, "infer", "--bundle", bad, "--input", MNIST / "t10k-images-idx3-ubyte.gz").startswith(
-        f"{bad}: refused or unreadable bundle archive (")
-    assert list(scratch.iterdir()) == []

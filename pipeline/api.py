@@ -68,8 +68,9 @@ def load(config: str | Path | Config, overrides=(), run_name: str | None = None)
         cfg, explicit = config, frozenset()
     else:
         cfg, explicit = read_config(config, list(overrides))
-    if run_name:
-        if "/" in run_name or run_name.startswith(".") or not run_name.strip():
+    if run_name is not None:
+        if ("/" in run_name or "\0" in run_name or run_name.startswith(".") or not run_name.strip()
+                or len(run_name.encode()) > 255):
             raise PipelineError(f"--run {run_name!r}: must be a plain folder name")
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name))
     warnings = [f"config: {k} is set but not read with this configuration (ignored)"

@@ -308,6 +308,8 @@ def _flat_keys(raw: dict, prefix: str = "") -> set[str]:
 def read_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, frozenset[str]]:
     """The config and the keys the file and the overrides set explicitly (for ignored-key warnings)."""
     path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise PipelineError(f"{path}: config file not found")
     try:

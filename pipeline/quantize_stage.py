@@ -116,7 +116,8 @@ def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
     par = compare_outputs(modelio.onnx_outputs(src, ref["inputs"]), modelio.onnx_outputs(dst, ref["inputs"]))
     fm = ctx.record("export_onnx").metrics
     metrics.update(size_bytes=dst.stat().st_size, macs=fm["macs"], ops_tp=fm["ops_tp"], params=fm["params"],
-                   fp32_top1=fp32_metrics["top1"], agreement_with_fp32=round(float((pred == fp32_pred).mean() * 100), 4),
+                   fp32_top1=fp32_metrics["top1"],
+                   agreement_with_fp32=round(float((pred == fp32_pred).mean() * 100), 4),
                    calibration={k: calib[k] for k in ("n", "sha256", "seed", "per_class")},
                    target=q.target, qdq=info.get("qdq"), reverted=info.get("reverted"),
                    int32_bias=info.get("int32_bias"), keep_fp32=info.get("keep_fp32"),

@@ -117,9 +117,29 @@ def read_record(folder: Path) -> StageRecord | None:
 
 
 @contextlib.contextmanager
+def io_edge(path: Path, what: str):
+    """The runner's own file operations are an I/O edge: an OSError there is the user's folder, one line."""
+    try:
+        yield
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot {what} ({e.strerror or e})") from None
+
+
+def remove(path: Path) -> None:
+    """A stale entry, whatever it is (a folder, or a file where a folder should be)."""
+    with io_edge(path, "remove this stale entry"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: Path):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    with io_edge(run_dir, "create the run folder"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with io_edge(run_dir / ".lock", "open the run folder's lock file"):
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -206,8 +226,9 @@ class Runner:
                                 f"and is outside --from/--until: run it first")
         tmp = final.with_name(final.name + ".tmp")
         for stale in (tmp, failed):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
+            remove(stale)
+        with io_edge(tmp, "create the stage folder"):
+            tmp.mkdir(parents=True)
         self.log(f"{label}: running")
         view = self.views[stage.name] = ConfigView(stage.name, self.cfg, stage.keys(self.cfg))
         inputs = {name: (self.folder[name], self.records[name]) for name in stage.reads}
@@ -225,11 +246,12 @@ class Runner:
         write_json(tmp / RECORD, record.to_json())
         self._put_in_store(stage, fp_hash, tmp)
         trash = final.with_name(final.name + ".old")
-        shutil.rmtree(trash, ignore_errors=True)
-        if final.exists():
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove(trash)
+        with io_edge(final, "move the finished stage into place"):
+            if final.exists() or final.is_symlink():
+                os.replace(final, trash)
+            os.replace(tmp, final)
+        remove(trash)
         return self._finish(stage, final, record, label, cached=False)
 
     def _reusable(self, stage: Stage, fp_hash: str, final: Path, failed: Path, label: str):
@@ -243,24 +265,30 @@ class Runner:
                 continue
             if rec.fingerprint_hash != fp_hash:
                 continue
+            if not self._gate_readable(stage, rec):
+                self.log(f"{label}: {folder / RECORD} lacks what its gate reads; rerunning")
+                continue
             bad = changed_files(folder, rec)
             if bad:
                 self.log(f"{label}: {folder.name}/{bad[0]} changed on disk since it was written "
                          f"(sha256 mismatch{f', {len(bad)} files' if len(bad) > 1 else ''}); rerunning")
                 continue
             if folder == failed:   # the gate may pass now: the result itself is sound
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(failed, final)
+                remove(final)
+                with io_edge(final, "move the stage folder into place"):
+                    os.replace(failed, final)
             return final, rec
         entry = self._store_entry(stage, fp_hash)
         if entry is not None and entry.is_dir():
             rec = read_record(entry)
-            if rec is not None and rec.fingerprint_hash == fp_hash and not changed_files(entry, rec):
-                shutil.rmtree(final, ignore_errors=True)
+            if (rec is not None and rec.fingerprint_hash == fp_hash and self._gate_readable(stage, rec)
+                    and not changed_files(entry, rec)):
+                remove(final)
                 tmp = final.with_name(final.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                _copy_tree(entry, tmp)
-                os.replace(tmp, final)
+                remove(tmp)
+                with io_edge(final, "copy the stored result into the run folder"):
+                    _copy_tree(entry, tmp)
+                    os.replace(tmp, final)
                 self.log(f"{label}: reusing the result in {entry}")
                 return final, rec
             shutil.rmtree(entry, ignore_errors=True)   # damaged: never serve it again
@@ -283,12 +311,23 @@ class Runner:
             shutil.rmtree(tmp, ignore_errors=True)
             self.log(f"  note: could not add {stage.name} to the shared store {self.store} ({e.strerror or e})")
 
+    def _gate(self, stage: Stage, record: StageRecord) -> GateResult | None:
+        if stage.gate is None or record.status == "skipped":
+            return None
+        view = ConfigView(stage.name, self.cfg, expand(self.cfg, stage.gate_config))
+        return stage.gate(record.metrics, {n: self.records[n] for n in stage.reads}, view)
+
+    def _gate_readable(self, stage: Stage, record: StageRecord) -> bool:
+        """A record written by other code may lack a metric its gate reads: then it is not done."""
+        try:
+            self._gate(stage, record)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            return False
+        return True
+
     def _finish(self, stage: Stage, folder: Path, record: StageRecord, label: str, *, cached: bool) -> StageRecord:
         """Evaluate the gate (on fresh and cached results alike) and stop the run if it fails."""
-        gate = None
-        if stage.gate is not None and record.status != "skipped":
-            view = ConfigView(stage.name, self.cfg, expand(self.cfg, stage.gate_config))
-            gate = stage.gate(record.metrics, {n: self.records[n] for n in stage.reads}, view)
+        gate = self._gate(stage, record)
         status = record.status
         if cached and status not in ("skipped",):
             status = "cached"
@@ -296,9 +335,10 @@ class Runner:
         if gate is not None and gate.stops:
             record = replace(record, status="failed")
             failed = folder.with_name(folder.name + ".failed")
-            shutil.rmtree(failed, ignore_errors=True)
+            remove(failed)
             write_json(folder / RECORD, record.to_json())
-            os.replace(folder, failed)
+            with io_edge(failed, "keep the failed stage folder"):
+                os.replace(folder, failed)
             self.records[stage.name] = record
             self.log(f"{label}: FAILED gate ({_summary(record)})")
             raise GateFailed(gate_message(stage.name, gate), record)

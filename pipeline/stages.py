@@ -13,10 +13,11 @@ import json
 
 import numpy as np
 
+from edgerun.io import atomic_write, write_json
 from pipeline import gate as gates
 from pipeline import modelio
 from pipeline.errors import PipelineError
-from pipeline.package import ENGINE_OPTION_KEYS, package_stage, package_keys
+from pipeline.package import ENGINE_OPTION_KEYS, package_keys, package_stage
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output, Stage
 
@@ -44,6 +45,14 @@ def _teacher_tokens(ctx: Context) -> dict | None:
     return {"tokens": np.load(ctx.path("baseline", "test_tokens.npy"))}
 
 
+def _np_write(path, save, *args, **kwargs) -> None:
+    """numpy's savers through the one atomic writer (given a path, they would append .npy/.npz to it)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            save(f, *args, **kwargs)
+    atomic_write(path, write)
+
+
 # ---------------------------------------------------------------- 1 baseline
 
 def baseline_keys(cfg):
@@ -68,7 +77,8 @@ def baseline(ctx: Context) -> Output:
                                     strict=cfg.model.weights_strict)
         trained = {"weights": cfg.model.weights, "weights_load": loaded}
         if any(loaded.values()):
-            notices.append("model.weights loaded non-strictly: " + ", ".join(f"{len(v)} {k}" for k, v in loaded.items()))
+            counts = ", ".join(f"{len(v)} {k}" for k, v in loaded.items())
+            notices.append(f"model.weights loaded non-strictly: {counts}")
     else:
         from pipeline.train import train
         ctx.log(f"  training {cfg.model.factory or cfg.model.name} for {cfg.baseline.epochs} epochs "
@@ -80,7 +90,7 @@ def baseline(ctx: Context) -> Output:
     modelio.save_weights(model, ctx.out / "model.pt")
     outs = modelio.torch_outputs(model, data.x_test)
     if "tokens" in outs:
-        np.save(ctx.out / "test_tokens.npy", outs["tokens"])
+        _np_write(ctx.out / "test_tokens.npy", np.save, outs["tokens"])
     metrics, _ = modelio.task_metrics(outs, data.test.labels)
     gap = modelio.train_eval_gap(model, data.x_train, data.train.labels)
     if gap is not None and abs(gap) > TRAIN_EVAL_GAP:
@@ -89,10 +99,11 @@ def baseline(ctx: Context) -> Output:
     # The reference batch: a fixed, seeded slice of the test set that every parity check reuses.
     rng = np.random.default_rng(cfg.run.seed)
     idx = np.sort(rng.permutation(len(data.test.labels))[:cfg.data.reference_batch])
-    np.savez(ctx.out / "reference.npz", inputs=data.x_test[idx], labels=data.test.labels[idx],
-             **{f"out_{k}": v[idx] for k, v in outs.items()})
-    (ctx.out / "model.json").write_text(json.dumps({"model": cfg.model.factory or cfg.model.name,
-                                                    "kwargs": cfg.model.kwargs, "outputs": list(modelio.output_names(model))}))
+    arrays = {"inputs": data.x_test[idx], "labels": data.test.labels[idx],
+              **{f"out_{k}": v[idx] for k, v in outs.items()}}
+    _np_write(ctx.out / "reference.npz", np.savez, **arrays)
+    write_json(ctx.out / "model.json", {"model": cfg.model.factory or cfg.model.name, "kwargs": cfg.model.kwargs,
+                                        "outputs": list(modelio.output_names(model))})
     metrics.update(**modelio.count(model, cfg.data), size_bytes=(ctx.out / "model.pt").stat().st_size,
                    chance_top1=round(100.0 / cfg.model.num_classes, 4), train_eval_gap=gap, **trained)
     return Output(metrics=metrics, notices=tuple(notices),
@@ -231,7 +242,8 @@ def finetune(ctx: Context) -> Output:
     metrics.update(**counts, size_bytes=_weights_size(ctx), macs_reduction=round(base["macs"] / counts["macs"], 3),
                    ops_tp_reduction=round(base["ops_tp"] / counts["ops_tp"], 3),
                    **{k: info[k] for k in ("epochs_run", "steps", "stopped_early") if k in info})
-    return Output(metrics=metrics, artifacts=(Artifact("pruned-torch", "torch", "", label="pruned + fine-tuned (torch)"),))
+    return Output(metrics=metrics,
+                  artifacts=(Artifact("pruned-torch", "torch", "", label="pruned + fine-tuned (torch)"),))
 
 
 # ---------------------------------------------------------------- 4 export
@@ -350,7 +362,7 @@ def engine(ctx: Context) -> Output:
         if e.required:
             raise PipelineError(f"engine.required = true, but {reason}")
         return Output(status="skipped", reason=reason)
-    from pipeline.engine_stage import build_and_check   # NOT executed here: no TensorRT/GPU on these machines
+    from pipeline.engine_stage import build_and_check  # NOT executed here: no TensorRT/GPU on these machines
     return build_and_check(ctx, trt)
 
 

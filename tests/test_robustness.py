@@ -5,7 +5,7 @@ that looks finished. docs/robustness.md lists each case with the line the user s
 The pipeline is called in this process through pipeline.cli.main (an exception escaping main() is
 exactly what would be a traceback, and no interpreter start-up is paid); a few cases run the real
 CLI in a subprocess (--debug, a file-size limit). Cases that still fail because of code outside
-this file's owners are strict xfails: each names the fix in its reason.
+this file's owners were strict xfails until fixed; none is left.
 """
 import gzip
 import json
@@ -349,8 +349,6 @@ def test_config_file_errors(tmp_path, capsys):
     assert user_error(capsys, "run", "--config", top) == f"{top}: config: [run] must be a table, got 5"
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/config.py read_config: a folder is reported as 'config file not "
-                                       "found'; say '<path>: is a folder, not a config file'")
 def test_config_file_that_is_a_folder(tmp_path, capsys):
     folder = tmp_path / "configs.toml"
     folder.mkdir()
@@ -408,9 +406,6 @@ def test_run_name_that_is_not_a_plain_folder(tmp_path, capsys, name):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/api.py load: `if run_name:` ignores --run '' (the config's stem is "
-                                       "used); `--run 'a\\0b'` and a 300-byte name escape as ValueError/OSError. "
-                                       "Refuse them with the same '--run ...: must be a plain folder name' line")
 @pytest.mark.parametrize("name", ["", "a\0b", "n" * 300])
 def test_run_name_empty_nul_or_too_long(tmp_path, capsys, name):
     assert user_error(capsys, *run_args(tmp_path, run=name)) == f"--run {name!r}: must be a plain folder name"
@@ -473,9 +468,10 @@ def test_data_size_the_model_cannot_take(tmp_path, capsys, factories):
 
 
 def test_model_with_nan_outputs_is_an_error_not_a_failed_gate(tmp_path, capsys, factories):
-    """NaN logits argmax to class 0: the old pipeline scored them as a (bad) top-1 and failed the gate (exit 2)."""
-    msg = user_error(capsys, *run_args(tmp_path, 'model.factory="robust_models:nan"'), before_training=False)
-    assert msg.startswith("model: Tiny gives NaN or inf logits for 100 of 100 images (first: image 0): "), msg
+    """NaN logits argmax to class 0: the old pipeline scored them as a (bad) top-1 and failed the gate (exit 2).
+    Now the probe forward refuses them before the baseline trains."""
+    msg = user_error(capsys, *run_args(tmp_path, 'model.factory="robust_models:nan"'))
+    assert msg.startswith("model: Tiny gives non-finite logits (NaN or inf) for zeros of shape [2, 1, 28, 28]"), msg
     assert_nothing_finished(tmp_path / "r", "baseline")
 
 
@@ -499,8 +495,6 @@ def test_model_outputs_are_read_as_the_probe_reads_them():
         torch_outputs(named, x)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/models/__init__.py probe_model: refuse non-finite logits "
-                                       "(torch.isfinite) in the probe, so the run stops before the baseline trains")
 def test_model_with_nan_outputs_is_refused_before_training(tmp_path, capsys, factories):
     user_error(capsys, *run_args(tmp_path, 'model.factory="robust_models:nan"'))
 
@@ -759,12 +753,7 @@ def test_checkpoint_with_code_does_not_run_it(tmp_path, capsys, payload, fmt):
 
 # ---------------------------------------------------------------- writers
 
-OS_ERRORS = "pipeline/runner.py run_lock (mkdir, open) and Runner._one (mkdir, os.replace) let OSError escape: " \
-            "wrap them into PipelineError('<path>: cannot create/use the run folder (<strerror>)'), or catch " \
-            "OSError in pipeline/cli.py main as 'FAILED | error: <filename>: <strerror>'"
 
-
-@pytest.mark.xfail(strict=True, reason=OS_ERRORS)
 def test_runs_folder_under_a_regular_file(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
@@ -773,7 +762,6 @@ def test_runs_folder_under_a_regular_file(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="procfs")
-@pytest.mark.xfail(strict=True, reason=OS_ERRORS)
 def test_runs_folder_in_proc(capsys):
     """/proc refuses new folders even to root (tests run as root, where chmod stops nothing)."""
     assert user_error(capsys, *run_args("/proc/self/runs")).startswith("/proc/self/runs")
@@ -806,9 +794,6 @@ def test_full_disk_while_writing_the_weights(tmp_path, weights):
     assert (runs / "r/01_baseline.tmp").is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/stages.py baseline writes reference.npz (np.savez), "
-                                       "test_tokens.npy and model.json directly: write them with edgerun.io."
-                                       "atomic_write so a full disk is one line naming the file")
 def test_full_disk_while_writing_the_reference_batch(tmp_path, factories):
     """A tiny model's weights fit under 100 kB; the reference batch (64 x 784 floats) does not."""
     runs = tmp_path / "runs"
@@ -862,9 +847,6 @@ def test_stage_record_damaged_in_the_run_folder_only_is_taken_from_the_store(pas
     assert "is not a stage record; rerunning" in err and f"reusing the result in {runs}/.store/baseline-" in err
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/runner.py Runner._finish: a cached stage.json of the right shape "
-                                       "whose metrics lack what the gate reads raises KeyError; treat a gate error "
-                                       "on a cached record as 'not done' and rerun the stage")
 def test_stage_record_without_the_metrics_its_gate_reads(passed_runs, tmp_path, capsys):
     runs = copy_runs(passed_runs, tmp_path)
     for folder in (runs / "r/01_baseline", *(runs / ".store").iterdir()):
@@ -874,8 +856,6 @@ def test_stage_record_without_the_metrics_its_gate_reads(passed_runs, tmp_path, 
     assert rc == 0 and "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason=OS_ERRORS + "; a stage folder, its .tmp or the run folder that is a regular "
-                                                   "file, or a .lock that is a folder, escape as OSError")
 @pytest.mark.parametrize("what", ["stage folder", "stage .tmp", "lock", "run folder"])
 def test_run_folder_entries_of_the_wrong_kind(passed_runs, tmp_path, capsys, what):
     runs = copy_runs(passed_runs, tmp_path)

@@ -171,4 +171,7 @@ def probe_model(model, channels: int, size, num_classes: int, batch: int = 2, *,
     if tuple(logits.shape) != (batch, num_classes):
         raise PipelineError(f"model: {label} gives logits of shape {list(logits.shape)} for an input of shape "
                             f"{list(x.shape)}; expected [{batch}, {num_classes}] (model.num_classes = {num_classes})")
+    if not bool(torch.isfinite(logits).all()):   # training on it would only end at a chance-level gate
+        raise PipelineError(f"model: {label} gives non-finite logits (NaN or inf) for zeros of shape "
+                            f"{list(x.shape)}: check its initialisation or model.weights")
     return out

@@ -6,13 +6,13 @@ alternative); inputs and outputs stay FP32 so that callers feed and read the sam
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import onnx
 
+from edgerun.io import atomic_write
 from export.errors import ExportError, brief
-from export.onnx_export import _check, check_onnx, temp_beside
+from export.onnx_export import _check, check_onnx
 
 
 def to_fp16(src, dst, keep_io_types=True) -> dict:
@@ -28,13 +28,13 @@ def to_fp16(src, dst, keep_io_types=True) -> dict:
     except Exception as e:
         raise ExportError(f"{src.name}: FP16 conversion failed ({brief(e)})") from e
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(dst)
-    try:
-        onnx.save(converted, str(tmp))
-        info = _check(tmp, dst.name)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    result = {}
+
+    def write(tmp: str) -> None:
+        onnx.save(converted, tmp)
+        result.update(_check(Path(tmp), dst.name))
+    atomic_write(dst, write)
+    info = result
     info.update(path=str(dst), size_bytes=dst.stat().st_size)
     return info
 

@@ -20,9 +20,7 @@ to ``<name>.export.log`` beside the target.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -64,10 +62,12 @@ def export_onnx(model, example_input, path, *, opset=18, input_name="input",
         raise ExportError(f"{path.name}: example_input needs a batch dimension with at least one row, "
                           f"got shape {list(example_input.shape)}")
     x = example_input[torch.arange(example_batch) % rows] if dynamic_batch else example_input
-    tmp = temp_beside(path)
     was_training = model.training
     model.eval()
-    try:
+    result = {}
+
+    def write(tmp: str) -> None:   # everything is proved on the temporary file before it takes `path`
+        tmp = Path(tmp)
         with _exporter_log() as log:
             try:
                 _export(model, x, tmp, path.name, opset, input_name, output_names, dynamic_batch)
@@ -86,7 +86,6 @@ def export_onnx(model, example_input, path, *, opset=18, input_name="input",
                 onnx.save(onnxslim.slim(onnx.load(str(tmp))), str(tmp))
             except Exception as e:
                 raise ExportError(f"{path.name}: onnxslim failed ({brief(e)})") from e
-
         info = _check(tmp, path.name)
         if info["opset"] != opset:
             raise ExportError(f"{path.name}: asked for opset {opset}, the exporter wrote {info['opset']}")
@@ -95,11 +94,13 @@ def export_onnx(model, example_input, path, *, opset=18, input_name="input",
         example = x.detach().cpu().numpy()
         batches = check_batches if dynamic_batch else (example.shape[0],)
         _prove_batches(tmp, path.name, input_name, example, batches)
-        os.replace(tmp, path)
+        result.update(info)
+    try:
+        atomic_write(path, write)
         log_path.unlink(missing_ok=True)  # a log left by an earlier failed export would mislead
     finally:
         model.train(was_training)
-        tmp.unlink(missing_ok=True)
+    info = result
     info.update(path=str(path), size_bytes=path.stat().st_size, slimmed=bool(slim))
     return info
 
@@ -256,13 +257,6 @@ def check_onnx(path) -> dict:
     """
     path = Path(path)
     return _check(path, path.name)
-
-
-def temp_beside(path: Path) -> Path:
-    """A fresh temporary file next to `path`, so that os.replace onto `path` is atomic."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    return Path(name)
 
 
 def _rename_batch_dim(path: Path, dynamic_batch: bool) -> None:

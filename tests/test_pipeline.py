@@ -38,6 +38,10 @@ def test_first_run_passes_every_stage(first):
     assert [r.name for r in result.records] == [s.name for s in STAGES]
     assert statuses(result)["engine"] == "skipped"
     assert result.bundle is not None and (result.bundle / "manifest.json").is_file()
+    # One atomic writer, mode 0644: a copied bundle or run folder stays readable for another user.
+    for f in ("04_export_onnx/model.onnx", "04_export_onnx/model_fp16.onnx", "05_quantize/model_int8.onnx",
+              "05_quantize/calib.npz", "01_baseline/reference.npz", "deploy/manifest.json"):
+        assert oct((result.run_dir / f).stat().st_mode)[-3:] == "644", f
 
 
 def test_each_stage_read_exactly_what_it_declared(first):

@@ -168,13 +168,13 @@ def _show(capsys, *argv):
 
 
 def test_config_show_prints_every_section_as_json(capsys, tmp_path):
-    rc, lines, err = _show(capsys, "--config", str(ROOT / "configs" / "cpu.toml"), "--set", "prune.macs=0.25")
+    rc, lines, err = _show(capsys, "--config", str(ROOT / "configs" / "cpu.toml"), "--set", "prune.speedup=3.25")
     assert rc == 0 and err == ""
     assert lines[-1].startswith("PASSED") and "0 ignored keys" in lines[-1]
     shown = json.loads("\n".join(lines[:-1]))
     assert list(shown) == list(SECTIONS)
-    assert shown == json.loads(json.dumps(load_config(ROOT / "configs" / "cpu.toml", ["prune.macs=0.25"]).to_dict()))
-    assert shown["prune"]["macs"] == 0.25 and shown["model"]["weights_strict"] is True   # defaults included
+    assert shown == json.loads(json.dumps(load_config(ROOT / "configs" / "cpu.toml", ["prune.speedup=3.25"]).to_dict()))
+    assert shown["prune"]["speedup"] == 3.25 and shown["model"]["weights_strict"] is True   # defaults included
 
 
 def test_config_show_warns_about_ignored_keys_on_stderr(capsys, tmp_path):

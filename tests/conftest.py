@@ -19,6 +19,29 @@ def root() -> Path:
     return ROOT
 
 
+def fuzz_settings():
+    """Hypothesis settings of the fuzz tests: deterministic, no example database, no deadline."""
+    from hypothesis import HealthCheck, settings
+    return settings(max_examples=60, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e)
+    assert text and "\n" not in text and "\r" not in text, f"message is not one line: {text!r}"
+    return text
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """2 shared cores: one intra-op torch thread is several times faster than two here."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def conv_onnx(path, channels: int) -> Path:
     """Conv(1 -> channels, 3x3) + ReLU + global average pool + Flatten on 1x8x8, dynamic batch:
     a real ONNX file whose cost grows with ``channels`` (for timing and bundle tests)."""

@@ -24,12 +24,7 @@ CASES = [("vit_mha", {}, 1), ("convnext_small", {}, 3), ("mobilenetv3_small", {}
          ("regnet_small", {}, 3), ("densenet_small", {}, 1), ("yolo_c2f_small", {"split_free": True}, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

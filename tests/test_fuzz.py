@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, example, given, settings
+from conftest import fuzz_settings, one_line
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from export.errors import ExportError
@@ -23,16 +24,9 @@ from pipeline.config import Config, read_config
 from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings()
 WORK = Path(tempfile.mkdtemp(prefix="fuzz-"))  # hypothesis does not mix with function-scoped tmp_path
 atexit.register(shutil.rmtree, WORK, ignore_errors=True)
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e)
-    assert text and "\n" not in text and "\r" not in text, f"message is not one line: {text!r}"
-    return text
 
 
 # ---------------------------------------------------------------- config reader

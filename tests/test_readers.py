@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from conftest import fuzz_settings, one_line
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -31,16 +32,9 @@ from edgerun.readers import (
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT / "data/mnist"
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings()
 WORK = Path(tempfile.mkdtemp(prefix="readers-"))  # hypothesis does not mix with function-scoped tmp_path
 atexit.register(shutil.rmtree, WORK, ignore_errors=True)
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e)
-    assert text and "\n" not in text and "\r" not in text, f"message is not one line: {text!r}"
-    return text
 
 
 CODES = {np.dtype(d).newbyteorder("="): c for c, d in _IDX_DTYPES.items()}

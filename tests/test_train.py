@@ -15,14 +15,7 @@ from pipeline.progress import LOG_EVERY_S, Progress
 from pipeline.prune import prune_model
 from pipeline.train import evaluate_top1, kd_loss, logits_of, split_train_val, train, train_ddp
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread is several times faster than two here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shrink(x):

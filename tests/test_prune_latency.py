@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pipeline import prune_latency as pl
-from pipeline.config import Config, PruneCfg, RunCfg, _check_prune
+from pipeline.config import Config, PruneCfg, RunCfg
+from pipeline.config_check import _check_prune
 from pipeline.errors import PipelineError
 from pipeline.models.cnn import SimpleCNN
 from pipeline.prune import GPU_ROUND_TO, prune_model, resolve_round_to

@@ -316,7 +316,7 @@ def test_config_value_is_refused_before_anything_runs(tmp_path, capsys, sets, me
 
 
 def test_opset_newer_than_onnxruntime_loads(tmp_path, capsys):
-    from pipeline.config import newest_loadable_opset
+    from pipeline.config_check import newest_loadable_opset
     newest = newest_loadable_opset(100)
     assert newest is not None and newest >= 18
     msg = user_error(capsys, *run_args(tmp_path, f"export.opset={newest + 1}"))

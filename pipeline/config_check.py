@@ -1,0 +1,180 @@
+"""What a config must mean, beyond its types: cross-field rules and values of the right type but no
+meaning (NaN is refused at parse time; here: ranges, units, sizes, names, what the libraries can do).
+
+`check(cfg, path)` raises a one-line PipelineError naming the file and the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+
+def _check_prune(cfg, bad) -> None:
+    """The latency-target keys (config_check.check calls this)."""
+    p = cfg.prune
+    if p.round_to < 0:
+        bad(f"prune.round_to must be >= 0 (0 = auto: the SIMD block on cpu, 8 on GPUs), got {p.round_to}")
+    if p.target == "speedup" and p.speedup <= 1.0:
+        bad(f"prune.target = 'speedup' needs prune.speedup > 1 (x faster than unpruned), got {p.speedup}")
+    if p.latency_threads < 0:
+        bad(f"prune.latency_threads must be >= 0 (0 = the library's default), got {p.latency_threads}")
+
+
+MIN_OPSET = 18   # torch.onnx's dynamo exporter cannot write older opsets
+MAX_INPUT_BYTES = 2 << 30   # one float32 input batch; more is a typo, not a workload for this pipeline
+MAX_THREADS = 1024          # more intra-op threads than any CPU this runs on has cores
+NAME_MAX = 255              # bytes in one folder name (Linux, macOS)
+
+
+def newest_loadable_opset(limit: int) -> int | None:
+    """The newest ai.onnx opset <= ``limit`` that this onnxruntime loads: a model of a newer opset
+    exports, then fails in the first stage that runs it. None when onnx/onnxruntime are missing."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", io[:1], io[1:])
+    for opset in range(min(limit, onnx.defs.onnx_opset_version()), MIN_OPSET - 1, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = min(model.ir_version, 10)
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+            continue
+    return None
+
+
+def check(cfg, path: Path) -> None:
+    """Cross-field rules and values of the right type but no meaning."""
+    def bad(msg):
+        raise PipelineError(f"{path}: config: {msg}")
+    d = cfg.data
+    if d.channels not in (1, 3):
+        bad(f"data.channels must be 1 or 3, got {d.channels}")
+    if len(d.size) != 2 or any(v <= 0 for v in d.size):
+        bad(f"data.size must be two positive integers [H, W], got {list(d.size)}")
+    if len(d.mean) != d.channels or len(d.std) != d.channels:
+        bad(f"data.mean and data.std need {d.channels} values (data.channels)")
+    if any(s <= 0 for s in d.std):
+        bad("data.std values must be > 0")
+    # Pixels are scaled to [0, 1] before normalising: ImageNet's 123.7 / 58.4 (0..255 units) would
+    # train and run, only on inputs shifted far from what the model should see.
+    if any(not 0 <= m <= 1 for m in d.mean) or any(s > 1 for s in d.std):
+        bad(f"data.mean must be in [0, 1] and data.std in (0, 1]: pixels are scaled to [0, 1] first "
+            f"(e.g. 0.485, not 123.7), got mean {list(d.mean)}, std {list(d.std)}")
+    if d.train_subset < 0 or d.test_subset < 0:
+        bad("data.train_subset and data.test_subset must be >= 0 (0 = the whole split)")
+    if cfg.model.num_classes < 2:
+        bad(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
+    if cfg.run.seed < 0:
+        bad(f"run.seed must be >= 0 (numpy refuses negative seeds), got {cfg.run.seed}")
+    if not 0.0 <= cfg.prune.ratio < 1.0:
+        bad(f"prune.ratio must be in [0, 1), got {cfg.prune.ratio}")
+    if not 0.0 <= cfg.prune.head_ratio < 1.0:
+        bad(f"prune.head_ratio must be in [0, 1), got {cfg.prune.head_ratio}")
+    if not 0.0 < cfg.prune.max_layer_ratio <= 1.0:
+        bad(f"prune.max_layer_ratio must be in (0, 1], got {cfg.prune.max_layer_ratio}")
+    if cfg.prune.target == "macs" and cfg.prune.macs <= 0:
+        bad("prune.target = 'macs' needs prune.macs > 0 (<= 1: fraction kept, > 1: absolute MACs)")
+    if cfg.prune.target == "latency_ms" and cfg.prune.latency_ms <= 0:
+        bad("prune.target = 'latency_ms' needs prune.latency_ms > 0")
+    if cfg.prune.iterative_steps < 1 or cfg.prune.latency_batch < 1:
+        bad("prune.iterative_steps and prune.latency_batch must be >= 1")
+    _check_prune(cfg, bad)
+    b = cfg.baseline
+    # A floor above 100 % fails every run at the gate (exit 2) although nothing was measured wrong.
+    if b.min_top1 != -1 and not 0 <= b.min_top1 <= 100:
+        bad(f"baseline.min_top1 must be -1 (chance + 10 pt) or a top-1 in [0, 100], got {b.min_top1}")
+    f = cfg.finetune
+    # 0 epochs is refused by the trainer after baseline and prune ran: say it before anything runs.
+    if f.epochs <= 0 or f.between_steps_epochs < 0 or f.lr <= 0 or cfg.baseline.lr <= 0:
+        bad(f"finetune.epochs must be > 0 (got {f.epochs}), finetune.between_steps_epochs >= 0, "
+            f"learning rates > 0")
+    if f.kd_temperature <= 0:
+        bad(f"finetune.kd_temperature must be > 0, got {f.kd_temperature}")
+    if not 0.0 <= f.kd_weight <= 1.0 or f.token_weight < 0:
+        bad("finetune.kd_weight must be in [0, 1] and finetune.token_weight >= 0")
+    if f.nproc < 1 or f.val_size < 0:
+        bad("finetune.nproc must be >= 1 and finetune.val_size >= 0")
+    if f.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            bad("finetune.device = 'cuda' but no CUDA device is present here (use 'auto' or 'cpu')")
+    if cfg.export.opset < MIN_OPSET:
+        bad(f"export.opset = {cfg.export.opset}: the exporter (torch.onnx, dynamo) writes opset >= {MIN_OPSET}")
+    if cfg.export.opset > MIN_OPSET:   # the default needs no probe; a newer one may not load here
+        newest = newest_loadable_opset(cfg.export.opset)
+        if newest is not None and newest < cfg.export.opset:
+            bad(f"export.opset = {cfg.export.opset}: onnx/onnxruntime here load opsets up to {newest}; "
+                f"every stage after export runs the model with onnxruntime")
+    if cfg.export.example_batch < 2:
+        bad("export.example_batch must be >= 2: with a batch-1 example torch.export may fix the batch to 1")
+    if cfg.export.max_abs is not None and cfg.export.max_abs < 0 or not 0 < cfg.export.min_cosine <= 1:
+        bad("export.max_abs must be >= 0 and export.min_cosine in (0, 1]")
+    if not (1 <= cfg.engine.min_batch <= cfg.engine.opt_batch <= cfg.engine.max_batch):
+        bad("engine batches must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+    if cfg.quantize.calib_size <= 0:
+        bad("quantize.calib_size must be > 0")
+    q = cfg.quantize
+    if not 0 <= q.min_agreement <= 100 or not 0 < q.min_cosine <= 1:
+        bad("quantize.min_agreement must be in [0, 100] and quantize.min_cosine in (0, 1]")
+    # The stage hands max_drop to calib as a fraction, which must stay below 1 (100 pt).
+    if not 0 <= q.max_drop < 100 or q.choose_val_size < 1 or q.choose_batch < 1:
+        bad(f"quantize.max_drop must be in [0, 100) pt (got {q.max_drop}), quantize.choose_val_size and "
+            f"quantize.choose_batch >= 1 (got {q.choose_val_size}, {q.choose_batch})")
+    if q.enabled and q.keep_fp32 == "listed" and not q.keep_fp32_nodes:
+        bad('quantize.keep_fp32 = "listed" needs ONNX node names in quantize.keep_fp32_nodes')
+    for key in ("baseline.max_drop", "prune.max_drop", "finetune.max_drop", "export.max_drop", "quantize.max_drop",
+                "engine.max_drop"):
+        sec, k = key.split(".")
+        if hasattr(getattr(cfg, sec), k) and getattr(getattr(cfg, sec), k) < 0:
+            bad(f"{key} must be >= 0")
+    p = cfg.profile
+    if any(b <= 0 for b in p.batches) or not p.batches:
+        bad("profile.batches must be positive integers")
+    if p.rounds < 1 or p.slower_tolerance < 0 or p.time_budget_s < 0:
+        bad("profile.rounds must be >= 1, profile.slower_tolerance and profile.time_budget_s >= 0")
+    if p.warmup < 0 or p.block_ms <= 0 or p.processes < 1:
+        bad(f"profile.warmup must be >= 0 (got {p.warmup}), profile.block_ms > 0 (got {p.block_ms}) and "
+            f"profile.processes >= 1 (got {p.processes})")
+    if cfg.run.threads < 0 or p.threads < 0:
+        bad("run.threads and profile.threads must be >= 0 (0 = the library's default)")
+    for key, value in (("run.threads", cfg.run.threads), ("profile.threads", p.threads)):
+        if value > MAX_THREADS:
+            bad(f"{key} = {value}: more than {MAX_THREADS} threads (a typo? 0 = the library's default)")
+    if cfg.package.batch < 1:
+        bad("package.batch must be >= 1")
+    _check_run_name(cfg.run.name, bad)
+    for key in ("baseline.epochs", "baseline.batch_size", "finetune.batch_size", "data.reference_batch",
+                "profile.iters"):
+        sec, k = key.split(".")
+        if getattr(getattr(cfg, sec), k) <= 0:
+            bad(f"{key} must be > 0")
+    _check_batches(cfg, bad)
+
+
+def _check_run_name(name: str, bad) -> None:
+    """run.name is a folder under --runs: one plain, visible name the OS accepts."""
+    if not name:
+        return   # empty: read_config takes the config file's stem
+    if "/" in name or name.startswith(".") or not name.strip() or len(name.encode()) > NAME_MAX:
+        bad(f"run.name {name!r:.80} must be a plain folder name (no '/', not starting with '.', "
+            f"at most {NAME_MAX} bytes)")
+
+
+def _check_batches(cfg, bad) -> None:
+    """Every input batch the stages allocate (float32 [N, C, H, W]) must be a size a machine can hold:
+    a huge one fails deep in torch with a C++ allocator message, or never returns."""
+    image = cfg.data.channels * cfg.data.size[0] * cfg.data.size[1] * 4
+    batches = {"data.size (the model probe, batch 2)": 2, "export.example_batch": cfg.export.example_batch,
+               "profile.batches": max(cfg.profile.batches), "engine.max_batch": cfg.engine.max_batch,
+               "package.batch": cfg.package.batch, "prune.latency_batch": cfg.prune.latency_batch}
+    for key, n in batches.items():
+        if n * image > MAX_INPUT_BYTES:
+            bad(f"{key}: a float32 batch of {n} x {cfg.data.channels}x{cfg.data.size[0]}x{cfg.data.size[1]} "
+                f"is {n * image / 2**30:.1f} GiB, more than the {MAX_INPUT_BYTES >> 30} GiB this pipeline allows")

@@ -66,8 +66,11 @@ def _session(path, threads: int):
 
 
 def _top1(session, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 from the output named "logits", else the last one (an encoder returns tokens first)."""
     name = session.get_inputs()[0].name
-    pred = np.concatenate([session.run(None, {name: x[i:i + 256]})[0].argmax(1) for i in range(0, len(x), 256)])
+    outputs = [o.name for o in session.get_outputs()]
+    logits = "logits" if "logits" in outputs else outputs[-1]
+    pred = np.concatenate([session.run([logits], {name: x[i:i + 256]})[0].argmax(1) for i in range(0, len(x), 256)])
     return float((pred == y).mean())
 
 

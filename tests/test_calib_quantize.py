@@ -362,3 +362,22 @@ def test_accuracy_control_checks_labels(mnist_model, tmp_path):
         quantize_onnx_with_accuracy_control(mnist_model["path"], tmp_path / "x.onnx", mnist_model["calib"],
                                             val_x, val_y, max_drop=3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layer_choice_scores_the_logits_output_of_an_encoder(tmp_path):
+    """An encoder returns (tokens, logits): the per-layer choice must score the logits, not the tokens."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from calib.layers import _top1
+    nodes = [helper.make_node("Identity", ["input"], ["tokens"]), helper.make_node("Neg", ["input"], ["logits"])]
+    graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3])],
+                              [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["b", 3]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "enc.onnx"))
+    x = np.array([[3, 1, 2], [1, 3, 2]], dtype=np.float32)   # argmax of the logits (negated): 1 and 0
+    session = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
+    assert _top1(session, x, np.array([1, 0])) == 1.0

@@ -36,7 +36,7 @@ import numpy as np
 from edgerun.errors import EdgeError
 from edgerun.io import write_json
 from edgerun.machine import library_versions, machine
-from edgerun.sessions import GPU_BACKENDS, ORT_BACKENDS, BenchmarkError, Session, backends_for, open_session, trt_here  # noqa: F401 - part of this module's interface
+from edgerun.sessions import GPU_BACKENDS, BenchmarkError, backends_for, open_session
 from edgerun.timing import Repeated, Spec, SpecItem, compare, measure, repeat_in_processes
 
 # ---------------------------------------------------------------- the bundle

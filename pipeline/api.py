@@ -64,6 +64,16 @@ def ignored_keys(cfg: Config, explicit: frozenset[str]) -> list[str]:
 
 def load(config: str | Path | Config, overrides=(), run_name: str | None = None) -> tuple[Config, list[str]]:
     """The config (from a TOML path or given as is) and a warning per ignored key."""
+    cfg, ignored = _load(config, overrides, run_name)
+    return cfg, [_warning(k) for k in ignored]
+
+
+def _warning(key: str) -> str:
+    return f"config: {key} is set but not read with this configuration (ignored)"
+
+
+def _load(config, overrides, run_name) -> tuple[Config, list[str]]:
+    """The config and the keys it sets that no stage reads (ignored_keys)."""
     if isinstance(config, Config):
         cfg, explicit = config, frozenset()
     else:
@@ -73,9 +83,7 @@ def load(config: str | Path | Config, overrides=(), run_name: str | None = None)
                 or len(run_name.encode()) > 255):
             raise PipelineError(f"--run {run_name!r}: must be a plain folder name")
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name))
-    warnings = [f"config: {k} is set but not read with this configuration (ignored)"
-                for k in ignored_keys(cfg, explicit)]
-    return cfg, warnings
+    return cfg, ignored_keys(cfg, explicit)
 
 
 def run(config: str | Path | Config, overrides=(), *, run_name: str | None = None, runs: str | Path = "runs",
@@ -85,7 +93,8 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     from pipeline.report import write_report
     from pipeline.runner import Runner
     from pipeline.stages import STAGES
-    cfg, warnings = load(config, overrides, run_name)
+    cfg, ignored = _load(config, overrides, run_name)
+    warnings = [_warning(k) for k in ignored]
     for w in warnings:
         log(f"warning: {w}")
     if cfg.run.threads:
@@ -97,7 +106,7 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     log(f"run {run_dir}")
 
     def report(outcome: dict) -> None:
-        write_json(run_dir / "config.json", {**cfg.to_dict(), "ignored_keys": [w.split()[1] for w in warnings]})
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "ignored_keys": ignored})
         write_report(run_dir, list(runner.records.values()), cfg, stage_order=order, outcome=outcome)
     try:
         records = runner.run(start, until, force)

@@ -149,8 +149,9 @@ def count(model, data_cfg) -> dict:
     """MACs in the seed's convention (conv/linear multiply-accumulates, as thop/fvcore count them),
     torch-pruning's op count (bias adds and activations too) and parameters, each labelled."""
     from pipeline.prune import conv_linear_macs, count_macs
-    ops, params = count_macs(model, example_input(data_cfg))
-    return {"macs": int(conv_linear_macs(model, example_input(data_cfg))), "ops_tp": int(ops), "params": int(params)}
+    x = example_input(data_cfg)
+    ops, params = count_macs(model, x)
+    return {"macs": int(conv_linear_macs(model, x)), "ops_tp": int(ops), "params": int(params)}
 
 
 def train_eval_gap(model, x: np.ndarray, y: np.ndarray, n: int = 1000) -> float | None:

@@ -184,7 +184,7 @@ def measure_latency_ms(model: nn.Module, example_input: torch.Tensor, batch: int
                        runs: int = 50, threads: int = 0) -> float:
     """Median latency (ms) of one batch on onnxruntime's CPU provider, from a TorchScript-exported copy,
     timed with the project's timer (edgerun.timing.measure)."""
-    from edgerun.benchmark import open_session
+    from edgerun.sessions import open_session
     from edgerun.timing import measure
 
     x = batch_of(example_input, batch)

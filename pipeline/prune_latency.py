@@ -208,7 +208,7 @@ Opener = Callable[[Path], object]   # an ONNX path -> a session with .run(x) and
 
 
 def cpu_opener(threads: int) -> Opener:
-    from edgerun.benchmark import open_session
+    from edgerun.sessions import open_session
     return lambda path: open_session(path, "onnxruntime-cpu", threads=threads)
 
 

@@ -149,7 +149,6 @@ TAYLOR_IMAGES = 512   # images whose gradients rank channels for Taylor importan
 
 
 def prune(ctx: Context) -> Output:
-    from edgerun.io import write_json
     from pipeline.prune import LATENCY_TARGETS, latency_backend, prune_model, resolve_round_to, save_pruned
     cfg, data, p = ctx.cfg, ctx.data, ctx.cfg.prune
     model = _baseline(ctx)
@@ -177,13 +176,9 @@ def prune(ctx: Context) -> Output:
                               seed=cfg.run.seed, **target_args)
     save_pruned(model, info["history"], ctx.out)
     metrics, _ = modelio.task_metrics(modelio.torch_outputs(model, data.x_test), data.test.labels, _teacher_tokens(ctx))
+    counts = _pruned_counts(ctx, model)
     base = ctx.record("baseline").metrics
-    counts = modelio.count(model, cfg.data)
-    metrics.update(**counts, size_bytes=_weights_size(ctx),
-                   macs_reduction=round(base["macs"] / counts["macs"], 3),
-                   ops_tp_reduction=round(base["ops_tp"] / counts["ops_tp"], 3),
-                   params_reduction=round(base["params"] / counts["params"], 3),
-                   round_to_used=round_to,
+    metrics.update(**counts, params_reduction=round(base["params"] / counts["params"], 3), round_to_used=round_to,
                    **{k: info.get(k) for k in ("ratio_used", "channels", "heads", "unwrapped", "latency_search")
                       if k in info})
     if "latency_tables" in info:   # the measured tables are part of the stage's output
@@ -191,8 +186,13 @@ def prune(ctx: Context) -> Output:
     return Output(metrics=metrics)
 
 
-def _weights_size(ctx: Context) -> int:
-    return sum(f.stat().st_size for f in ctx.out.iterdir() if f.suffix in (".pt", ".safetensors"))
+def _pruned_counts(ctx: Context, model) -> dict:
+    """MACs (both conventions), params, weights size and the MAC reductions against the baseline."""
+    base = ctx.record("baseline").metrics
+    counts = modelio.count(model, ctx.cfg.data)
+    size = sum(f.stat().st_size for f in ctx.out.iterdir() if f.suffix in (".pt", ".safetensors"))
+    return {**counts, "size_bytes": size, "macs_reduction": round(base["macs"] / counts["macs"], 3),
+            "ops_tp_reduction": round(base["ops_tp"] / counts["ops_tp"], 3)}
 
 
 def _drop_gate(section: str, parent: str):
@@ -237,10 +237,7 @@ def finetune(ctx: Context) -> Output:
     save_pruned(student, history, ctx.out)
     metrics, _ = modelio.task_metrics(modelio.torch_outputs(student, data.x_test), data.test.labels,
                                       _teacher_tokens(ctx))
-    base = ctx.record("baseline").metrics
-    counts = modelio.count(student, cfg.data)
-    metrics.update(**counts, size_bytes=_weights_size(ctx), macs_reduction=round(base["macs"] / counts["macs"], 3),
-                   ops_tp_reduction=round(base["ops_tp"] / counts["ops_tp"], 3),
+    metrics.update(**_pruned_counts(ctx, student),
                    **{k: info[k] for k in ("epochs_run", "steps", "stopped_early") if k in info})
     return Output(metrics=metrics,
                   artifacts=(Artifact("pruned-torch", "torch", "", label="pruned + fine-tuned (torch)"),))

@@ -57,9 +57,14 @@ def engine_source(ctx: Context) -> Path:
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
-    """An IDX file (uint8), gzip-compressed with a fixed timestamp so the bundle is byte-reproducible."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), mtime=0)
+    """An IDX file, gzip-compressed with a fixed timestamp so the bundle is byte-reproducible: uint8 when
+    every value fits (images, MNIST's labels), else big-endian int32 (labels of more than 256 classes)."""
+    if array.dtype.kind not in "ui":
+        raise PipelineError(f"IDX sample: expected integer values, got {array.dtype}")
+    small = array.size == 0 or (array.min() >= 0 and array.max() <= 255)
+    code, dtype = (0x08, np.uint8) if small else (0x0C, np.dtype(">i4"))
+    header = bytes([0, 0, code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return gzip.compress(header + np.ascontiguousarray(array, dtype=dtype).tobytes(), mtime=0)
 
 
 def _sample(ctx: Context, bundle: Path) -> dict:
@@ -68,7 +73,7 @@ def _sample(ctx: Context, bundle: Path) -> dict:
     images = test.images[idx]
     images = images[:, 0] if images.shape[1] == 1 else images   # MNIST's own layout for 1 channel
     atomic_write(bundle / "sample" / "images-idx3-ubyte.gz", _idx_bytes(images))
-    atomic_write(bundle / "sample" / "labels-idx1-ubyte.gz", _idx_bytes(test.labels[idx].astype(np.uint8)))
+    atomic_write(bundle / "sample" / "labels-idx1-ubyte.gz", _idx_bytes(test.labels[idx]))
     return {"images": "sample/images-idx3-ubyte.gz", "labels": "sample/labels-idx1-ubyte.gz", "n": int(len(idx)),
             "note": f"{len(idx)} seeded test images with their labels, for checking the bundle on the target"}
 

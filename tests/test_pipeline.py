@@ -168,3 +168,15 @@ def test_relaxing_a_gate_reevaluates_the_cached_result(first):
     assert not failed.passed and failed.failed_stage == "finetune"
     relaxed = again(runs, "finetune.max_drop=50")
     assert relaxed.passed and statuses(relaxed)["finetune"] == "cached"
+
+
+def test_bundle_sample_labels_beyond_255_are_not_wrapped(tmp_path):
+    """The sample's IDX writer keeps labels of more than 256 classes exact (int32), never cast to uint8."""
+    import numpy as np
+
+    from edgerun.readers import read_idx
+    from pipeline.package import _idx_bytes
+    for labels, dtype in ((np.array([0, 7, 9]), np.uint8), (np.array([0, 300, 999]), np.int32)):
+        (tmp_path / "l.gz").write_bytes(_idx_bytes(labels))
+        back = read_idx(tmp_path / "l.gz")
+        assert back.dtype == dtype and back.tolist() == labels.tolist()

@@ -21,13 +21,20 @@ from pipeline.stages import prune_keys
 
 # ---------------------------------------------------------------- candidates
 def test_candidates_are_block_multiples_probes_and_sub_block_powers():
-    assert pl.candidate_widths(32, 16) == (1, 2, 4, 8, 16, 17)
-    assert pl.candidate_widths(64, 8) == (1, 2, 4, 8, 9, 16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57)
-    assert pl.candidate_widths(32, 16, below=16, min_width=2) == (2, 4, 8)
+    assert pl.candidate_widths(32, 16) == (1, 2, 3, 4, 6, 8, 12, 16, 17)
+    assert pl.candidate_widths(64, 8) == (1, 2, 3, 4, 6, 8, 9, 16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57)
+    assert pl.candidate_widths(32, 16, below=16, min_width=2) == (2, 3, 4, 6, 8, 12)
     # a wide group gets a coarser grid (bounded search), still multiples of the block
     wide = pl.candidate_widths(1024, 16)
     multiples = [w for w in wide if w % 16 == 0]
     assert len(multiples) <= pl.MAX_MULTIPLES and all(w % 16 == 0 for w in multiples)
+
+
+def test_rebuilt_tables_reach_wider_widths_so_a_pick_can_give_channels_back():
+    assert pl.table_widths(32, 16, 32) == pl.candidate_widths(32, 16)          # around the full width: narrower only
+    assert pl.table_widths(32, 16, 8, min_width=2) == (2, 3, 4, 6, 12, 16, 17)    # + the 3 nearest wider
+    assert pl.table_widths(32, 16, 16)[-2:] == (17, 32)                          # the full width among them
+    assert pl.table_widths(512, 16, 96)[-pl.WIDER:] == (97, 144, 145)
 
 
 # ---------------------------------------------------------------- the greedy on fake tables
@@ -76,17 +83,45 @@ def test_greedy_honours_the_budget_and_gives_back_what_it_allows():
     assert not unreachable.reached and unreachable.widths == {"a": 4, "b": 4}
 
 
+def test_greedy_tolerance_is_relative_to_the_current_time():
+    """Many groups each saving 10 %: once the model is several times faster a move saves < 3 % of the
+    original time but still 10 % of the current one, and the goal stays reachable (ResNet's case)."""
+    groups = [_group(f"g{i}", 16, range(16)) for i in range(30)]
+    tables = [pl.Table(g.name, 16, (8,), (0.9,), 1.0) for g in groups]
+    pick = pl.greedy(groups, tables, {g.name: 16 for g in groups}, goal=0.08)
+    assert pick.reached and pick.predicted <= 0.08
+    assert sum(w == 8 for w in pick.widths.values()) == math.ceil(math.log(0.08) / math.log(0.9))
+
+
+def test_give_back_measures_each_widening_and_keeps_only_those_that_meet_the_goal():
+    a, b = _group("a", 8, [5.0] * 8), _group("b", 8, [1.0] * 8)     # a's channels matter more
+    tables = [pl.Table("a", 4, (8,), (1.1,), 1.0), pl.Table("b", 4, (8,), (1.1,), 1.0)]
+    truth = {(4, 4): 0.5, (8, 4): 0.7, (4, 8): 0.55, (8, 8): 0.8}   # a's widening costs more than predicted
+    measured, logs = [], []
+
+    def measure(w):
+        measured.append(dict(w))
+        return truth[(w["a"], w["b"])]
+    pick, ratio = pl.give_back([a, b], tables, {"a": 4, "b": 4}, 0.5, 0.6, measure, logs.append)
+    assert measured == [{"a": 8, "b": 4}, {"a": 4, "b": 8}]           # a first (more importance per time)
+    assert pick == {"a": 4, "b": 8} and ratio == 0.55                 # a's miss not kept, b's kept
+    assert "not kept" in logs[0] and "not kept" not in logs[1]
+    # a pick already within OVERSHOOT of the goal gives nothing back
+    assert pl.give_back([a, b], tables, {"a": 4, "b": 4}, 0.59, 0.6, measure, None) == ({"a": 4, "b": 4}, 0.59)
+
+
 # ---------------------------------------------------------------- the whole search on a fake runtime
 class FakeRuntime:
     """Variants are widths dicts written as JSON; running one advances a fake clock by its cost."""
 
     def __init__(self, cost):
-        self.now, self.cost, self.opened, self.closed = 0.0, cost, [], 0
+        self.now, self.cost, self.opened, self.closed, self.exported = 0.0, cost, [], 0, []
 
     def clock(self):
         return self.now
 
     def export(self, widths, path):
+        self.exported.append(json.dumps(widths, sort_keys=True))
         Path(path).write_text(json.dumps(widths))
         return Path(path)
 
@@ -119,6 +154,7 @@ def test_search_meets_a_speedup_on_a_fake_runtime_deterministically():
                       speedup=2.5, opener=rt.opener, clock=rt.clock)
         results.append(r)
         assert rt.closed == len(rt.opened)        # every session closed
+        assert len(rt.exported) == len(set(rt.exported)) < len(rt.opened)   # each variant exported once
     r = results[0]
     assert r.widths == results[1].widths and r.measured_speedup == results[1].measured_speedup
     full = cnn_cost({"c1": 16, "c2": 32})
@@ -173,6 +209,30 @@ def _write(tmp_path, data: bytes) -> Path:
     p = tmp_path / f"engine_{abs(hash(data))}.json"
     p.write_bytes(data)
     return p
+
+
+def additive_cost(w):
+    """Costs that add (no shared layer): the product of per-group ratios over-predicts the time."""
+    return 1e-5 * (10 + w["a"] + w["b"])
+
+
+def test_a_goal_the_tables_predict_out_of_reach_is_measured_then_given_back():
+    groups = [_group("a", 16, np.linspace(1, 2, 16)), _group("b", 16, np.linspace(3, 4, 16))]
+    full = additive_cost({"a": 16, "b": 16})
+    # tables alone: (27/42)^2 = 0.41 at the narrowest widths, i.e. 2.4x; measured there: 42/12 = 3.5x
+    rt, logs = FakeRuntime(additive_cost), []
+    r = pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((1, 1), np.float32), block=4,
+                  speedup=3.0, opener=rt.opener, clock=rt.clock, log=logs.append)
+    # each widening is measured on its own, until the pick is within OVERSHOOT of the goal
+    gave = [line.split(": give back ")[-1] for line in logs if "give back" in line]
+    assert gave == ["b 1 -> 2: measured 3.23x", "b 2 -> 3: measured 3.00x"]
+    assert 3.0 <= full / additive_cost(r.widths) <= 3.0 / pl.OVERSHOOT   # met, and not by much more
+    # the goal allows 2 channels back (14/42 = 3.0x), and both go to b, the more important group
+    assert r.rounds >= 2 and r.widths == {"a": 1, "b": 3}
+    rt = FakeRuntime(additive_cost)
+    with pytest.raises(PipelineError, match=r"cannot reach speedup 4x.*narrowest widths measured 3.50x"):
+        pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((1, 1), np.float32), block=4,
+                  speedup=4.0, opener=rt.opener, clock=rt.clock)
 
 
 # ---------------------------------------------------------------- auto rounding and the stage's keys

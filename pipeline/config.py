@@ -58,6 +58,7 @@ class BaselineCfg:
     epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 64
+    schedule: str = "constant"  # constant | onecycle | cosine
     gate: str = "fail"          # the baseline must beat chance: a run on a broken baseline proves nothing
     min_top1: float = -1.0      # -1 = chance (100 / num_classes) + 10 pt
 
@@ -185,6 +186,7 @@ CHOICES = {
     "prune.target": ("ratio", "macs", "latency_ms", "speedup"),
     "prune.importance": ("l1", "l2", "taylor", "bn_scale", "lamp", "random"),
     "finetune.schedule": ("onecycle", "cosine", "constant"),
+    "baseline.schedule": ("constant", "onecycle", "cosine"),
     "finetune.optimizer": ("adam", "sgd"),
     "finetune.device": ("auto", "cpu", "cuda"),
     "quantize.target": ("onnxruntime", "tensorrt"),

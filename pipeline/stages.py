@@ -59,7 +59,7 @@ def baseline_keys(cfg):
     keys = [*model_keys(cfg), "model.weights", "data.reference_batch"]
     if cfg.model.weights:
         return [*keys, "model.unsafe_pickle", "model.weights_strict"]
-    return [*keys, "baseline.epochs", "baseline.lr", "baseline.batch_size"]
+    return [*keys, "baseline.epochs", "baseline.lr", "baseline.batch_size", "baseline.schedule"]
 
 
 def baseline(ctx: Context) -> Output:
@@ -84,7 +84,7 @@ def baseline(ctx: Context) -> Output:
         ctx.log(f"  training {cfg.model.factory or cfg.model.name} for {cfg.baseline.epochs} epochs "
                 f"on {len(data.train.labels)} images")
         info = train(model, None, data.x_train, data.train.labels, epochs=cfg.baseline.epochs, lr=cfg.baseline.lr,
-                     batch_size=cfg.baseline.batch_size, seed=cfg.run.seed, schedule="constant",
+                     batch_size=cfg.baseline.batch_size, seed=cfg.run.seed, schedule=cfg.baseline.schedule,
                      progress="baseline")
         trained = {"epochs": cfg.baseline.epochs, "losses": info["losses"]}
     modelio.save_weights(model, ctx.out / "model.pt")

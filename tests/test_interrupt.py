@@ -210,7 +210,8 @@ def test_sigterm_during_finetune_then_resume(tmp_path, weights, finetune_referen
 def test_sigint_during_baseline_training(tmp_path):
     """Ctrl-C while the baseline trains (no checkpoint): nothing of it is kept as finished."""
     runs = tmp_path / "runs"
-    cmd = command(runs, "r", until="baseline")
+    # 20 epochs: the SMALL baseline trains in ~3 s, which a loaded machine can spend before the signal lands
+    cmd = command(runs, "r", "baseline.epochs=20", until="baseline")
     log = tmp_path / "int.log"
     stop_with(start(cmd, log), runs / "r", "baseline", 0.2, signal.SIGINT, log, marker="  training ")
     assert not (runs / ".store").exists() or not any((runs / ".store").iterdir())

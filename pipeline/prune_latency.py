@@ -339,6 +339,11 @@ class _Timer:
             for s in sessions.values():
                 s.close()
 
+    def against_unpruned(self, full: dict[str, int], widths: dict[str, int]):
+        """``widths`` timed against the unpruned model with the protocol's blocks, in this process."""
+        return self.compare({"unpruned": full, "pick": widths}, "unpruned", block_ms=CHECK_BLOCK_MS,
+                            rounds=CHECK_ROUNDS).ratio("pick")
+
     def table(self, group: Group, pick: dict[str, int], block: int) -> Table | None:
         widths = table_widths(group.channels, block, pick[group.name], min_width=group.min_width)
         if not widths:
@@ -370,13 +375,14 @@ def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], obj
     t0 = time.perf_counter()
     full = {g.name: g.channels for g in groups}
     pick, tables_all, ref_vs_unpruned, goal, unpruned_ms = dict(full), [], 1.0, None, None
-    met = None   # (widths, measured ratio vs unpruned, predicted ratio) of the first pick that met the goal
-    history = []  # every pick that met the goal in this process, narrowest first (given back in turn)
+    # every pick that met the goal in this process, narrowest first (given back in turn):
+    # (widths, measured ratio vs unpruned, predicted ratio); once one has, every round only gives back
+    history = []
     with tempfile.TemporaryDirectory(prefix="prune_latency_") as tmp:
         timer = _Timer(build_variant, export, opener, x, Path(tmp), clock)
-        def measured(widths) -> float:   # time ratio vs the unpruned model, the protocol's blocks
-            return timer.compare({"unpruned": full, "pick": widths}, "unpruned", block_ms=CHECK_BLOCK_MS,
-                                 rounds=CHECK_ROUNDS).ratio("pick").median
+
+        def measured(widths) -> float:   # time ratio vs the unpruned model
+            return timer.against_unpruned(full, widths).median
 
         for rnd in range(1, MAX_ROUNDS + 1):
             tables = [t for g in groups if (t := timer.table(g, pick, block)) is not None]
@@ -384,7 +390,7 @@ def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], obj
             if goal is None:
                 unpruned_ms = tables[0].reference_ms if tables else float("nan")
                 goal = 1.0 / speedup if speedup else latency_ms / unpruned_ms
-            if met is not None:
+            if history:
                 # The pick beat the goal by more than OVERSHOOT: give channels back, each widening measured.
                 base, ratios = ref_vs_unpruned, {t.group: t.ratio_of() for t in tables}
                 steps = give_back(groups, tables, pick, ref_vs_unpruned, goal, measured,
@@ -407,13 +413,12 @@ def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], obj
                 log(f"  latency search round {rnd}: {pick} predicted {1 / predicted:.2f}x, "
                     f"measured {1 / ref_vs_unpruned:.2f}x")
             if ref_vs_unpruned <= goal:
-                met = (pick, ref_vs_unpruned, predicted)
-                history.append(met)
+                history.append((pick, ref_vs_unpruned, predicted))
                 if ref_vs_unpruned >= goal * OVERSHOOT:   # close to the goal: no channel left to give back
                     break
                 # Faster than asked: the channels beyond the goal cost accuracy for nothing. Rebuild the
                 # tables around this pick and give widths back (next round).
-        if met is None:
+        if not history:
             if not chosen.reached:
                 raise _unreachable(speedup, latency_ms, backend, x.shape[0], ref_vs_unpruned, unpruned_ms,
                                    "measured")
@@ -497,6 +502,5 @@ def _verify(timer: _Timer, full, pick, backend, threads, x, processes) -> _Final
                     threads=threads, block_ms=CHECK_BLOCK_MS, rounds=CHECK_ROUNDS)
         p = repeat_in_processes(spec, processes)[0].pair("pick")
         return _Final(p.median, p.p10, p.p90, p.processes, p.spread, p.p50_ms, p.to_p50_ms)
-    r = timer.compare({"unpruned": full, "pick": pick}, "unpruned", block_ms=CHECK_BLOCK_MS,
-                      rounds=CHECK_ROUNDS).ratio("pick")
+    r = timer.against_unpruned(full, pick)
     return _Final(r.median, r.p10, r.p90, 1, 1.0, r.p50_ms, r.to_p50_ms)

@@ -81,6 +81,15 @@ class PruneCfg:
     iterative_steps: int = 1
     head_ratio: float = 0.0     # > 0: remove this fraction of whole attention heads (ViTs)
     ignored_layers: tuple[str, ...] = ()
+    # Latency targets: "require" fails when the goal is not met (or not verified); "best" ships the
+    # fastest verified pick and says the goal was missed. backoff: wider picks, each about 1.18x
+    # slower, that the fine-tune stage tries in turn when a pick misses its accuracy gate.
+    goal: str = "require"       # require | best
+    search_budget_s: float = 600.0  # the latency search's time budget (0 = none): then the best verified pick
+    backoff: int = 2
+    # Replay instead of search: {group: kept width}, or the widths a prune/finetune record.json holds.
+    widths: dict = field(default_factory=dict)
+    from_record: str = ""
     gate: str = "warn"          # fail | warn | off
     max_drop: float = 100.0
 
@@ -185,6 +194,7 @@ CHOICES = {
     "data.kind": ("mnist", "imagefolder"),
     "prune.target": ("ratio", "macs", "latency_ms", "speedup"),
     "prune.importance": ("l1", "l2", "taylor", "bn_scale", "lamp", "random"),
+    "prune.goal": ("require", "best"),
     "finetune.schedule": ("onecycle", "cosine", "constant"),
     "baseline.schedule": ("constant", "onecycle", "cosine"),
     "finetune.optimizer": ("adam", "sgd"),

@@ -19,6 +19,14 @@ def _check_prune(cfg, bad) -> None:
         bad(f"prune.target = 'speedup' needs prune.speedup > 1 (x faster than unpruned), got {p.speedup}")
     if p.latency_threads < 0:
         bad(f"prune.latency_threads must be >= 0 (0 = the library's default), got {p.latency_threads}")
+    if p.search_budget_s < 0 or p.backoff < 0 or p.backoff > 8:
+        bad(f"prune.search_budget_s must be >= 0 (0 = no budget) and prune.backoff in [0, 8], got "
+            f"{p.search_budget_s} and {p.backoff}")
+    if p.widths and p.from_record:
+        bad("prune.widths and prune.from_record both name the widths to replay: set one")
+    for name, w in p.widths.items():
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            bad(f"prune.widths.{name} must be a whole number of channels (or heads) >= 1, got {w!r}")
 
 
 MIN_OPSET = 18   # torch.onnx's dynamo exporter cannot write older opsets

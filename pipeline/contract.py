@@ -84,7 +84,15 @@ def _factory_hash(value: str) -> str:
     return sha256_file(spec.origin)
 
 
-FILE_VALUED: dict[str, Callable[[str], str]] = {"model.weights": _weights_hash, "model.factory": _factory_hash}
+def _record_hash(value: str) -> str:
+    path = resolve_root(value)
+    if not path.is_file():
+        raise PipelineError(f"prune.from_record: {path} is not a file (a widths.json or a prune/finetune stage.json)")
+    return sha256_file(path)
+
+
+FILE_VALUED: dict[str, Callable[[str], str]] = {"model.weights": _weights_hash, "model.factory": _factory_hash,
+                                                "prune.from_record": _record_hash}
 
 
 def fingerprint_values(cfg: Config, keys: Iterable[str], data_identity: Callable[[], str]) -> dict:

@@ -249,7 +249,9 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                 taylor_batches: Iterable | None = None, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None,
                 layer_ratios: dict[str, float] | None = None, head_ratio: float = 0.0,
-                unwrapped_parameters: dict[str, int] | None = None) -> tuple[nn.Module, dict]:
+                unwrapped_parameters: dict[str, int] | None = None,
+                search: latency.SearchOptions | None = None,
+                widths: dict[str, int] | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place; returns ``(model, info)``.
 
     ``info``: macs_before/after (torch-pruning's count), conv_linear_macs_before/after (see
@@ -263,7 +265,10 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     ``pruning_ratio_dict``). ``head_ratio`` > 0 removes that fraction of every attention's heads
     (rounded up, never all; spread linearly over the iterative steps) instead of narrowing every
     head. ``unwrapped_parameters`` ({parameter name: dim}) overrides the dim along which a bare
-    parameter is pruned; pass the same dict to save_pruned.
+    parameter is pruned; pass the same dict to save_pruned. ``search`` holds the latency search's
+    goal mode, time budget and back-off (its wider rungs come back as ``info["rungs"]``: [(widths,
+    pruned model, history)], the unpruned model narrowed to each). ``widths`` ({group: kept width})
+    replays a pick instead of any target: the groups are pruned to exactly those widths.
     """
     attentions = attn.find_attention(model)
     ignored_names = tuple(ignored_layers)
@@ -290,7 +295,11 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                   head_ratio=float(head_ratio), narrow_heads=float(head_ratio) == 0.0, unwrapped=unwrapped)
     info: dict = {"target": target}
 
-    if target in LATENCY_TARGETS:
+    if widths:
+        history = _replay(model, example_input, widths, common, between_steps, progress)
+        info.update(widths_source="replayed", replayed_widths=dict(widths))
+        ratio_used = None
+    elif target in LATENCY_TARGETS:
         if target == "latency_ms" and latency_ms <= 0:
             raise PipelineError("prune.latency_ms: give a positive latency budget in milliseconds")
         if target == "latency_ms":
@@ -299,10 +308,13 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                                 backend=latency_runtime, block=round_to if round_to > 1 else 0,
                                 speedup=float(speedup) if target == "speedup" else 0.0,
                                 latency_ms=float(latency_ms) if target == "latency_ms" else 0.0,
-                                verify_processes=verify_processes, log=log)
+                                verify_processes=verify_processes, log=log, options=search)
+        unpruned = copy.deepcopy(model) if len(found.ladder) > 1 else None
         history = _apply_widths(model, example_input, found.widths, common, between_steps, progress)
         info.update(latency_search=found.summary(), latency_tables=found.tables_json(),
-                    latency_ms_after=found.pruned_ms)
+                    latency_ms_after=found.pruned_ms, widths_source="searched",
+                    rungs=[_rung_model(unpruned, example_input, r.widths, common, between_steps)
+                           for r in found.ladder[1:]])
         ratio_used = None
     elif target == "ratio":
         if not 0.0 <= float(ratio) < 1.0:
@@ -319,7 +331,7 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
         what = "MACs"
         ratio_used, sim_channels = bisect_ratio(model, example_input, budget, cost, what, common, _run_schedule,
                                                 cost0=macs_before)
-    if target not in LATENCY_TARGETS:
+    if target not in LATENCY_TARGETS and not widths:
         history = _run_schedule(model, example_input, ratio=ratio_used, between_steps=between_steps,
                                 progress=progress, **common)
 
@@ -369,6 +381,28 @@ def _apply_widths(model, example_input, widths: dict[str, int], common: dict, be
     return history
 
 
+def _rung_model(unpruned, example_input, widths: dict[str, int], common: dict, between_steps):
+    """A back-off rung: (widths, the unpruned model narrowed to them, its replayable history)."""
+    m = copy.deepcopy(unpruned)
+    return widths, m, _apply_widths(m, example_input, widths, common, between_steps)
+
+
+def _replay(model, example_input, widths: dict[str, int], common: dict, between_steps, progress) -> list:
+    """Prune to exactly ``widths`` (a recorded pick); a group the model does not have, or a width
+    outside 1..its channels, is one line naming it."""
+    groups, _ = latency_groups(model, example_input, common)
+    channels = {g.name: g.channels for g in groups}
+    for name, w in widths.items():
+        if name not in channels:
+            raise PipelineError(f"prune.widths: the model has no prunable group {name!r} "
+                                f"(groups: {', '.join(sorted(channels)) or 'none'})")
+        if not 1 <= int(w) <= channels[name]:
+            raise PipelineError(f"prune.widths: {name} has {channels[name]} channels; a kept width must be in "
+                                f"1..{channels[name]}, got {w}")
+    narrowed = {n: int(w) for n, w in widths.items() if int(w) < channels[n]}
+    return _apply_widths(model, example_input, narrowed, common, between_steps, progress)
+
+
 def latency_groups(model, example_input, common: dict) -> tuple[list, list[str]]:
     """The groups the pruner would rank (torch-pruning's own group objects, same ignored layers), with
     their channels' importance; attention and grouped-channel groups are left whole (their names)."""
@@ -408,21 +442,23 @@ def latency_groups(model, example_input, common: dict) -> tuple[list, list[str]]
 
 
 def _latency_search(model, example_input, common, *, batch, threads, backend, block, speedup, latency_ms,
-                    verify_processes, log) -> latency.LatencySearch:
+                    verify_processes, log, options=None) -> latency.LatencySearch:
     from edgerun.machine import simd_block
     groups, skipped = latency_groups(model, example_input, common)
     # variants differ only in shape: a cheap importance picks their channels (latency ignores which)
     cheap = {**common, "importance": "l1", "iterative_steps": 1, "taylor_batches": []}
     x = batch_of(example_input, batch)
+    o = options or latency.SearchOptions()
 
     def build_variant(widths):
         v = copy.deepcopy(model)
         _apply_widths(v, example_input, {n: w for n, w in widths.items()}, cheap)
         return v
     opener = None
-    if backend == "tensorrt":   # NOT executed here (no GPU, no TensorRT): see prune_latency.tensorrt_opener
-        opener = latency.tensorrt_opener(batch, tuple(x.shape[1:]))
+    if backend == "tensorrt":   # NOT executed here (no GPU, no TensorRT): see prune_timer.tensorrt_opener
+        from pipeline.prune_timer import tensorrt_opener
+        opener = tensorrt_opener(batch, tuple(x.shape[1:]))
     return latency.search(groups, build_variant=build_variant, export=lambda m, p: export_for_timing(m, x, p),
                           x=x.numpy(), block=block or simd_block(), speedup=speedup, latency_ms=latency_ms,
                           backend=backend, threads=threads, opener=opener, verify_processes=verify_processes,
-                          skipped=tuple(skipped), log=log)
+                          skipped=tuple(skipped), log=log, goal_mode=o.goal, budget_s=o.budget_s, backoff=o.backoff)

@@ -50,6 +50,7 @@ def summary_md(report: dict) -> list[str]:
         lines.append(f"- **Accuracy:** {acc['reference_stage']} top-1 {fmt.top1(acc['reference_top1'])}; "
                      "no shipped artifact to compare.")
     lines += _speedup_summary(s.get("speedup"), shipped)
+    lines += _widths_md(s.get("widths"))
     red = [r for r in (s.get("reduction") or {}).values() if r.get("reference") is not None]
     if red:
         lines += [f"- **Compute reduction, {r['label']}:** {fmt.count(r['reference'])} ({r['reference_stage']}) → "
@@ -72,6 +73,28 @@ def summary_md(report: dict) -> list[str]:
                f"the run stopped at {s['failed_stage']}" if s.get("failed_stage") else "the run stopped before them")
         lines.append(f"- **Not reached** ({why}): " + ", ".join(s["not_reached"]) + ".")
     lines += [f"- **Not executed here:** {n}." for n in s.get("not_executed") or []]
+    return lines
+
+
+def _widths_md(w: dict | None) -> list[str]:
+    if not w:
+        return []
+    if w.get("source") == "replayed":
+        return [f"- **Widths:** replayed (prune.widths / prune.from_record), not searched: `{w['widths']}`."]
+    load = w.get("load") or {}
+    lo, hi = w.get("measured_p10_p90") or (None, None)
+    line = (f"- **Widths:** searched for {w.get('goal')} (prune.goal = {w.get('goal_mode')}): the pick verified "
+            f"{fmt.ratio(w.get('measured_speedup'))} (p10–p90 {fmt.ratio(lo)}–{fmt.ratio(hi)}, "
+            f"{w.get('processes')} process(es)) in {w.get('seconds')} s, goal "
+            f"{'met' if w.get('goal_met') else 'NOT met'}; 1-minute load while measuring "
+            f"{load.get('start', '–')} → max {load.get('max', '–')}")
+    tried = w.get("tried") or []
+    if len(tried) > 1 or (tried and not tried[0]["passed"]):
+        line += "; fine-tuned in turn: " + ", ".join(
+            f"{fmt.ratio(t['speedup'])} → {fmt.top1(t['top1'])} ({'passed' if t['passed'] else 'missed the gate'})"
+            for t in tried)
+    lines = [line + f"; shipped widths `{w['widths']}`."]
+    lines += [f"- **Search note:** {n}." for n in w.get("notes") or []]
     return lines
 
 

@@ -73,12 +73,30 @@ def summary(records: list[StageRecord], latency: list[dict], speedup: list[dict]
                      "drop_pt": round(ref_top1 - top1, 4) if ref_top1 is not None and top1 is not None else None},
         "speedup": _speedup(speedup, row or chosen) if file else None,
         "reduction": {key: _reduction(records, key, made_by) for key in MAC_CONVENTIONS},
+        "widths": widths_summary(records),
         "on_target": chosen.get("on_target"),
         "preflight": package.get("preflight"),
         "engine_recipe": package.get("engine_recipe"),
         "not_executed": not_executed(records, latency),
         "not_reached": [name for name in stage_order if name not in {r.name for r in records}],
     }
+
+
+def widths_summary(records: list[StageRecord]) -> dict | None:
+    """How the pruned widths were chosen: searched (goal, verified speed, load while measuring, the
+    picks the fine-tune tried) or replayed; None for ratio/MAC targets."""
+    by = {r.name: r.metrics for r in records}
+    p, f = by.get("prune") or {}, by.get("finetune") or {}
+    if not p.get("widths"):
+        return None
+    search = p.get("latency_search") or {}
+    out = {"source": p.get("widths_source"), "widths": f.get("widths") or p["widths"]}
+    if search:
+        out.update({k: search.get(k) for k in ("goal", "goal_mode", "goal_met", "measured_speedup",
+                                               "measured_p10_p90", "processes", "load", "budget_s", "budget_spent",
+                                               "seconds", "remeasured", "notes")})
+        out["tried"] = f.get("tried")
+    return out
 
 
 def _first(*values):

@@ -9,49 +9,19 @@ Heavy libraries are imported inside the stages.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
-from edgerun.io import atomic_write, write_json
+from edgerun.io import write_json
 from pipeline import gate as gates
 from pipeline import modelio
 from pipeline.errors import PipelineError
+from pipeline.finetune_stage import finetune, finetune_gate, finetune_keys
 from pipeline.package import ENGINE_OPTION_KEYS, package_keys, package_stage
+from pipeline.prune_stage import prune, prune_keys
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output, Stage
-
-
-def model_keys(cfg) -> list[str]:
-    """What building the model reads: the name only when no factory replaces it."""
-    keys = ["model.factory", "model.kwargs", "model.num_classes"]
-    return keys if cfg.model.factory else [*keys, "model.name"]
-
-
-def _baseline(ctx: Context):
-    return modelio.load_state_fresh(ctx.cfg, ctx.path("baseline", "model.pt"))
-
-
-def _pruned(ctx: Context, stage: str):
-    from pipeline.prune import load_pruned
-    return load_pruned(modelio.build(ctx.cfg.model, ctx.cfg.data), modelio.example_input(ctx.cfg.data),
-                       ctx.path(stage)).eval()
-
-
-def _teacher_tokens(ctx: Context) -> dict | None:
-    """The unpruned model's test outputs, for token fidelity of encoders; None for plain classifiers."""
-    if "tokens" not in json.loads(ctx.path("baseline", "model.json").read_text())["outputs"]:
-        return None
-    return {"tokens": np.load(ctx.path("baseline", "test_tokens.npy"))}
-
-
-def _np_write(path, save, *args, **kwargs) -> None:
-    """numpy's savers through the one atomic writer (given a path, they would append .npy/.npz to it)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            save(f, *args, **kwargs)
-    atomic_write(path, write)
-
+from pipeline.stage_io import drop_gate, load_baseline, load_pruned_model, model_keys, np_write, teacher_tokens
 
 # ---------------------------------------------------------------- 1 baseline
 
@@ -90,7 +60,7 @@ def baseline(ctx: Context) -> Output:
     modelio.save_weights(model, ctx.out / "model.pt")
     outs = modelio.torch_outputs(model, data.x_test)
     if "tokens" in outs:
-        _np_write(ctx.out / "test_tokens.npy", np.save, outs["tokens"])
+        np_write(ctx.out / "test_tokens.npy", np.save, outs["tokens"])
     metrics, _ = modelio.task_metrics(outs, data.test.labels)
     gap = modelio.train_eval_gap(model, data.x_train, data.train.labels)
     if gap is not None and abs(gap) > TRAIN_EVAL_GAP:
@@ -101,7 +71,7 @@ def baseline(ctx: Context) -> Output:
     idx = np.sort(rng.permutation(len(data.test.labels))[:cfg.data.reference_batch])
     arrays = {"inputs": data.x_test[idx], "labels": data.test.labels[idx],
               **{f"out_{k}": v[idx] for k, v in outs.items()}}
-    _np_write(ctx.out / "reference.npz", np.savez, **arrays)
+    np_write(ctx.out / "reference.npz", np.savez, **arrays)
     write_json(ctx.out / "model.json", {"model": cfg.model.factory or cfg.model.name, "kwargs": cfg.model.kwargs,
                                         "outputs": list(modelio.output_names(model))})
     metrics.update(**modelio.count(model, cfg.data), size_bytes=(ctx.out / "model.pt").stat().st_size,
@@ -121,128 +91,6 @@ def baseline_gate(m, inputs, cfg):
     return gates.gate(cfg.baseline.gate, dataclasses.replace(check, hint=hint))
 
 
-# ---------------------------------------------------------------- 2 prune
-
-FINETUNE_TRAIN_KEYS = ("finetune.lr", "finetune.batch_size", "finetune.optimizer", "finetune.schedule",
-                       "finetune.kd_temperature", "finetune.kd_weight", "finetune.token_weight", "finetune.val_size",
-                       "finetune.device", "finetune.nproc")
-_LATENCY_KEYS = ("prune.latency_batch", "prune.latency_threads")
-PRUNE_TARGET_KEYS = {"ratio": ("prune.ratio", "prune.global_pruning"), "macs": ("prune.macs", "prune.global_pruning"),
-                     "latency_ms": ("prune.latency_ms", *_LATENCY_KEYS), "speedup": ("prune.speedup", *_LATENCY_KEYS)}
-
-
-def prune_keys(cfg):
-    p = cfg.prune
-    keys = [*model_keys(cfg), "prune.target", "prune.importance", "prune.round_to",
-            "prune.max_layer_ratio", "prune.iterative_steps", "prune.head_ratio", "prune.ignored_layers",
-            *PRUNE_TARGET_KEYS[p.target]]
-    if p.round_to == 0 or p.target in ("latency_ms", "speedup"):   # auto rounding / which runtime to time on
-        keys.append("run.target")
-    if p.iterative_steps > 1:
-        keys.append("finetune.between_steps_epochs")
-        if cfg.finetune.between_steps_epochs > 0:
-            keys += FINETUNE_TRAIN_KEYS
-    return keys
-
-
-TAYLOR_IMAGES = 512   # images whose gradients rank channels for Taylor importance
-
-
-def prune(ctx: Context) -> Output:
-    from pipeline.prune import LATENCY_TARGETS, latency_backend, prune_model, resolve_round_to, save_pruned
-    cfg, data, p = ctx.cfg, ctx.data, ctx.cfg.prune
-    model = _baseline(ctx)
-    target_args = {k.split(".")[1]: getattr(p, k.split(".")[1]) for k in PRUNE_TARGET_KEYS[p.target]}
-    round_to = resolve_round_to(p.round_to, cfg.run.target if p.round_to == 0 else "")
-    if p.target in LATENCY_TARGETS:
-        target_args.update(latency_runtime=latency_backend(cfg.run.target), log=ctx.log)
-    between = None
-    if p.iterative_steps > 1 and cfg.finetune.between_steps_epochs > 0:
-        teacher = _baseline(ctx)
-
-        def between(step, m):
-            ctx.log(f"  fine-tune between steps ({step + 1}/{p.iterative_steps - 1})")
-            finetune_model(ctx, m, teacher, epochs=cfg.finetune.between_steps_epochs, early_stop=False)
-    taylor = None
-    if p.importance == "taylor":
-        import torch
-        n = min(len(data.train.labels), TAYLOR_IMAGES)
-        xs, ys = torch.from_numpy(data.x_train[:n]), torch.from_numpy(data.train.labels[:n])
-        taylor = [(xs[i:i + 64], ys[i:i + 64]) for i in range(0, n, 64)]
-    model, info = prune_model(model, modelio.example_input(cfg.data), target=p.target, importance=p.importance,
-                              round_to=round_to, max_layer_ratio=p.max_layer_ratio,
-                              iterative_steps=p.iterative_steps, ignored_layers=p.ignored_layers,
-                              head_ratio=p.head_ratio, between_steps=between, taylor_batches=taylor,
-                              seed=cfg.run.seed, **target_args)
-    save_pruned(model, info["history"], ctx.out)
-    metrics, _ = modelio.task_metrics(modelio.torch_outputs(model, data.x_test), data.test.labels, _teacher_tokens(ctx))
-    counts = _pruned_counts(ctx, model)
-    base = ctx.record("baseline").metrics
-    metrics.update(**counts, params_reduction=round(base["params"] / counts["params"], 3), round_to_used=round_to,
-                   **{k: info.get(k) for k in ("ratio_used", "channels", "heads", "unwrapped", "latency_search")
-                      if k in info})
-    if "latency_tables" in info:   # the measured tables are part of the stage's output
-        write_json(ctx.out / "latency_table.json", {"search": info["latency_search"], "tables": info["latency_tables"]})
-    return Output(metrics=metrics)
-
-
-def _pruned_counts(ctx: Context, model) -> dict:
-    """MACs (both conventions), params, weights size and the MAC reductions against the baseline."""
-    base = ctx.record("baseline").metrics
-    counts = modelio.count(model, ctx.cfg.data)
-    size = sum(f.stat().st_size for f in ctx.out.iterdir() if f.suffix in (".pt", ".safetensors"))
-    return {**counts, "size_bytes": size, "macs_reduction": round(base["macs"] / counts["macs"], 3),
-            "ops_tp_reduction": round(base["ops_tp"] / counts["ops_tp"], 3)}
-
-
-def _drop_gate(section: str, parent: str):
-    def check(m, inputs, cfg):
-        s = getattr(cfg, section)
-        return gates.gate(s.gate, gates.drop_check("top1", m["top1"], inputs[parent].metrics["top1"], s.max_drop))
-    return check
-
-
-# ---------------------------------------------------------------- 3 fine-tune
-
-def finetune_keys(cfg):
-    return [*model_keys(cfg), *FINETUNE_TRAIN_KEYS, "finetune.epochs", "finetune.early_stop"]
-
-
-def finetune_model(ctx: Context, student, teacher, *, epochs: float, early_stop: bool) -> dict:
-    """Distil ``teacher`` into ``student``; early stopping looks at a held-out slice of the TRAIN split."""
-    from pipeline.train import train, train_ddp
-    f, data = ctx.cfg.finetune, ctx.data
-    n = min(f.val_size, len(data.train.labels) // 5)
-    perm = np.random.default_rng(ctx.cfg.run.seed + 1).permutation(len(data.train.labels))
-    val = (data.x_train[perm[:n]], data.train.labels[perm[:n]])
-    x, y = data.x_train[perm[n:]], data.train.labels[perm[n:]]
-    # Stop once the student matches the teacher on the same held-out slice: comparing with the
-    # teacher's *test* top-1 would stop too early, as held-out train images are easier.
-    target = modelio.task_metrics(modelio.torch_outputs(teacher, val[0]), val[1])[0]["top1"] if early_stop else None
-    kwargs = dict(epochs=epochs, lr=f.lr, batch_size=f.batch_size, kd_temperature=f.kd_temperature,
-                  kd_weight=f.kd_weight, schedule=f.schedule, optimizer=f.optimizer, seed=ctx.cfg.run.seed,
-                  early_stop_top1=target, val=val, device=f.device, token_weight=f.token_weight,
-                  progress="fine-tune")
-    if f.nproc > 1:
-        return train_ddp(student, teacher, x, y, nproc=f.nproc, **kwargs)
-    return train(student, teacher, x, y, **kwargs)
-
-
-def finetune(ctx: Context) -> Output:
-    from pipeline.prune import save_pruned
-    cfg, data = ctx.cfg, ctx.data
-    teacher, student = _baseline(ctx), _pruned(ctx, "prune")
-    info = finetune_model(ctx, student, teacher, epochs=cfg.finetune.epochs, early_stop=cfg.finetune.early_stop)
-    history = json.loads(ctx.path("prune", "pruning_history.json").read_text())["history"]
-    save_pruned(student, history, ctx.out)
-    metrics, _ = modelio.task_metrics(modelio.torch_outputs(student, data.x_test), data.test.labels,
-                                      _teacher_tokens(ctx))
-    metrics.update(**_pruned_counts(ctx, student),
-                   **{k: info[k] for k in ("epochs_run", "steps", "stopped_early") if k in info})
-    return Output(metrics=metrics,
-                  artifacts=(Artifact("pruned-torch", "torch", "", label="pruned + fine-tuned (torch)"),))
-
-
 # ---------------------------------------------------------------- 4 export
 
 def export_keys(cfg):
@@ -259,14 +107,14 @@ def export_onnx(ctx: Context) -> Output:
     def write(model, path):
         return to_onnx(model, modelio.example_input(cfg.data, e.example_batch), path, opset=e.opset,
                        output_names=modelio.output_names(model), slim=e.slim, example_batch=e.example_batch)
-    model = _pruned(ctx, "finetune")
+    model = load_pruned_model(ctx, "finetune")
     onnx_path = ctx.out / "model.onnx"
     info = write(model, onnx_path)
     ref = np.load(ctx.path("baseline", "reference.npz"))
     ort_ref = modelio.onnx_outputs(onnx_path, ref["inputs"])
     par = compare_outputs(modelio.torch_outputs(model, ref["inputs"]), ort_ref)
     metrics, _ = modelio.task_metrics(modelio.onnx_outputs(onnx_path, data.x_test), data.test.labels,
-                                      _teacher_tokens(ctx))
+                                      teacher_tokens(ctx))
     fm = ctx.record("finetune").metrics
     metrics.update(size_bytes=onnx_path.stat().st_size, macs=fm["macs"], ops_tp=fm["ops_tp"], params=fm["params"],
                    opset=info["opset"], parity={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
@@ -281,7 +129,7 @@ def export_onnx(ctx: Context) -> Output:
         artifacts.append(Artifact("onnx-fp16", "onnx", "model_fp16.onnx", "fp16", "ONNX fp16", top1=m16["top1"]))
     if cfg.profile.baseline_onnx:   # the unpruned reference, so that speedups compare ONNX with ONNX
         base = ctx.out / "baseline_fp32.onnx"
-        write(_baseline(ctx), base)
+        write(load_baseline(ctx), base)
         mb, _ = modelio.task_metrics(modelio.onnx_outputs(base, data.x_test), data.test.labels)
         metrics["baseline_onnx_top1"] = mb["top1"]
         artifacts.append(Artifact("baseline-onnx", "onnx", "baseline_fp32.onnx", "fp32",
@@ -327,7 +175,7 @@ def quantize(ctx: Context) -> Output:
     if not q.enabled:
         return Output(status="skipped", reason="quantize.enabled = false")
     from pipeline.quantize_stage import quantize_artifacts
-    return quantize_artifacts(ctx, teacher=_teacher_tokens(ctx))
+    return quantize_artifacts(ctx, teacher=teacher_tokens(ctx))
 
 
 def quantize_gate(m, inputs, cfg):
@@ -385,7 +233,7 @@ def profile(ctx: Context) -> Output:
 
 
 def _load_torch(ctx: Context, located):
-    return _baseline(ctx) if located.artifact.role == "baseline-torch" else _pruned(ctx, "finetune")
+    return load_baseline(ctx) if located.artifact.role == "baseline-torch" else load_pruned_model(ctx, "finetune")
 
 
 # ---------------------------------------------------------------- the list
@@ -394,16 +242,16 @@ GATE_KEYS = ("gate", "max_drop")
 STAGES = [
     Stage("baseline", 3, baseline, baseline_keys, uses_data=True, gate=baseline_gate,
           gate_config=("baseline.gate", "baseline.min_top1")),
-    Stage("prune", 2, prune, prune_keys, ("baseline",), uses_data=True, gate=_drop_gate("prune", "baseline"),
+    Stage("prune", 3, prune, prune_keys, ("baseline",), uses_data=True, gate=drop_gate("prune", "baseline"),
           gate_config=("prune.gate", "prune.max_drop")),
-    Stage("finetune", 3, finetune, finetune_keys, ("baseline", "prune"), uses_data=True,
-          gate=_drop_gate("finetune", "baseline"), gate_config=("finetune.gate", "finetune.max_drop")),
+    Stage("finetune", 4, finetune, finetune_keys, ("baseline", "prune"), uses_data=True,
+          gate=finetune_gate, gate_config=("finetune.gate", "finetune.max_drop", "prune.goal")),
     Stage("export_onnx", 2, export_onnx, export_keys, ("baseline", "finetune"), uses_data=True, gate=export_gate,
           gate_config=("export.gate", "export.max_drop", "export.max_abs", "export.min_cosine")),
     Stage("quantize", 2, quantize, quantize_keys, ("baseline", "export_onnx"), uses_data=True, gate=quantize_gate,
           gate_config=("quantize.gate", "quantize.max_drop", "quantize.min_agreement", "quantize.min_cosine")),
     Stage("engine", 2, engine, engine_keys, ("export_onnx", "quantize"), uses_data=True,
-          gate=_drop_gate("engine", "export_onnx"), gate_config=("engine.gate", "engine.max_drop"),
+          gate=drop_gate("engine", "export_onnx"), gate_config=("engine.gate", "engine.max_drop"),
           environment=engine_environment),
     Stage("profile", 3, profile, profile_keys, ("baseline", "finetune", "export_onnx", "quantize", "engine"),
           environment=profile_environment),

@@ -67,7 +67,8 @@ def _other_value(key: str, value, tp):
     if tp is float:
         return value / 2 if value else 0.5
     if tp is str:
-        return (value or "x") + "_other" if key not in ("model.factory", "model.weights", "data.root") else None
+        files = ("model.factory", "model.weights", "data.root", "prune.from_record")   # need a real file
+        return (value or "x") + "_other" if key not in files else None
     if origin is tuple:
         return tuple(value) + tuple(value[-1:]) if value and typing.get_args(tp)[-1] is Ellipsis else None
     return None

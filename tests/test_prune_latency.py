@@ -10,70 +10,72 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import prune_greedy as pg
 from pipeline import prune_latency as pl
+from pipeline import prune_timer as pt
 from pipeline.config import Config, PruneCfg, RunCfg
 from pipeline.config_check import _check_prune
 from pipeline.errors import PipelineError
 from pipeline.models.cnn import SimpleCNN
 from pipeline.prune import GPU_ROUND_TO, prune_model, resolve_round_to
-from pipeline.stages import prune_keys
+from pipeline.prune_stage import prune_keys
 
 
 # ---------------------------------------------------------------- candidates
 def test_candidates_are_block_multiples_probes_and_sub_block_powers():
-    assert pl.candidate_widths(32, 16) == (1, 2, 3, 4, 6, 8, 12, 16, 17)
-    assert pl.candidate_widths(64, 8) == (1, 2, 3, 4, 6, 8, 9, 16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57)
-    assert pl.candidate_widths(32, 16, below=16, min_width=2) == (2, 3, 4, 6, 8, 12)
+    assert pg.candidate_widths(32, 16) == (1, 2, 3, 4, 6, 8, 12, 16, 17)
+    assert pg.candidate_widths(64, 8) == (1, 2, 3, 4, 6, 8, 9, 16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57)
+    assert pg.candidate_widths(32, 16, below=16, min_width=2) == (2, 3, 4, 6, 8, 12)
     # a wide group gets a coarser grid (bounded search), still multiples of the block
-    wide = pl.candidate_widths(1024, 16)
+    wide = pg.candidate_widths(1024, 16)
     multiples = [w for w in wide if w % 16 == 0]
-    assert len(multiples) <= pl.MAX_MULTIPLES and all(w % 16 == 0 for w in multiples)
+    assert len(multiples) <= pg.MAX_MULTIPLES and all(w % 16 == 0 for w in multiples)
 
 
 def test_rebuilt_tables_reach_wider_widths_so_a_pick_can_give_channels_back():
-    assert pl.table_widths(32, 16, 32) == pl.candidate_widths(32, 16)          # around the full width: narrower only
-    assert pl.table_widths(32, 16, 8, min_width=2) == (2, 3, 4, 6, 12, 16, 17, 32)  # 3 nearest wider, 2x, 4x
-    assert pl.table_widths(32, 16, 16)[-2:] == (17, 32)                            # the full width among them
+    assert pg.table_widths(32, 16, 32) == pg.candidate_widths(32, 16)          # around the full width: narrower only
+    assert pg.table_widths(32, 16, 8, min_width=2) == (2, 3, 4, 6, 12, 16, 17, 32)  # 3 nearest wider, 2x, 4x
+    assert pg.table_widths(32, 16, 16)[-2:] == (17, 32)                            # the full width among them
     # a group cut to 1 of 256 channels can climb back in one round: ~2x, 4x, ... up to the full width
-    assert pl.table_widths(256, 16, 1) == (2, 3, 4, 8, 12, 32, 64, 128, 256)
-    assert {97, 144, 145, 192, 384, 512} <= set(pl.table_widths(512, 16, 96))
+    assert pg.table_widths(256, 16, 1) == (2, 3, 4, 8, 12, 32, 64, 128, 256)
+    assert {97, 144, 145, 192, 384, 512} <= set(pg.table_widths(512, 16, 96))
 
 
 # ---------------------------------------------------------------- the greedy on fake tables
 def _group(name, n, scores):
-    return pl.Group(name, n, tuple(sorted(scores)))
+    return pg.Group(name, n, tuple(sorted(scores)))
 
 
 def test_greedy_takes_least_importance_per_time_saved_first():
     a = _group("a", 4, [1.0, 1.0, 1.0, 1.0])      # cheap channels
     b = _group("b", 4, [10.0, 10.0, 10.0, 10.0])  # precious channels
     # both save the same time per width step
-    tables = [pl.Table("a", 4, (2,), (0.8,), 1.0), pl.Table("b", 4, (2,), (0.8,), 1.0)]
-    pick = pl.greedy([a, b], tables, {"a": 4, "b": 4}, goal=0.85)
+    tables = [pg.Table("a", 4, (2,), (0.8,), 1.0), pg.Table("b", 4, (2,), (0.8,), 1.0)]
+    pick = pg.greedy([a, b], tables, {"a": 4, "b": 4}, goal=0.85)
     assert pick.reached and pick.widths == {"a": 2, "b": 4}
     assert pick.moves[0][:3] == ("a", 4, 2)
     # when b saves ten times more per step, its importance per time is the lower one
-    tables = [pl.Table("a", 4, (2,), (0.98,), 1.0), pl.Table("b", 4, (2,), (0.5,), 1.0)]
-    pick = pl.greedy([a, b], tables, {"a": 4, "b": 4}, goal=0.6)
+    tables = [pg.Table("a", 4, (2,), (0.98,), 1.0), pg.Table("b", 4, (2,), (0.5,), 1.0)]
+    pick = pg.greedy([a, b], tables, {"a": 4, "b": 4}, goal=0.6)
     assert pick.widths == {"a": 4, "b": 2}
 
 
 def test_greedy_never_prunes_inside_a_latency_step():
     g = _group("g", 32, range(32))
     # 4..16 kept channels cost the same (one SIMD block); 17 falls off a cliff
-    tables = [pl.Table("g", 32, (1, 2, 4, 8, 16, 17), (0.5, 0.5, 0.6, 0.6, 0.6, 1.3), 1.0)]
-    pick = pl.greedy([g], tables, {"g": 32}, goal=0.7)
+    tables = [pg.Table("g", 32, (1, 2, 4, 8, 16, 17), (0.5, 0.5, 0.6, 0.6, 0.6, 1.3), 1.0)]
+    pick = pg.greedy([g], tables, {"g": 32}, goal=0.7)
     assert pick.reached and pick.widths == {"g": 16}    # the widest width of the step that meets the goal
-    pick = pl.greedy([g], tables, {"g": 32}, goal=0.55)
+    pick = pg.greedy([g], tables, {"g": 32}, goal=0.55)
     assert pick.widths == {"g": 2}                      # 2 and 1 are one step: keep 2
     assert not any(m[2] == 17 for m in pick.moves)      # the cliff is never a move
 
 
 def test_greedy_honours_the_budget_and_gives_back_what_it_allows():
     a, b = _group("a", 16, range(16)), _group("b", 16, range(16))
-    tables = [pl.Table("a", 16, (4, 8), (0.5, 0.7), 1.0), pl.Table("b", 16, (4, 8), (0.5, 0.7), 1.0)]
+    tables = [pg.Table("a", 16, (4, 8), (0.5, 0.7), 1.0), pg.Table("b", 16, (4, 8), (0.5, 0.7), 1.0)]
     for goal in (0.9, 0.7, 0.49, 0.35, 0.25):
-        pick = pl.greedy([a, b], tables, {"a": 16, "b": 16}, goal=goal)
+        pick = pg.greedy([a, b], tables, {"a": 16, "b": 16}, goal=goal)
         assert pick.reached and pick.predicted <= goal + 1e-12
         assert math.isclose(pick.predicted, tables[0].ratio_of()[pick.widths["a"]] *
                             tables[1].ratio_of()[pick.widths["b"]])
@@ -81,7 +83,7 @@ def test_greedy_honours_the_budget_and_gives_back_what_it_allows():
         ra, rb = tables[0].ratio_of(), tables[1].ratio_of()
         assert all(ra[w] * rb[pick.widths["b"]] > goal for w in ra if w > pick.widths["a"])
         assert all(ra[pick.widths["a"]] * rb[w] > goal for w in rb if w > pick.widths["b"])
-    unreachable = pl.greedy([a, b], tables, {"a": 16, "b": 16}, goal=0.2)
+    unreachable = pg.greedy([a, b], tables, {"a": 16, "b": 16}, goal=0.2)
     assert not unreachable.reached and unreachable.widths == {"a": 4, "b": 4}
 
 
@@ -89,27 +91,27 @@ def test_greedy_tolerance_is_relative_to_the_current_time():
     """Many groups each saving 10 %: once the model is several times faster a move saves < 3 % of the
     original time but still 10 % of the current one, and the goal stays reachable (ResNet's case)."""
     groups = [_group(f"g{i}", 16, range(16)) for i in range(30)]
-    tables = [pl.Table(g.name, 16, (8,), (0.9,), 1.0) for g in groups]
-    pick = pl.greedy(groups, tables, {g.name: 16 for g in groups}, goal=0.08)
+    tables = [pg.Table(g.name, 16, (8,), (0.9,), 1.0) for g in groups]
+    pick = pg.greedy(groups, tables, {g.name: 16 for g in groups}, goal=0.08)
     assert pick.reached and pick.predicted <= 0.08
     assert sum(w == 8 for w in pick.widths.values()) == math.ceil(math.log(0.08) / math.log(0.9))
 
 
 def test_give_back_measures_each_widening_and_keeps_only_those_that_meet_the_goal():
     a, b = _group("a", 8, [5.0] * 8), _group("b", 8, [1.0] * 8)     # a's channels matter more
-    tables = [pl.Table("a", 4, (8,), (1.1,), 1.0), pl.Table("b", 4, (8,), (1.1,), 1.0)]
+    tables = [pg.Table("a", 4, (8,), (1.1,), 1.0), pg.Table("b", 4, (8,), (1.1,), 1.0)]
     truth = {(4, 4): 0.5, (8, 4): 0.7, (4, 8): 0.55, (8, 8): 0.8}   # a's widening costs more than predicted
     measured, logs = [], []
 
     def measure(w):
         measured.append(dict(w))
         return truth[(w["a"], w["b"])]
-    steps = pl.give_back([a, b], tables, {"a": 4, "b": 4}, 0.5, 0.6, measure, logs.append)
+    steps = pg.give_back([a, b], tables, {"a": 4, "b": 4}, 0.5, 0.6, measure, logs.append)
     assert measured == [{"a": 8, "b": 4}, {"a": 4, "b": 8}]           # a first (more importance per time)
     assert steps == [({"a": 4, "b": 8}, 0.55)]                        # a's miss not kept, b's kept
     assert "not kept" in logs[0] and "not kept" not in logs[1]
     # a pick already within OVERSHOOT of the goal gives nothing back
-    assert pl.give_back([a, b], tables, {"a": 4, "b": 4}, 0.59, 0.6, measure, None) == []
+    assert pg.give_back([a, b], tables, {"a": 4, "b": 4}, 0.59, 0.6, measure, None) == []
 
 
 # ---------------------------------------------------------------- the whole search on a fake runtime
@@ -196,12 +198,12 @@ def test_tensorrt_branch_plumbing_with_fakes(monkeypatch, tmp_path):
     def fake_fp16(src, dst):
         Path(dst).write_text(Path(src).read_text())
     monkeypatch.setattr(export.fp16, "to_fp16", fake_fp16)
-    monkeypatch.setattr(pl, "build_trt_engine", lambda path, shape: built.append((Path(path).name, shape)) or
+    monkeypatch.setattr(pt, "build_trt_engine", lambda path, shape: built.append((Path(path).name, shape)) or
                         Path(path).read_bytes())
-    monkeypatch.setattr(pl, "_trt_session", lambda engine: rt.opener(_write(tmp_path, engine)))
+    monkeypatch.setattr(pt, "_trt_session", lambda engine: rt.opener(_write(tmp_path, engine)))
     groups = [_group("c1", 16, np.ones(16)), _group("c2", 32, np.ones(32))]
     r = pl.search(groups, build_variant=dict, export=rt.export, x=np.zeros((2, 1, 4, 4), np.float32), block=8,
-                  speedup=2.0, backend="tensorrt", opener=pl.tensorrt_opener(2, (1, 4, 4)), clock=rt.clock)
+                  speedup=2.0, backend="tensorrt", opener=pt.tensorrt_opener(2, (1, 4, 4)), clock=rt.clock)
     assert r.backend == "tensorrt" and r.batch == 2 and r.block == 8
     assert built and all(name.endswith("_fp16.onnx") and shape == (2, 1, 4, 4) for name, shape in built)
     assert len(built) == r.measurements
@@ -228,7 +230,7 @@ def test_a_goal_the_tables_predict_out_of_reach_is_measured_then_given_back():
     # each widening is measured on its own, until the pick is within OVERSHOOT of the goal
     gave = [line.split(": give back ")[-1] for line in logs if "give back" in line]
     assert gave == ["b 1 -> 2: measured 3.23x", "b 2 -> 3: measured 3.00x"]
-    assert 3.0 <= full / additive_cost(r.widths) <= 3.0 / pl.OVERSHOOT   # met, and not by much more
+    assert 3.0 <= full / additive_cost(r.widths) <= 3.0 / pg.OVERSHOOT   # met, and not by much more
     # the goal allows 2 channels back (14/42 = 3.0x), and both go to b, the more important group
     assert r.rounds >= 2 and r.widths == {"a": 1, "b": 3}
     rt = FakeRuntime(additive_cost)
@@ -318,7 +320,10 @@ def test_check_prune_messages():
 def test_real_search_on_a_tiny_cnn_prunes_and_verifies():
     torch.manual_seed(0)
     model, ex = SimpleCNN(channels=(8, 16), image_size=12).eval(), torch.randn(1, 1, 12, 12)
-    model, info = prune_model(model, ex, target="speedup", speedup=1.3, verify_processes=0)
+    # "best": on a loaded machine a 1.3x pick can verify at 1.29x; what this test checks is that the
+    # real runtime's measurements drive the widths, not the machine's load
+    model, info = prune_model(model, ex, target="speedup", speedup=1.3, verify_processes=0,
+                              search=pl.SearchOptions(goal="best"))
     s = info["latency_search"]
     assert s["backend"] == "onnxruntime-cpu" and s["batch"] == 1 and s["threads"] == 1
     assert s["channels"] == {"features.0": 8, "features.2": 16}

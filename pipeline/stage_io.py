@@ -1,0 +1,63 @@
+"""What several stages read and write the same way: the model's keys, the baseline and pruned
+models from earlier stages' folders, the unpruned model's tokens, numpy files through the one
+atomic writer, the pruned model's counts, and the top-1 drop gate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from edgerun.io import atomic_write
+from pipeline import gate as gates
+from pipeline import modelio
+from pipeline.runner import Context
+
+
+def model_keys(cfg) -> list[str]:
+    """What building the model reads: the name only when no factory replaces it."""
+    keys = ["model.factory", "model.kwargs", "model.num_classes"]
+    return keys if cfg.model.factory else [*keys, "model.name"]
+
+
+def load_baseline(ctx: Context):
+    return modelio.load_state_fresh(ctx.cfg, ctx.path("baseline", "model.pt"))
+
+
+def load_pruned_model(ctx: Context, stage: str, sub: str = ""):
+    """The pruned model a stage saved in its folder (or in ``sub`` below it): structure replayed, weights loaded."""
+    from pipeline.prune import load_pruned
+    folder = ctx.path(stage, sub) if sub else ctx.path(stage)
+    return load_pruned(modelio.build(ctx.cfg.model, ctx.cfg.data), modelio.example_input(ctx.cfg.data),
+                       folder).eval()
+
+
+def teacher_tokens(ctx: Context) -> dict | None:
+    """The unpruned model's test outputs, for token fidelity of encoders; None for plain classifiers."""
+    if "tokens" not in json.loads(ctx.path("baseline", "model.json").read_text())["outputs"]:
+        return None
+    return {"tokens": np.load(ctx.path("baseline", "test_tokens.npy"))}
+
+
+def np_write(path, save, *args, **kwargs) -> None:
+    """numpy's savers through the one atomic writer (given a path, they would append .npy/.npz to it)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            save(f, *args, **kwargs)
+    atomic_write(path, write)
+
+
+def pruned_counts(ctx: Context, model) -> dict:
+    """MACs (both conventions), params, weights size and the MAC reductions against the baseline."""
+    base = ctx.record("baseline").metrics
+    counts = modelio.count(model, ctx.cfg.data)
+    size = sum(f.stat().st_size for f in ctx.out.iterdir() if f.suffix in (".pt", ".safetensors"))
+    return {**counts, "size_bytes": size, "macs_reduction": round(base["macs"] / counts["macs"], 3),
+            "ops_tp_reduction": round(base["ops_tp"] / counts["ops_tp"], 3)}
+
+
+def drop_gate(section: str, parent: str):
+    """The gate of ``section``: top-1 drop against the ``parent`` stage's, at most ``section.max_drop``."""
+    def check(m, inputs, cfg):
+        s = getattr(cfg, section)
+        return gates.gate(s.gate, gates.drop_check("top1", m["top1"], inputs[parent].metrics["top1"], s.max_drop))
+    return check

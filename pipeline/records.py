@@ -1,12 +1,16 @@
 """Typed, frozen records that travel between the runner, the stages, profiling and the report.
 
 They are serialised only at the JSON edge (``to_json`` / ``from_json``): stage.json and
-report.json keep the field names they always had.
+report.json keep the field names they always had. A stage record carries a ``seal``: the hash of
+everything it says except what is judged again on reuse (its gate), so a metric edited by hand in
+stage.json is noticed and the stage reruns instead of being reused with the edited number.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from edgerun.io import hash_json
 
 # Roles in the lineage of a run. The realized-speedup table compares each with its parent.
 ROLES = ("baseline-torch", "pruned-torch", "baseline-onnx", "onnx-fp32", "onnx-fp16", "onnx-int8",
@@ -127,6 +131,7 @@ class StageRecord:
     files: dict = field(default_factory=dict)   # relative name -> {"size", "sha256"}
     finished_at: str = ""
     notices: tuple[str, ...] = ()
+    seal: str = ""                       # as read from stage.json; to_json writes the computed one
 
     @property
     def top1(self) -> float | None:
@@ -138,11 +143,28 @@ class StageRecord:
     def with_status(self, status: str, **changes) -> "StageRecord":
         return replace(self, status=status, **changes)
 
+    def computed_seal(self) -> str:
+        """The hash of what the record says. Left out: the gate (judged again on every reuse) and the
+        status beyond 'skipped or not' (ran / cached / failed are the runner's view of the same result).
+        A plain hash: it catches an edit, not a forger who recomputes it (who could rewrite the files too)."""
+        d = asdict(self)
+        for k in ("gate", "status", "seal"):
+            d.pop(k)
+        d["skipped"] = self.status == "skipped"
+        d["artifacts"] = [a.to_json() for a in self.artifacts]
+        return hash_json(d)
+
+    @property
+    def authentic(self) -> bool:
+        """The stored seal matches the content, and the fingerprint matches its hash."""
+        return self.seal == self.computed_seal() and hash_json(self.fingerprint) == self.fingerprint_hash
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["gate"] = None if self.gate is None else self.gate.to_json()   # a failed gate is falsy
         d["artifacts"] = [a.to_json() for a in self.artifacts]
         d["notices"] = list(self.notices)
+        d["seal"] = self.computed_seal()
         return d
 
     @classmethod
@@ -153,9 +175,17 @@ class StageRecord:
         files = d.get("files", {})
         if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
             raise ValueError("stage record: bad file table")
+        if not all(_inside(name) for name in files):   # a name like ../../x would hash a file elsewhere
+            raise ValueError("stage record: a file name that leaves the stage folder")
         return cls(name=d["name"], status=d["status"], seconds=d.get("seconds"), metrics=d.get("metrics") or {},
                    gate=GateResult.from_json(d.get("gate")),
                    artifacts=tuple(Artifact.from_json(a) for a in d.get("artifacts") or ()),
                    reason=d.get("reason", ""), fingerprint=d.get("fingerprint", {}),
                    fingerprint_hash=d.get("fingerprint_hash", ""), files=files,
-                   finished_at=d.get("finished_at", ""), notices=tuple(d.get("notices") or ()))
+                   finished_at=d.get("finished_at", ""), notices=tuple(d.get("notices") or ()),
+                   seal=d.get("seal", ""))
+
+
+def _inside(name) -> bool:
+    p = PurePosixPath(name) if isinstance(name, str) else None
+    return p is not None and bool(p.parts) and not p.is_absolute() and ".." not in p.parts and "\0" not in name

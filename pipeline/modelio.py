@@ -71,6 +71,7 @@ def _check_safetensors(f, head: bytes, size: int, bad) -> None:
     if not 0 < n <= min(MAX_SAFETENSORS_HEADER, size - 8):
         bad(f"safetensors header of {n} bytes in a file of {size} bytes")
     try:
+        f.seek(8)
         header = json.loads(f.read(n))
         spans = [t["data_offsets"] for k, t in header.items() if k != "__metadata__"]
         ok = all(0 <= int(b) <= int(e) <= size - 8 - n for b, e in spans)

@@ -415,8 +415,9 @@ def test_weights_zip_of_zeros_is_refused_before_unpacking(tmp_path, capsys, monk
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load unpacked the bomb"))
     msg = user_error(capsys, *run_args(tmp_path / "runs", f"model.weights={bomb}"))
     assert msg.startswith(f"model.weights: {bomb}: zip member 'archive/data/0' unpacks ")
-    assert msg.endswith(f"to {256 << 20} bytes (1030:1; torch stores tensors uncompressed): refused before unpacking") \
-        or msg.endswith("torch stores tensors uncompressed): refused before unpacking"), msg
+    # zlib's exact output size may differ between builds: the ratio is about 1000:1 either way
+    assert f" bytes to {256 << 20} (10" in msg and msg.endswith(
+        ":1; torch stores tensors uncompressed): refused before unpacking"), msg
 
 
 def test_weights_zip_whose_directory_declares_gigabytes(tmp_path):

@@ -7,10 +7,16 @@ stage.json is noticed and the stage reruns instead of being reused with the edit
 """
 from __future__ import annotations
 
+import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 
-from edgerun.io import hash_json
+from edgerun.io import hash_json, sha256_file
+
+RECORD = "stage.json"          # a finished stage folder's record, beside the files it lists
+MAX_RECORD_BYTES = 16 << 20   # a stage record is a few kB: a larger "record" is not one we wrote
 
 # Roles in the lineage of a run. The realized-speedup table compares each with its parent.
 ROLES = ("baseline-torch", "pruned-torch", "baseline-onnx", "onnx-fp32", "onnx-fp16", "onnx-int8",
@@ -189,3 +195,51 @@ class StageRecord:
 def _inside(name) -> bool:
     p = PurePosixPath(name) if isinstance(name, str) else None
     return p is not None and bool(p.parts) and not p.is_absolute() and ".." not in p.parts and "\0" not in name
+
+
+# ---------------------------------------------------------------- a stage folder against its record
+
+def file_table(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RECORD}
+
+
+def entry_problems(folder: Path, record: StageRecord) -> tuple[list[str], list[str]]:
+    """(changed, unlisted): recorded files that are missing, not regular files or whose bytes differ
+    (sha256); and anything else in the folder that is not a folder (a file, a link, a FIFO)."""
+    changed = []
+    for name, meta in record.files.items():
+        try:
+            st = os.lstat(folder / name)
+        except OSError:
+            changed.append(name)
+            continue
+        # lstat first: a link is not the file that was recorded, and hashing a FIFO never returns.
+        if not stat.S_ISREG(st.st_mode) or st.st_size != meta["size"] or sha256_file(folder / name) != meta["sha256"]:
+            changed.append(name)
+    unlisted = []
+    for dirpath, dirs, files in os.walk(folder):   # links to folders are in dirs, not entered
+        for name in (*files, *(d for d in dirs if os.path.islink(os.path.join(dirpath, d)))):
+            rel = os.path.relpath(os.path.join(dirpath, name), folder)
+            if rel != RECORD and rel not in record.files:
+                unlisted.append(rel)
+    return changed, sorted(unlisted)
+
+
+def changed_files(folder: Path, record: StageRecord) -> list[str]:
+    """Recorded files that are missing or whose bytes differ (sha256), plus files that appeared."""
+    changed, unlisted = entry_problems(folder, record)
+    return changed + unlisted
+
+
+def read_record(folder: Path) -> StageRecord | None:
+    path = folder / RECORD
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
+            return None   # a link, a FIFO or a huge file is not a record this runner wrote
+        return StageRecord.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None   # not the structure we write: treated as not done, the stage reruns

@@ -25,15 +25,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from edgerun.io import hash_json, refuse_link, sha256_file, write_json
+from edgerun.io import hash_json, refuse_link, write_json
 from edgerun.machine import library_versions
 from pipeline.config import Config
 from pipeline.contract import ConfigView, expand, fingerprint_values
 from pipeline.errors import ContractError, GateFailed, PipelineError
-from pipeline.records import Artifact, GateResult, StageRecord
+from pipeline.records import RECORD, Artifact, GateResult, StageRecord, entry_problems, file_table, read_record
+from pipeline.records import changed_files as changed_files  # where tests and tools have imported it from
 
-RECORD = "stage.json"
-MAX_RECORD_BYTES = 16 << 20   # a stage record is a few kB: a larger "record" is not one we wrote
 # What the dataset (pipeline.data.Data) is made from: a stage that reads it depends on all of these.
 DATA_KEYS = ("data.kind", "data.root", "data.size", "data.channels", "data.mean", "data.std", "data.train_subset",
              "data.test_subset", "model.num_classes", "run.seed")
@@ -96,53 +95,6 @@ class Context:
             raise ContractError(f"stage {self.stage.name} read the dataset without declaring uses_data")
         self.cfg.seen.update(DATA_KEYS)
         return self._data
-
-
-def file_table(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RECORD}
-
-
-def entry_problems(folder: Path, record: StageRecord) -> tuple[list[str], list[str]]:
-    """(changed, unlisted): recorded files that are missing, not regular files or whose bytes differ
-    (sha256); and anything else in the folder that is not a folder (a file, a link, a FIFO)."""
-    changed = []
-    for name, meta in record.files.items():
-        try:
-            st = os.lstat(folder / name)
-        except OSError:
-            changed.append(name)
-            continue
-        # lstat first: a link is not the file that was recorded, and hashing a FIFO never returns.
-        if not stat.S_ISREG(st.st_mode) or st.st_size != meta["size"] or sha256_file(folder / name) != meta["sha256"]:
-            changed.append(name)
-    unlisted = []
-    for dirpath, dirs, files in os.walk(folder):   # links to folders are in dirs, not entered
-        for name in (*files, *(d for d in dirs if os.path.islink(os.path.join(dirpath, d)))):
-            rel = os.path.relpath(os.path.join(dirpath, name), folder)
-            if rel != RECORD and rel not in record.files:
-                unlisted.append(rel)
-    return changed, sorted(unlisted)
-
-
-def changed_files(folder: Path, record: StageRecord) -> list[str]:
-    """Recorded files that are missing or whose bytes differ (sha256), plus files that appeared."""
-    changed, unlisted = entry_problems(folder, record)
-    return changed + unlisted
-
-
-def read_record(folder: Path) -> StageRecord | None:
-    import json
-    path = folder / RECORD
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
-            return None   # a link, a FIFO or a huge file is not a record this runner wrote
-        return StageRecord.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None   # not the structure we write: treated as not done, the stage reruns
 
 
 @contextlib.contextmanager

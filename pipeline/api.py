@@ -110,8 +110,10 @@ def _warning(key: str) -> str:
 
 def _load(config, overrides, run_name) -> tuple[Config, list[str]]:
     """The config and the keys it sets that no stage reads (ignored_keys)."""
-    if isinstance(config, Config):
+    if isinstance(config, Config):   # built in code: the same meaning checks as a file gets
+        from pipeline.config_check import check
         cfg, explicit = config, frozenset()
+        check(cfg, Path("Config"))
     else:
         cfg, explicit = read_config(config, list(overrides))
     if run_name is not None:

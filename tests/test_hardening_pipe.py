@@ -398,6 +398,16 @@ def test_python_api_argument_of_the_wrong_type(tmp_path, kwargs, argument):
     assert not (tmp_path / "runs").exists()
 
 
+def test_python_api_config_object_with_values_a_file_could_not_have(tmp_path):
+    import dataclasses
+
+    import pipeline
+    cfg = dataclasses.replace(Config(), baseline=dataclasses.replace(Config().baseline, epochs=10**9))
+    with pytest.raises(PipelineError, match=r"^Config: config: baseline.epochs = 1000000000: more than 1000 epochs"):
+        pipeline.run(cfg, runs=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------- resource bounds
 
 def zip_of_zeros(path: Path, megabytes: int) -> Path:

@@ -3,6 +3,8 @@
 Every file an artifact consists of is written through ``atomic_write``: a temp name beside the
 target, renamed into place, mode 0644, so a reader never sees half a file and a bundle copied to
 another user stays readable. A failed write is one line naming the file that could not be written.
+Writes never follow a link: the temp file is created new (O_EXCL | O_NOFOLLOW), and a target that
+is a symbolic link is refused, so a link planted in an output folder cannot send bytes outside it.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -46,12 +49,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object] | bytes
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_link(path, "write through it")
+        # Created here, new and not through a link; a library that writes to a path opens this file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            if not callable(write):
+                f.write(write if isinstance(write, bytes) else write.encode())
         if callable(write):
             write(str(tmp))
-        elif isinstance(write, bytes):
-            tmp.write_bytes(write)
-        else:
-            tmp.write_text(write)
+        if not stat.S_ISREG(os.lstat(tmp).st_mode):
+            raise EdgeError(f"{path}: the temporary file {tmp.name} was replaced by a link or a special file")
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except OSError as e:
@@ -61,6 +68,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object] | bytes
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def refuse_link(path: str | os.PathLike, what: str) -> None:
+    """One line instead of following a symbolic link out of the folder a file belongs in."""
+    if os.path.islink(path):
+        raise EdgeError(f"{path}: is a symbolic link (to {os.readlink(path)}); refusing to {what}: "
+                        f"outputs never follow a link out of their folder (remove the link)")
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

@@ -5,7 +5,9 @@
     result.passed, result.record("finetune").top1, result.bundle
 
 User errors raise EdgeError subclasses (one line each); a failed gate returns a RunResult with
-``passed = False`` and the failed stage's record.
+``passed = False`` and the failed stage's record. An argument of the wrong type (a dict where a
+path goes, a string where the list of overrides goes) raises ``ArgumentTypeError``, a
+PipelineError and a TypeError, naming the argument and the type expected.
 """
 from __future__ import annotations
 
@@ -22,6 +24,39 @@ from pipeline.errors import GateFailed, PipelineError
 from pipeline.records import StageRecord
 
 ALWAYS_READ = ("run.name", "run.threads", "run.seed")   # read by the runner itself, not by one stage
+
+
+class ArgumentTypeError(PipelineError, TypeError):
+    """pipeline.run() or load() was given an argument of the wrong type; the message names it."""
+
+
+def _is_path(v) -> bool:
+    return isinstance(v, (str, os.PathLike)) and not isinstance(v, bytes) and str(v) != ""
+
+
+def _strings(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+# argument -> (test, what is expected); None is allowed where the default is None.
+_ARGUMENTS = {
+    "config": (lambda v: _is_path(v) or isinstance(v, Config), "a path to a TOML file (str or Path) or a Config"),
+    "overrides": (_strings, "a list of 'section.key=value' strings"),
+    "run_name": (lambda v: v is None or isinstance(v, str), "a run folder name (str) or None"),
+    "runs": (_is_path, "a folder path (str or Path)"),
+    "start": (lambda v: v is None or isinstance(v, str), "a stage name (str) or None"),
+    "until": (lambda v: v is None or isinstance(v, str), "a stage name (str) or None"),
+    "force": (lambda v: v is None or _strings(v), "a list of stage names or None"),
+    "log": (callable, "a function taking one str"),
+}
+
+
+def _check_arguments(function: str, **given) -> None:
+    for name, value in given.items():
+        test, expected = _ARGUMENTS[name]
+        if not test(value):
+            raise ArgumentTypeError(f"{function}(): {name} must be {expected}, got {type(value).__name__} "
+                                    f"{value!r:.60}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +99,7 @@ def ignored_keys(cfg: Config, explicit: frozenset[str]) -> list[str]:
 
 def load(config: str | Path | Config, overrides=(), run_name: str | None = None) -> tuple[Config, list[str]]:
     """The config (from a TOML path or given as is) and a warning per ignored key."""
+    _check_arguments("load", config=config, overrides=overrides, run_name=run_name)
     cfg, ignored = _load(config, overrides, run_name)
     return cfg, [_warning(k) for k in ignored]
 
@@ -74,8 +110,10 @@ def _warning(key: str) -> str:
 
 def _load(config, overrides, run_name) -> tuple[Config, list[str]]:
     """The config and the keys it sets that no stage reads (ignored_keys)."""
-    if isinstance(config, Config):
+    if isinstance(config, Config):   # built in code: the same meaning checks as a file gets
+        from pipeline.config_check import check
         cfg, explicit = config, frozenset()
+        check(cfg, Path("Config"))
     else:
         cfg, explicit = read_config(config, list(overrides))
     if run_name is not None:
@@ -89,9 +127,11 @@ def _load(config, overrides, run_name) -> tuple[Config, list[str]]:
 def run(config: str | Path | Config, overrides=(), *, run_name: str | None = None, runs: str | Path = "runs",
         start: str | None = None, until: str | None = None, force: list[str] | None = None,
         log: Callable[[str], None] = _stderr) -> RunResult:
+    _check_arguments("run", config=config, overrides=overrides, run_name=run_name, runs=runs, start=start,
+                     until=until, force=force, log=log)
     from pipeline.data import Data
     from pipeline.report import write_report
-    from pipeline.runner import Runner
+    from pipeline.runner import Runner, run_lock
     from pipeline.stages import STAGES
     cfg, ignored = _load(config, overrides, run_name)
     warnings = [_warning(k) for k in ignored]
@@ -108,22 +148,24 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     def report(outcome: dict) -> None:
         write_json(run_dir / "config.json", {**cfg.to_dict(), "ignored_keys": ignored})
         write_report(run_dir, list(runner.records.values()), cfg, stage_order=order, outcome=outcome)
-    try:
-        records = runner.run(start, until, force)
-    except GateFailed as e:
-        report({"passed": False, "message": str(e), "stage": e.record.name})
-        return RunResult(run_dir, cfg, tuple(runner.records.values()), False, str(e), e.record.name, tuple(warnings),
-                         _reads(runner))
-    except BaseException as e:
-        # A user error or an interrupt must not leave the previous run's report claiming success.
-        if run_dir.is_dir():
+    # Everything below writes into the run folder: only under its lock. A run refused by the lock
+    # writes nothing, not even a report (that would overwrite the report of the run holding it).
+    with run_lock(run_dir):
+        try:
+            records = runner.run(start, until, force, locked=True)
+        except GateFailed as e:
+            report({"passed": False, "message": str(e), "stage": e.record.name})
+            return RunResult(run_dir, cfg, tuple(runner.records.values()), False, str(e), e.record.name,
+                             tuple(warnings), _reads(runner))
+        except BaseException as e:
+            # A user error or an interrupt must not leave the previous run's report claiming success.
             message = str(e) if not isinstance(e, KeyboardInterrupt) else "interrupted"
             try:
                 report({"passed": False, "message": message})
             except Exception:  # noqa: BLE001 - the original error is the one to show
                 pass
-        raise
-    report({"passed": True})
+            raise
+        report({"passed": True})
     return RunResult(run_dir, cfg, tuple(records), True, warnings=tuple(warnings), reads=_reads(runner))
 
 

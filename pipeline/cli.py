@@ -6,6 +6,7 @@ Exit codes: 0 passed, 1 user error (one line, no traceback unless --debug; usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -58,6 +59,11 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal that cannot print UTF-8 (LANG=C, a pipe with PYTHONIOENCODING=ascii) gets
+        # escapes for a path's accents, never a UnicodeEncodeError instead of the one-line result.
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     debug = "--debug" in argv
     signal.signal(signal.SIGTERM, _terminate)
     try:

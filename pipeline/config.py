@@ -307,15 +307,25 @@ def _flat_keys(raw: dict, prefix: str = "") -> set[str]:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_config(path: str | Path, overrides: list[str] = ()) -> tuple[Config, frozenset[str]]:
     """The config and the keys the file and the overrides set explicitly (for ignored-key warnings)."""
     path = Path(path)
     if path.is_dir():
         raise PipelineError(f"{path}: is a folder, not a config file")
-    if not path.is_file():
-        raise PipelineError(f"{path}: config file not found")
     try:
-        raw = tomllib.loads(path.read_text())
+        if not path.exists():
+            raise PipelineError(f"{path}: config file not found")
+        if not path.is_file():   # a FIFO or a device would block the read or never end
+            raise PipelineError(f"{path}: not a regular file, not a config file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise PipelineError(f"{path}: {path.stat().st_size} bytes, more than a config file has "
+                                f"({MAX_CONFIG_BYTES >> 20} MiB at most)")
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path}: not valid TOML ({e})") from None
     except RecursionError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data import check_root
 from pipeline.errors import PipelineError
 
 
@@ -33,6 +34,8 @@ MIN_OPSET = 18   # torch.onnx's dynamo exporter cannot write older opsets
 MAX_INPUT_BYTES = 2 << 30   # one float32 input batch; more is a typo, not a workload for this pipeline
 MAX_THREADS = 1024          # more intra-op threads than any CPU this runs on has cores
 NAME_MAX = 255              # bytes in one folder name (Linux, macOS)
+MAX_EPOCHS = 1000           # training length: more is a typo (an hour of MNIST is ~20 epochs on 2 cores)
+MAX_PRUNE_STEPS = 1000
 
 
 def newest_loadable_opset(limit: int) -> int | None:
@@ -62,6 +65,10 @@ def check(cfg, path: Path) -> None:
     def bad(msg):
         raise PipelineError(f"{path}: config: {msg}")
     d = cfg.data
+    try:
+        check_root(d.root)
+    except PipelineError as e:
+        bad(str(e))
     if d.channels not in (1, 3):
         bad(f"data.channels must be 1 or 3, got {d.channels}")
     if len(d.size) != 2 or any(v <= 0 for v in d.size):
@@ -93,6 +100,7 @@ def check(cfg, path: Path) -> None:
         bad("prune.target = 'latency_ms' needs prune.latency_ms > 0")
     if cfg.prune.iterative_steps < 1 or cfg.prune.latency_batch < 1:
         bad("prune.iterative_steps and prune.latency_batch must be >= 1")
+    _check_length(cfg, bad)
     _check_prune(cfg, bad)
     b = cfg.baseline
     # A floor above 100 % fails every run at the gate (exit 2) although nothing was measured wrong.
@@ -164,6 +172,16 @@ def check(cfg, path: Path) -> None:
         if getattr(getattr(cfg, sec), k) <= 0:
             bad(f"{key} must be > 0")
     _check_batches(cfg, bad)
+
+
+def _check_length(cfg, bad) -> None:
+    """Training and pruning that would not end in a working day are typos, refused before they start."""
+    for key, value in (("baseline.epochs", cfg.baseline.epochs), ("finetune.epochs", cfg.finetune.epochs),
+                       ("finetune.between_steps_epochs", cfg.finetune.between_steps_epochs)):
+        if value > MAX_EPOCHS:
+            bad(f"{key} = {value}: more than {MAX_EPOCHS} epochs (a typo? the training would not end)")
+    if cfg.prune.iterative_steps > MAX_PRUNE_STEPS:
+        bad(f"prune.iterative_steps = {cfg.prune.iterative_steps}: more than {MAX_PRUNE_STEPS} pruning steps")
 
 
 def _check_run_name(name: str, bad) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,54 @@ def resolve_root(root: str) -> Path:
     if p.is_absolute() or p.exists():
         return p.resolve() if not p.is_absolute() else p
     return PROJECT_ROOT / p
+
+
+# Folders that hold the system, not a dataset: hashing one for the data's identity reads the whole
+# machine (or never ends: /proc, /dev), and no reader finds images there. Refused before any work.
+SYSTEM_FOLDERS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin",
+                  "/sys", "/usr", "/var")
+PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def check_root(root: str) -> Path:
+    """data.root resolved, refused when it is a system folder or lies in /proc, /sys or /dev."""
+    path = resolve_root(root)
+    real = os.path.realpath(path)
+    if real in SYSTEM_FOLDERS or any(real.startswith(p + "/") for p in PSEUDO_FILESYSTEMS):
+        raise PipelineError(f"data.root: {path} is a system folder{f' ({real})' if real != str(path) else ''}, "
+                            f"not a dataset; give the folder that holds the images")
+    return path
+
+
+def data_files(root: Path):
+    """(name, path) of every file under ``root`` that a reader may read, in a fixed order.
+
+    Followed as the readers follow them: links to files and folders are followed (the reader opens
+    the target), each folder once (a link back up would loop); names starting with '.' are left
+    out, as the readers skip them. A superset of what one reader reads, so no reader's choice can
+    leave a file it reads out of the data's identity."""
+    seen = set()
+
+    def walk(folder: Path, rel: str):
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(e.name for e in os.scandir(folder) if not e.name.startswith("."))
+        except OSError as e:
+            raise PipelineError(f"data.root: {folder}: cannot list the folder ({e.strerror or e})") from None
+        for name in entries:
+            path = folder / name
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                continue   # a dangling link: no reader can read it either
+            if stat.S_ISDIR(mode):
+                yield from walk(path, f"{rel}{name}/")
+            elif stat.S_ISREG(mode):
+                yield f"{rel}{name}", path
+    yield from walk(root, "")
 
 
 def memory_bytes() -> int | None:
@@ -86,7 +135,7 @@ def _subset(images: np.ndarray, labels: np.ndarray, subset: int, seed: int, key:
 def load_split(kind: str, root: str, split: str, *, size=(28, 28), channels=1, subset=0, seed=0,
                classes: list[str] | None = None, num_classes: int | None = None) -> Split:
     """``split`` is 'train' or 'test'. ``subset`` > 0 keeps a seeded random subset (at most the split)."""
-    path = resolve_root(root)
+    path = check_root(root)
     where = f"data ({kind} {split} split at {path})"
     key = f"data.{split}_subset"
     if kind == "mnist":
@@ -182,14 +231,17 @@ class Data:
 
     def identity(self) -> str:
         """The content of data.root: every file's name and sha256 (a replaced image is noticed,
-        whatever its size and mtime)."""
+        whatever its size and mtime), links followed to what they point at (data_files)."""
         if self._identity is None:
-            root = resolve_root(self.cfg.data.root)
+            root = check_root(self.cfg.data.root)
             if not root.is_dir():
                 raise PipelineError(f"data.root: {root} is not a folder")
             h = hashlib.sha256()
-            for p in sorted(root.rglob("*")):
-                if p.is_file():
-                    h.update(f"{p.relative_to(root)}\0{sha256_file(p)}\n".encode())
+            for name, path in data_files(root):
+                try:
+                    digest = sha256_file(path)
+                except OSError as e:
+                    raise PipelineError(f"data.root: {path}: cannot read ({e.strerror or e})") from None
+                h.update(f"{name}\0{digest}\n".encode())
             self._identity = h.hexdigest()
         return self._identity

@@ -4,13 +4,81 @@ Plain functions over torch models and config sections; no stage, runner or conte
 """
 from __future__ import annotations
 
+import json
 import re
+import stat
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from edgerun.io import atomic_write
 from pipeline.errors import PipelineError
+
+# A checkpoint's bytes, on disk and unpacked: an edge model is far smaller; more is a mistake or a bomb.
+MAX_WEIGHTS_BYTES = 4 << 30
+# torch stores tensors uncompressed (ratio 1); a member that inflates 100-fold is a zip bomb, not weights.
+MAX_ZIP_RATIO = 100
+MAX_ZIP_ENTRIES = 100_000
+MAX_SAFETENSORS_HEADER = 100 << 20   # the safetensors library's own limit
+
+
+def check_weights_file(path: Path, what: str = "model.weights") -> None:
+    """Refuse a weights file that is not a readable regular file, or that would unpack to more than
+    MAX_WEIGHTS_BYTES, from its size and its zip directory (torch) or safetensors header alone:
+    before anything is decompressed or allocated (a 1 MiB zip of zeros declares 1 GiB)."""
+    def bad(msg):
+        raise PipelineError(f"{what}: {path}: {msg}")
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            bad("not a regular file")
+        if st.st_size > MAX_WEIGHTS_BYTES:
+            bad(f"{st.st_size / 2**30:.1f} GiB, more than the {MAX_WEIGHTS_BYTES >> 30} GiB a checkpoint may have here")
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if zipfile.is_zipfile(f):
+                _check_zip(f, bad)
+            elif path.suffix == ".safetensors":
+                _check_safetensors(f, head, st.st_size, bad)
+    except OSError as e:
+        bad(f"cannot read ({e.strerror or e})")
+
+
+def _check_zip(f, bad) -> None:
+    try:
+        end = zipfile._EndRecData(f)   # the end record alone: how many entries before reading them all
+        if end is not None and end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ZIP_ENTRIES:
+            bad(f"a zip of {end[zipfile._ECD_ENTRIES_TOTAL]} entries; a checkpoint has far fewer")
+        members = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, ValueError, struct.error):
+        return   # torch.load reports a damaged zip in its own words
+    total = sum(m.file_size for m in members)
+    if total > MAX_WEIGHTS_BYTES:
+        bad(f"its zip directory declares {total / 2**30:.1f} GiB unpacked, more than the "
+            f"{MAX_WEIGHTS_BYTES >> 30} GiB a checkpoint may have here (refused before unpacking)")
+    bomb = next((m for m in members if m.file_size > 1 << 20 and m.file_size > MAX_ZIP_RATIO * m.compress_size), None)
+    if bomb is not None:
+        bad(f"zip member {bomb.filename[:80]!r} unpacks {bomb.compress_size} bytes to {bomb.file_size} "
+            f"({bomb.file_size // max(bomb.compress_size, 1)}:1; torch stores tensors uncompressed): "
+            f"refused before unpacking")
+
+
+def _check_safetensors(f, head: bytes, size: int, bad) -> None:
+    """The header is 8 bytes of length, then JSON: each tensor's data_offsets must lie in the file."""
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if not 0 < n <= min(MAX_SAFETENSORS_HEADER, size - 8):
+        bad(f"safetensors header of {n} bytes in a file of {size} bytes")
+    try:
+        f.seek(8)
+        header = json.loads(f.read(n))
+        spans = [t["data_offsets"] for k, t in header.items() if k != "__metadata__"]
+        ok = all(0 <= int(b) <= int(e) <= size - 8 - n for b, e in spans)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        bad("not a safetensors header (JSON with data_offsets per tensor)")
+    if not ok:
+        bad("a safetensors header whose tensors lie beyond the end of the file")
 
 
 def build(model_cfg, data_cfg):
@@ -40,6 +108,7 @@ def load_state(model, path: Path, *, unsafe_pickle: bool = False, strict: bool =
     import torch
     if not path.is_file():
         raise PipelineError(f"model.weights: {path}: checkpoint not found")
+    check_weights_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as e:  # torch raises many types for a corrupt or pickled file

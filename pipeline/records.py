@@ -1,12 +1,22 @@
 """Typed, frozen records that travel between the runner, the stages, profiling and the report.
 
 They are serialised only at the JSON edge (``to_json`` / ``from_json``): stage.json and
-report.json keep the field names they always had.
+report.json keep the field names they always had. A stage record carries a ``seal``: the hash of
+everything it says except what is judged again on reuse (its gate), so a metric edited by hand in
+stage.json is noticed and the stage reruns instead of being reused with the edited number.
 """
 from __future__ import annotations
 
+import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from edgerun.io import hash_json, sha256_file
+
+RECORD = "stage.json"          # a finished stage folder's record, beside the files it lists
+MAX_RECORD_BYTES = 16 << 20   # a stage record is a few kB: a larger "record" is not one we wrote
 
 # Roles in the lineage of a run. The realized-speedup table compares each with its parent.
 ROLES = ("baseline-torch", "pruned-torch", "baseline-onnx", "onnx-fp32", "onnx-fp16", "onnx-int8",
@@ -127,6 +137,7 @@ class StageRecord:
     files: dict = field(default_factory=dict)   # relative name -> {"size", "sha256"}
     finished_at: str = ""
     notices: tuple[str, ...] = ()
+    seal: str = ""                       # as read from stage.json; to_json writes the computed one
 
     @property
     def top1(self) -> float | None:
@@ -138,11 +149,28 @@ class StageRecord:
     def with_status(self, status: str, **changes) -> "StageRecord":
         return replace(self, status=status, **changes)
 
+    def computed_seal(self) -> str:
+        """The hash of what the record says. Left out: the gate (judged again on every reuse) and the
+        status beyond 'skipped or not' (ran / cached / failed are the runner's view of the same result).
+        A plain hash: it catches an edit, not a forger who recomputes it (who could rewrite the files too)."""
+        d = asdict(self)
+        for k in ("gate", "status", "seal"):
+            d.pop(k)
+        d["skipped"] = self.status == "skipped"
+        d["artifacts"] = [a.to_json() for a in self.artifacts]
+        return hash_json(d)
+
+    @property
+    def authentic(self) -> bool:
+        """The stored seal matches the content, and the fingerprint matches its hash."""
+        return self.seal == self.computed_seal() and hash_json(self.fingerprint) == self.fingerprint_hash
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["gate"] = None if self.gate is None else self.gate.to_json()   # a failed gate is falsy
         d["artifacts"] = [a.to_json() for a in self.artifacts]
         d["notices"] = list(self.notices)
+        d["seal"] = self.computed_seal()
         return d
 
     @classmethod
@@ -153,9 +181,65 @@ class StageRecord:
         files = d.get("files", {})
         if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
             raise ValueError("stage record: bad file table")
+        if not all(_inside(name) for name in files):   # a name like ../../x would hash a file elsewhere
+            raise ValueError("stage record: a file name that leaves the stage folder")
         return cls(name=d["name"], status=d["status"], seconds=d.get("seconds"), metrics=d.get("metrics") or {},
                    gate=GateResult.from_json(d.get("gate")),
                    artifacts=tuple(Artifact.from_json(a) for a in d.get("artifacts") or ()),
                    reason=d.get("reason", ""), fingerprint=d.get("fingerprint", {}),
                    fingerprint_hash=d.get("fingerprint_hash", ""), files=files,
-                   finished_at=d.get("finished_at", ""), notices=tuple(d.get("notices") or ()))
+                   finished_at=d.get("finished_at", ""), notices=tuple(d.get("notices") or ()),
+                   seal=d.get("seal", ""))
+
+
+def _inside(name) -> bool:
+    p = PurePosixPath(name) if isinstance(name, str) else None
+    return p is not None and bool(p.parts) and not p.is_absolute() and ".." not in p.parts and "\0" not in name
+
+
+# ---------------------------------------------------------------- a stage folder against its record
+
+def file_table(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RECORD}
+
+
+def entry_problems(folder: Path, record: StageRecord) -> tuple[list[str], list[str]]:
+    """(changed, unlisted): recorded files that are missing, not regular files or whose bytes differ
+    (sha256); and anything else in the folder that is not a folder (a file, a link, a FIFO)."""
+    changed = []
+    for name, meta in record.files.items():
+        try:
+            st = os.lstat(folder / name)
+        except OSError:
+            changed.append(name)
+            continue
+        # lstat first: a link is not the file that was recorded, and hashing a FIFO never returns.
+        if not stat.S_ISREG(st.st_mode) or st.st_size != meta["size"] or sha256_file(folder / name) != meta["sha256"]:
+            changed.append(name)
+    unlisted = []
+    for dirpath, dirs, files in os.walk(folder):   # links to folders are in dirs, not entered
+        for name in (*files, *(d for d in dirs if os.path.islink(os.path.join(dirpath, d)))):
+            rel = os.path.relpath(os.path.join(dirpath, name), folder)
+            if rel != RECORD and rel not in record.files:
+                unlisted.append(rel)
+    return changed, sorted(unlisted)
+
+
+def changed_files(folder: Path, record: StageRecord) -> list[str]:
+    """Recorded files that are missing or whose bytes differ (sha256), plus files that appeared."""
+    changed, unlisted = entry_problems(folder, record)
+    return changed + unlisted
+
+
+def read_record(folder: Path) -> StageRecord | None:
+    path = folder / RECORD
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
+            return None   # a link, a FIFO or a huge file is not a record this runner wrote
+        return StageRecord.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None   # not the structure we write: treated as not done, the stage reruns

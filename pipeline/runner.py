@@ -6,6 +6,11 @@ recorded and verified before reuse. A finished result is also kept in a content-
 shared by every run folder (`<runs>/.store/<stage>-<fingerprint>`), so a new run folder or an
 override toggled back reuses it. Gates are evaluated after every stage, on fresh and on cached
 results alike: a gate's settings are not part of the fingerprint, so relaxing one never reruns.
+
+What is reused is verified whole: the record's seal (a metric edited by hand), its fingerprint
+against the one recomputed now, and the folder holding exactly the files the record lists, as
+regular files (an added file, such as a planted ``onnxruntime.py`` that a bundle would import, a
+link or a special file refuses the entry). The lock and the runner's writes never follow a link.
 """
 from __future__ import annotations
 
@@ -14,19 +19,20 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from edgerun.io import hash_json, sha256_file, write_json
+from edgerun.io import hash_json, refuse_link, write_json
 from edgerun.machine import library_versions
 from pipeline.config import Config
 from pipeline.contract import ConfigView, expand, fingerprint_values
 from pipeline.errors import ContractError, GateFailed, PipelineError
-from pipeline.records import Artifact, GateResult, StageRecord
+from pipeline.records import RECORD, Artifact, GateResult, StageRecord, entry_problems, file_table, read_record
+from pipeline.records import changed_files as changed_files  # where tests and tools have imported it from
 
-RECORD = "stage.json"
 # What the dataset (pipeline.data.Data) is made from: a stage that reads it depends on all of these.
 DATA_KEYS = ("data.kind", "data.root", "data.size", "data.channels", "data.mean", "data.std", "data.train_subset",
              "data.test_subset", "model.num_classes", "run.seed")
@@ -91,31 +97,6 @@ class Context:
         return self._data
 
 
-def file_table(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RECORD}
-
-
-def changed_files(folder: Path, record: StageRecord) -> list[str]:
-    """Recorded files that are missing or whose bytes differ (sha256), plus files that appeared."""
-    bad = []
-    for name, meta in record.files.items():
-        p = folder / name
-        if not p.is_file() or p.stat().st_size != meta["size"] or sha256_file(p) != meta["sha256"]:
-            bad.append(name)
-    return bad
-
-
-def read_record(folder: Path) -> StageRecord | None:
-    import json
-    try:
-        return StageRecord.from_json(json.loads((folder / RECORD).read_text()))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None   # not the structure we write: treated as not done, the stage reruns
-
-
 @contextlib.contextmanager
 def io_edge(path: Path, what: str):
     """The runner's own file operations are an I/O edge: an OSError there is the user's folder, one line."""
@@ -136,11 +117,20 @@ def remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
+    """The run folder's lock: held for the whole run, before anything is written into the folder."""
     with io_edge(run_dir, "create the run folder"):
+        refuse_link(run_dir, "use it as the run folder")
         run_dir.mkdir(parents=True, exist_ok=True)
-    with io_edge(run_dir / ".lock", "open the run folder's lock file"):
-        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = run_dir / ".lock"
+    with io_edge(lock, "open the run folder's lock file"):
+        refuse_link(lock, "open it as the lock file")
+        # O_NOFOLLOW: a link planted as .lock must never get another file truncated and a pid written in.
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:   # a hard link writes into the other name's file
+            what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise PipelineError(f"{lock}: not a plain lock file ({what}); remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -199,12 +189,13 @@ class Runner:
         forced = selected if force == [] else set(force or ())
         return selected, forced
 
-    def run(self, start=None, until=None, force=None) -> list[StageRecord]:
-        """Returns the stage records in order; raises GateFailed / PipelineError."""
+    def run(self, start=None, until=None, force=None, *, locked: bool = False) -> list[StageRecord]:
+        """Returns the stage records in order; raises GateFailed / PipelineError. ``locked``: the
+        caller holds run_lock(run_dir) already (the API, which writes the report under it too)."""
         selected, forced = self.select(start, until, force)
         last = max(i for i, s in enumerate(self.stages) if s.name in selected)
         self.records = {}
-        with run_lock(self.run_dir):
+        with contextlib.nullcontext() if locked else run_lock(self.run_dir):
             for i, stage in enumerate(self.stages[:last + 1]):
                 self.records[stage.name] = self._one(i, stage, stage.name in selected, stage.name in forced)
         return list(self.records.values())
@@ -258,20 +249,8 @@ class Runner:
         """(folder, record) of a verified earlier result with this fingerprint: this run's, a failed
         gate's (the result is sound; only its gate is judged again), or the shared store's."""
         for folder in (final, failed):
-            rec = read_record(folder)
+            rec = self._verified(stage, folder, fp_hash, label)
             if rec is None:
-                if (folder / RECORD).exists():
-                    self.log(f"{label}: {folder / RECORD} is not a stage record; rerunning")
-                continue
-            if rec.fingerprint_hash != fp_hash:
-                continue
-            if not self._gate_readable(stage, rec):
-                self.log(f"{label}: {folder / RECORD} lacks what its gate reads; rerunning")
-                continue
-            bad = changed_files(folder, rec)
-            if bad:
-                self.log(f"{label}: {folder.name}/{bad[0]} changed on disk since it was written "
-                         f"(sha256 mismatch{f', {len(bad)} files' if len(bad) > 1 else ''}); rerunning")
                 continue
             if folder == failed:   # the gate may pass now: the result itself is sound
                 remove(final)
@@ -279,20 +258,52 @@ class Runner:
                     os.replace(failed, final)
             return final, rec
         entry = self._store_entry(stage, fp_hash)
-        if entry is not None and entry.is_dir():
-            rec = read_record(entry)
-            if (rec is not None and rec.fingerprint_hash == fp_hash and self._gate_readable(stage, rec)
-                    and not changed_files(entry, rec)):
-                remove(final)
-                tmp = final.with_name(final.name + ".tmp")
-                remove(tmp)
-                with io_edge(final, "copy the stored result into the run folder"):
-                    _copy_tree(entry, tmp)
-                    os.replace(tmp, final)
-                self.log(f"{label}: reusing the result in {entry}")
-                return final, rec
-            shutil.rmtree(entry, ignore_errors=True)   # damaged: never serve it again
-        return None
+        if entry is None or not (entry.is_dir() or entry.is_symlink()):
+            return None
+        rec = self._verified(stage, entry, fp_hash, label)
+        if rec is None:
+            remove(entry)   # damaged: never serve it again
+            return None
+        remove(final)
+        tmp = final.with_name(final.name + ".tmp")
+        remove(tmp)
+        with io_edge(final, "copy the stored result into the run folder"):
+            _copy_tree(entry, tmp)
+            os.replace(tmp, final)
+        self.log(f"{label}: reusing the result in {entry}")
+        return final, rec
+
+    def _verified(self, stage: Stage, folder: Path, fp_hash: str, label: str) -> StageRecord | None:
+        """The record of ``folder`` if the result there is this fingerprint's and intact; else None,
+        with a one-line notice when something was there but is refused."""
+        where = folder if folder.parent == self.store else folder.name
+        if folder.is_symlink():
+            self.log(f"{label}: {folder} is a symbolic link, not a stage folder; not reused")
+            return None
+        rec = read_record(folder)
+        if rec is None:
+            if (folder / RECORD).exists() or (folder / RECORD).is_symlink():
+                self.log(f"{label}: {folder / RECORD} is not a stage record; rerunning")
+            return None
+        if rec.fingerprint_hash != fp_hash:
+            return None
+        if not rec.authentic:
+            self.log(f"{label}: {folder / RECORD} does not match its seal (edited after it was written?); "
+                     f"rerunning")
+            return None
+        if not self._gate_readable(stage, rec):
+            self.log(f"{label}: {folder / RECORD} lacks what its gate reads; rerunning")
+            return None
+        changed, unlisted = entry_problems(folder, rec)
+        if changed:
+            self.log(f"{label}: {where}/{changed[0]} changed on disk since it was written "
+                     f"(sha256 mismatch{f', {len(changed)} files' if len(changed) > 1 else ''}); rerunning")
+            return None
+        if unlisted:
+            self.log(f"{label}: {where}/{unlisted[0]} is not listed in its stage record (added after the stage "
+                     f"ran{f'; {len(unlisted)} such entries' if len(unlisted) > 1 else ''}); not reused")
+            return None
+        return rec
 
     def _store_entry(self, stage: Stage, fp_hash: str) -> Path | None:
         return self.store / f"{stage.name}-{fp_hash[:24]}" if self.store else None

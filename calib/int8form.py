@@ -60,6 +60,50 @@ def int8_weight_max(model) -> int:
                 for t in weights if t.data_type == TensorProto.INT8 and np.prod(t.dims) > 0), default=0)
 
 
+def reduce_weight_range(model) -> list[str]:
+    """Bring every constant int8 weight a DequantizeLinear reads within |q| <= 64, in place; returns their names.
+
+    For the weights NNCF's overflow fix leaves at full range (depthwise convs are not among its op
+    types). Per scale: q' = round(q * 64 / max|q|), s' = s * max|q| / 64: two roundings, so a weight
+    may land 0.75 of the new step from its float value instead of 0.5. A weight whose tensor or scale
+    something else reads, or whose zero point is not 0, is left for the caller's bound check to refuse.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    users: dict[str, int] = {}
+    for n in g.node:
+        for name in n.input:
+            users[name] = users.get(name, 0) + 1
+    done = []
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or n.input[1] not in inits:
+            continue
+        weight, scale = inits[n.input[0]], inits[n.input[1]]
+        if weight.data_type != TensorProto.INT8 or users[weight.name] > 1 or users[scale.name] > 1:
+            continue
+        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] in inits else np.zeros(1)
+        q = numpy_helper.to_array(weight).astype(np.float64)
+        s = numpy_helper.to_array(scale)
+        if zp.any() or q.size == 0 or np.abs(q).max() <= WEIGHT_BOUND:
+            continue
+        if s.size == 1:
+            peak = np.abs(q).max().reshape(s.shape)
+        else:   # per channel along the DequantizeLinear's axis
+            axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 1) % q.ndim
+            peak = np.abs(q).max(axis=tuple(i for i in range(q.ndim) if i != axis)).reshape(s.shape)
+        ratio = np.maximum(peak, WEIGHT_BOUND) / WEIGHT_BOUND     # channels already within the bound keep theirs
+        shape = [1] * q.ndim
+        if s.size > 1:
+            shape[axis] = s.size
+        q_new = np.clip(np.round(q / ratio.reshape(shape)), -WEIGHT_BOUND, WEIGHT_BOUND).astype(np.int8)
+        weight.CopyFrom(numpy_helper.from_array(q_new, weight.name))
+        scale.CopyFrom(numpy_helper.from_array((s * ratio).astype(s.dtype), scale.name))
+        done.append(n.name)
+    return done
+
+
 def outputs(path_or_bytes, x: np.ndarray, *, fused: bool, batch: int = 256) -> dict[str, np.ndarray]:
     """The model's outputs over ``x`` in batches: ``fused`` = as deployed (all graph optimizations),
     else the unfused Q/DQ arithmetic ONNX defines (no graph optimization at all)."""

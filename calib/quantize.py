@@ -150,16 +150,18 @@ def _finish(model, dst, target: str, sample: np.ndarray, name: str, int32_bias: 
     import onnx
 
     rewritten = qdq.rewrite_uint8_to_int8(model) if target == "tensorrt" else []
+    # Before the int32 Gemm bias, which is quantized with the weight's scale.
+    reduced = int8form.reduce_weight_range(model) if form["weights"] == int8form.REDUCED else []
     biased = qdq.quantize_gemm_bias(model) if int32_bias else []
     counts = qdq.validate_qdq(model, target, name=f"{dst} (not written)")
     largest = int8form.int8_weight_max(model)
     if form["weights"] == int8form.REDUCED and largest > int8form.WEIGHT_BOUND:
         raise CalibError(f"{dst} (not written): an int8 weight reaches {largest}, above the reduced range's "
-                         f"{int8form.WEIGHT_BOUND} (NNCF did not apply its overflow fix to every weight)")
+                         f"{int8form.WEIGHT_BOUND} (its scale or tensor is shared, or its zero point is not 0)")
     _run_once(model, dst, sample, name)
     atomic_write(dst, lambda tmp: onnx.save(model, tmp))
     return {"qdq": counts, "int8_rewrites": len(rewritten), "int32_bias": biased,
-            "int8_form": {**form, "max_abs_weight": largest}}
+            "int8_form": {**form, "max_abs_weight": largest, "requantized": reduced}}
 
 
 def single_input_channel_convs(path_or_model) -> tuple[str, ...]:
@@ -189,7 +191,8 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: 
     ``reduce_range``: int8 weights within +-64 (True), full range (False), or as this CPU needs (None;
     calib.int8form.weight_form). Returns {"path", "target", "n_calib", "qdq" (summary),
     "int8_rewrites", "int32_bias" (Gemm names), "int8_form" ({"weights", "reason",
-    "max_abs_weight"}), "keep_fp32", "seconds"}.
+    "max_abs_weight", "requantized": the weights NNCF left at full range, brought within 64}),
+    "keep_fp32", "seconds"}.
     """
     t0 = time.perf_counter()
     _check_target(target, model_type)

@@ -10,7 +10,16 @@ from onnx import TensorProto, helper, numpy_helper
 from test_calib_quantize import _optimized_ops
 
 from calib import CalibError, quantize_onnx
-from calib.int8form import FULL, REDUCED, WEIGHT_BOUND, int8_weight_max, kernel_parity, outputs, weight_form
+from calib.int8form import (
+    FULL,
+    REDUCED,
+    WEIGHT_BOUND,
+    int8_weight_max,
+    kernel_parity,
+    outputs,
+    reduce_weight_range,
+    weight_form,
+)
 
 INT16_MAX = 32767
 mnist_model = test_calib_quantize.mnist_model   # the CNN trained on MNIST, as a fixture here too
@@ -82,7 +91,8 @@ def test_reduced_range_gemm_cannot_saturate_an_int16_pair_sum_where_full_range_d
 
 def test_forced_reduced_range_fused_qgemm_and_qlinearconv_match_the_unfused_arithmetic(mnist_model, tmp_path):
     info = quantize_onnx(mnist_model["path"], tmp_path / "reduced.onnx", mnist_model["calib"][:64], reduce_range=True)
-    assert info["int8_form"] == {"weights": REDUCED, "reason": "asked for (reduce_range)", "max_abs_weight": 64}
+    assert info["int8_form"] == {"weights": REDUCED, "reason": "asked for (reduce_range)", "max_abs_weight": 64,
+                                 "requantized": []}   # NNCF's overflow fix covered every conv and the Gemm
     ops = _optimized_ops(info["path"], tmp_path)
     assert "QGemm" in ops and ops.count("QLinearConv") == 2   # the fused kernels are the ones compared
     x, y = mnist_model["test"]
@@ -93,3 +103,42 @@ def test_forced_reduced_range_fused_qgemm_and_qlinearconv_match_the_unfused_arit
     assert parity["n"] == len(x)
     # One bit less of weight resolution keeps the accuracy.
     assert abs(float((fused["logits"].argmax(1) == y).mean()) - mnist_model["fp32"]) <= 0.01
+
+
+def _depthwise_model(q: np.ndarray, scale: np.ndarray, *, shared_scale: bool = False):
+    """x -> Conv(DQ(q, scale, axis 0), group = channels): a depthwise conv, an op NNCF's overflow fix skips."""
+    c = len(q)
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w"], name="dq_w", axis=0),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=c)]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if shared_scale:   # something else reads the scale: requantizing it would change that too
+        nodes.append(helper.make_node("Identity", ["s"], ["s_copy"], name="other"))
+        outs.append(helper.make_tensor_value_info("s_copy", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 5, 5])],
+                              outs, [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"),
+                                     numpy_helper.from_array(np.zeros(c, np.int8), "zp")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_a_full_range_depthwise_weight_is_requantized_within_64_per_channel():
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (3, 1, 3, 3)).astype(np.int8)
+    q[0, 0, 0, 0], q[2] = 127, np.clip(q[2], -40, 40)   # channel 2 already within the bound: left as it is
+    scale = np.array([0.01, 0.02, 0.03], np.float32)
+    model = _depthwise_model(q, scale)
+    assert reduce_weight_range(model) == ["dq_w"] and int8_weight_max(model) == WEIGHT_BOUND
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q_new, s_new = inits["q"].astype(np.float64), inits["s"].astype(np.float64)
+    np.testing.assert_array_equal(inits["q"][2], q[2])
+    assert s_new[2] == np.float32(0.03) and s_new[0] == pytest.approx(0.01 * 127 / 64)
+    # Each weight is within half a new step of the value it had (the second rounding).
+    err = np.abs(q_new * s_new[:, None, None, None] - q * scale[:, None, None, None].astype(np.float64))
+    assert (err <= s_new[:, None, None, None] / 2 + 1e-9).all()
+    x = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+    before = ort.InferenceSession(_depthwise_model(q, scale).SerializeToString(),
+                                  providers=["CPUExecutionProvider"]).run(None, x)[0]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(after - before).max() <= 9 * np.abs(x["x"]).max() * s_new.max() / 2 + 1e-6   # 9 taps, half a step
+
+    shared = _depthwise_model(q, scale, shared_scale=True)
+    assert reduce_weight_range(shared) == [] and int8_weight_max(shared) == 127   # left for the bound check

@@ -78,7 +78,8 @@ def choose_quantized_layers(src: str | os.PathLike, dst: str | os.PathLike, cali
                             val_inputs: np.ndarray, val_labels: np.ndarray, *, target: str = "onnxruntime",
                             max_drop: float = 0.003, candidates: dict[str, tuple[str, ...]] | None = None,
                             threads: int = 1, batch: int = 1, rounds: int = 25, block_ms: float = 30.0,
-                            work_dir: str | os.PathLike | None = None) -> LayerChoice:
+                            work_dir: str | os.PathLike | None = None,
+                            reduce_range: bool | None = None) -> LayerChoice:
     """Quantize ``src`` once per candidate (name -> keep_fp32 node names), measure each, write the winner to ``dst``.
 
     Accuracy: top-1 on (``val_inputs``, ``val_labels``) against FP32's, ``max_drop`` a fraction
@@ -86,6 +87,7 @@ def choose_quantized_layers(src: str | os.PathLike, dst: str | os.PathLike, cali
     validation images, every variant and FP32 interleaved in one process (edgerun.timing.compare,
     ``rounds`` rounds of >= ``block_ms`` blocks). The winner is the lowest median ratio to FP32
     among the variants within the drop, if that ratio is below 1; else FP32 and ``dst`` is not written.
+    ``reduce_range``: quantize_onnx's (None: as this CPU needs).
     """
     from edgerun import timing
     from edgerun.io import copy_file
@@ -105,7 +107,7 @@ def choose_quantized_layers(src: str | os.PathLike, dst: str | os.PathLike, cali
         paths = {"fp32": Path(src)}
         for name, keep in candidates.items():
             paths[name] = Path(quantize_onnx(src, Path(tmp) / f"{name}.onnx", calib_inputs, target=target,
-                                             keep_fp32=tuple(keep))["path"])
+                                             keep_fp32=tuple(keep), reduce_range=reduce_range)["path"])
         sessions = {name: _session(p, threads) for name, p in paths.items()}
         top1 = {name: _top1(s, x_val, y_val) for name, s in sessions.items()}
         feed = {sessions["fp32"].get_inputs()[0].name: x_val[:batch]}

@@ -8,8 +8,10 @@ activations into signed int8 (NNCF 3.4 cannot be told to emit signed activations
 
 Both targets ask NNCF for per-tensor activation scales: its default quantizes some activations
 per channel (ReLU6 -> depthwise conv), which TensorRT refuses and onnxruntime loads but cannot run
-("QLinearConv: input zero point must be a scalar"). Whatever the target, the result is accepted
-only after one real inference in onnxruntime, and written (atomically) only then.
+("QLinearConv: input zero point must be a scalar"). Weights take the full int8 range, or half of it
+where this CPU's int8 kernels would saturate (``reduce_range``; calib.int8form says why and when).
+Whatever the target, the result is accepted only after one real inference in onnxruntime, and
+written (atomically) only then.
 nncf is imported inside the functions: it takes seconds.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calib import qdq
+from calib import int8form, qdq
 from calib.errors import CalibError
 from edgerun.errors import brief
 from edgerun.io import atomic_write
@@ -80,14 +82,18 @@ def _check_samples(x, what: str, src, name: str, dims: list, dtype) -> np.ndarra
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _nncf_options(target: str, model_type: str | None, keep_fp32: tuple[str, ...]) -> dict:
+def _nncf_options(target: str, model_type: str | None, keep_fp32: tuple[str, ...], reduce_range: bool) -> dict:
     """Keyword arguments for nncf.quantize (accuracy control names ``advanced_parameters`` differently)."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     # One scale per activation tensor: TensorRT's rule, and the form onnxruntime's QLinearConv can run.
     per_tensor = QuantizationParameters(per_channel=False)
-    options = {"advanced_parameters": AdvancedQuantizationParameters(activations_quantization_params=per_tensor)}
+    # NNCF's overflow fix quantizes conv/Gemm/MatMul weights to |q| <= 64. Its default applies it to the
+    # first conv only; here it is all weights or none, so that the record says one thing of the model.
+    fix = nncf.OverflowFix.ENABLE if reduce_range else nncf.OverflowFix.DISABLE
+    options = {"advanced_parameters": AdvancedQuantizationParameters(activations_quantization_params=per_tensor,
+                                                                     overflow_fix=fix)}
     if target == "tensorrt":
         # Symmetric activations keep zero points at 0, the one form the int8 rewrite can fix.
         options["preset"] = nncf.QuantizationPreset.PERFORMANCE
@@ -139,16 +145,23 @@ def _run_once(model, dst, sample: np.ndarray, name: str) -> None:
         raise CalibError(f"{where}: the quantized model's first inference gives non-finite {', '.join(bad)}")
 
 
-def _finish(model, dst, target: str, sample: np.ndarray, name: str, int32_bias: bool) -> dict:
+def _finish(model, dst, target: str, sample: np.ndarray, name: str, int32_bias: bool, form: dict) -> dict:
     """Post-fix, validate, run once in onnxruntime, then write ``dst`` atomically."""
     import onnx
 
     rewritten = qdq.rewrite_uint8_to_int8(model) if target == "tensorrt" else []
+    # Before the int32 Gemm bias, which is quantized with the weight's scale.
+    reduced = int8form.reduce_weight_range(model) if form["weights"] == int8form.REDUCED else []
     biased = qdq.quantize_gemm_bias(model) if int32_bias else []
     counts = qdq.validate_qdq(model, target, name=f"{dst} (not written)")
+    largest = int8form.int8_weight_max(model)
+    if form["weights"] == int8form.REDUCED and largest > int8form.WEIGHT_BOUND:
+        raise CalibError(f"{dst} (not written): an int8 weight reaches {largest}, above the reduced range's "
+                         f"{int8form.WEIGHT_BOUND} (its scale or tensor is shared, or its zero point is not 0)")
     _run_once(model, dst, sample, name)
     atomic_write(dst, lambda tmp: onnx.save(model, tmp))
-    return {"qdq": counts, "int8_rewrites": len(rewritten), "int32_bias": biased}
+    return {"qdq": counts, "int8_rewrites": len(rewritten), "int32_bias": biased,
+            "int8_form": {**form, "max_abs_weight": largest, "requantized": reduced}}
 
 
 def single_input_channel_convs(path_or_model) -> tuple[str, ...]:
@@ -167,15 +180,19 @@ def single_input_channel_convs(path_or_model) -> tuple[str, ...]:
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: np.ndarray, *,
                   target: str = "onnxruntime", model_type: str | None = None,
                   subset_size: int | None = None, input_name: str | None = None,
-                  keep_fp32: tuple[str, ...] = (), int32_bias: bool | None = None) -> dict:
+                  keep_fp32: tuple[str, ...] = (), int32_bias: bool | None = None,
+                  reduce_range: bool | None = None) -> dict:
     """NNCF INT8 post-training quantization of ``src`` into ``dst`` (Q/DQ ONNX).
 
     ``calib_inputs``: normalized float32 [N, C, H, W], fed one sample per step (NNCF collects
     per-sample statistics; a dynamic-batch model accepts [1, C, H, W]). ``subset_size`` defaults
     to all N. ``keep_fp32``: node names NNCF leaves in float (e.g. single_input_channel_convs).
     ``int32_bias``: rewrite Gemm biases for QGemm (default: on for onnxruntime, off for tensorrt).
-    Returns {"path", "target", "n_calib", "qdq" (summary), "int8_rewrites", "int32_bias" (Gemm
-    names), "keep_fp32", "seconds"}.
+    ``reduce_range``: int8 weights within +-64 (True), full range (False), or as this CPU needs (None;
+    calib.int8form.weight_form). Returns {"path", "target", "n_calib", "qdq" (summary),
+    "int8_rewrites", "int32_bias" (Gemm names), "int8_form" ({"weights", "reason",
+    "max_abs_weight", "requantized": the weights NNCF left at full range, brought within 64}),
+    "keep_fp32", "seconds"}.
     """
     t0 = time.perf_counter()
     _check_target(target, model_type)
@@ -183,6 +200,7 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: 
     name, dims, dtype = _model_input(model, src, input_name)
     calib = _check_samples(calib_inputs, "calib_inputs", src, name, dims, dtype)
     keep_fp32, int32_bias = _check_options(model, src, target, keep_fp32, int32_bias)
+    reduce, form = int8form.weight_form(target, reduce_range)
     bad_subset = isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1
     if subset_size is not None and bad_subset:
         raise CalibError(f"subset_size must be a positive integer, got {subset_size!r}")
@@ -191,8 +209,8 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: 
     import nncf
 
     dataset = nncf.Dataset(calib, lambda x: {name: x[None]})
-    quantized = nncf.quantize(model, dataset, subset_size=n, **_nncf_options(target, model_type, keep_fp32))
-    done = _finish(quantized, dst, target, calib[:1], name, int32_bias)
+    quantized = nncf.quantize(model, dataset, subset_size=n, **_nncf_options(target, model_type, keep_fp32, reduce))
+    done = _finish(quantized, dst, target, calib[:1], name, int32_bias, form)
     return {"path": str(dst), "target": target, "n_calib": n, **done, "keep_fp32": list(keep_fp32),
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -235,7 +253,8 @@ def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.Pa
                                         calib_inputs: np.ndarray, val_inputs: np.ndarray,
                                         val_labels: np.ndarray, *, target: str = "onnxruntime",
                                         max_drop: float = 0.003, model_type: str | None = None,
-                                        keep_fp32: tuple[str, ...] = (), int32_bias: bool | None = None) -> dict:
+                                        keep_fp32: tuple[str, ...] = (), int32_bias: bool | None = None,
+                                        reduce_range: bool | None = None) -> dict:
     """``quantize_onnx`` plus NNCF's accuracy control: layers go back to float until top-1 on
     (``val_inputs``, ``val_labels``) drops by at most ``max_drop`` (a fraction: 0.003 = 0.3 pt).
 
@@ -251,6 +270,7 @@ def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.Pa
     calib = _check_samples(calib_inputs, "calib_inputs", src, name, dims, dtype)
     val = _check_samples(val_inputs, "val_inputs", src, name, dims, dtype)
     keep_fp32, int32_bias = _check_options(model, src, target, keep_fp32, int32_bias)
+    reduce, form = int8form.weight_form(target, reduce_range)
     labels = np.asarray(val_labels)
     if labels.shape != (len(val),) or not np.issubdtype(labels.dtype, np.integer):
         raise CalibError(f"val_labels: expected {len(val)} integer labels for {src}, "
@@ -265,7 +285,7 @@ def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.Pa
     with tempfile.TemporaryDirectory() as tmp:
         # NNCF saves the fully quantized model here before reverting layers: the "before" to diff against.
         restorer = AdvancedAccuracyRestorerParameters(intermediate_model_dir=tmp)
-        options = _nncf_options(target, model_type, keep_fp32)
+        options = _nncf_options(target, model_type, keep_fp32, reduce)
         options["advanced_quantization_parameters"] = options.pop("advanced_parameters")
         quantized = nncf.quantize_with_accuracy_control(
             model, calib_set, val_set, _top1_fn(name, batch, target, int32_bias),
@@ -273,7 +293,7 @@ def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.Pa
             advanced_accuracy_restorer_parameters=restorer, **options)
         before = _quantized_ops(qdq.load_onnx(Path(tmp) / "intermediate_model.onnx"))
     after = set(_quantized_ops(quantized))
-    done = _finish(quantized, dst, target, calib[:1], name, int32_bias)
+    done = _finish(quantized, dst, target, calib[:1], name, int32_bias, form)
     return {"path": str(dst), "target": target, "n_calib": len(calib), "n_val": len(val), **done,
             "keep_fp32": list(keep_fp32), "reverted": [op for op in before if op not in after],
             "seconds": round(time.perf_counter() - t0, 3)}

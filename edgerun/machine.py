@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The flags that change which kernels onnxruntime and torch pick on x86.
-SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+# x86 int8 dot products that accumulate straight into int32 (VNNI's vpdpbusd, AMX tiles).
+INT32_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86 = ("x86_64", "amd64", "i386", "i686")
 
 
 def _cpuinfo() -> str:
@@ -54,6 +57,19 @@ def simd_block(flags: frozenset[str] | None = None) -> int:
     if "avx2" in flags:
         return 8
     return 4
+
+
+def int16_int8_dot(flags: frozenset[str] | None = None, arch: str | None = None) -> bool:
+    """Whether this CPU's fast int8 dot product sums pairs of u8*s8 products in int16 (which saturates).
+
+    x86 without VNNI or AMX (AVX2, AVX-512 before Cascade Lake, SSE) has only vpmaddubsw for it;
+    onnxruntime's u8s8 kernels use it there. VNNI/AMX accumulate in int32 and ARM widens first.
+    An x86 CPU whose flags cannot be read counts as saturating: the safe answer.
+    """
+    if (arch or platform.machine()).lower() not in X86:
+        return False
+    flags = cpu_flags() if flags is None else flags
+    return not any(f in flags for f in INT32_DOT_FLAGS)
 
 
 def usable_cores() -> int:

@@ -135,7 +135,7 @@ class QuantizeCfg:
     model_type: str = ""        # "" | transformer
     gate: str = "fail"
     max_drop: float = 0.3
-    min_agreement: float = 99.0  # % of test predictions equal to the FP32 ONNX's
+    min_agreement: float = 99.0  # % of test predictions equal to the FP32 ONNX's, and to the unfused Q/DQ arithmetic
     min_cosine: float = 0.99    # encoders: token cosine vs the FP32 ONNX
     # Which layers stay FP32 in the onnxruntime form (not read under accuracy_control, where NNCF
     # reverts layers by accuracy itself): "auto" = per layer, by measured latency and accuracy on a

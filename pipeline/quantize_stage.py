@@ -10,6 +10,12 @@ and the package stage ships FP32 by its objective) and the metrics say ``pays: f
 
 The TensorRT form stays fully quantized: TensorRT fuses Q/DQ pairs into its own INT8 kernels and
 chooses per layer itself at build time; onnxruntime CPU timings say nothing about a Jetson.
+
+Correct on every CPU: the onnxruntime form's weights use half the int8 range where this CPU's int8
+kernels would saturate (calib.int8form; the record's ``int8_form`` says which and why), and its
+gate reads this machine's own outputs: FP32 and INT8 run here, and the fused kernels that ran are
+compared with the unfused Q/DQ arithmetic (``kernels_vs_unfused``). A TensorRT form is scored with
+the unfused arithmetic, the one a GPU computes, not with whatever int8 kernels this CPU has.
 """
 from __future__ import annotations
 
@@ -97,8 +103,19 @@ def _quantize(ctx: Context, src, dst, images, target: str) -> dict:
     return info
 
 
+SCORED = {"onnxruntime": "the fused kernels onnxruntime runs on this CPU (as deployed)",
+          "tensorrt": "unfused Q/DQ arithmetic (onnxruntime, no graph optimization)"}
+
+
+def _outputs(path, x, target: str) -> dict:
+    """The deployed outputs of the onnxruntime form; the unfused Q/DQ arithmetic of the TensorRT form."""
+    from calib.int8form import outputs
+    return modelio.onnx_outputs(path, x) if target == "onnxruntime" else outputs(path, x, fused=False)
+
+
 def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
     from calib.calibset import build_calibration_set, load_calibration_set
+    from calib.int8form import kernel_parity, outputs
     from export.parity import compare_outputs
     cfg, data, q = ctx.cfg, ctx.data, ctx.cfg.quantize
     calib = build_calibration_set(data.train.images, data.train.labels, q.calib_size, cfg.run.seed,
@@ -108,30 +125,33 @@ def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
     info = _quantize(ctx, src, dst, images, q.target)
     fp32 = modelio.onnx_outputs(src, data.x_test)
     fp32_metrics, fp32_pred = modelio.task_metrics(fp32, data.test.labels)
-    int8 = modelio.onnx_outputs(dst, data.x_test)
+    int8 = _outputs(dst, data.x_test, q.target)
     metrics, pred = modelio.task_metrics(int8, data.test.labels, teacher)
     if "tokens" in int8:
         metrics["token_cos_vs_fp32"] = modelio.token_fidelity(int8["tokens"], fp32["tokens"])
     ref = np.load(ctx.path("baseline", "reference.npz"))
-    par = compare_outputs(modelio.onnx_outputs(src, ref["inputs"]), modelio.onnx_outputs(dst, ref["inputs"]))
+    par = compare_outputs(modelio.onnx_outputs(src, ref["inputs"]), _outputs(dst, ref["inputs"], q.target))
     fm = ctx.record("export_onnx").metrics
     metrics.update(size_bytes=dst.stat().st_size, macs=fm["macs"], ops_tp=fm["ops_tp"], params=fm["params"],
                    fp32_top1=fp32_metrics["top1"],
                    agreement_with_fp32=round(float((pred == fp32_pred).mean() * 100), 4),
                    calibration={k: calib[k] for k in ("n", "sha256", "seed", "per_class")},
-                   target=q.target, qdq=info.get("qdq"), reverted=info.get("reverted"),
+                   target=q.target, scored=SCORED[q.target], qdq=info.get("qdq"), reverted=info.get("reverted"),
                    int32_bias=info.get("int32_bias"), keep_fp32=info.get("keep_fp32"),
-                   layer_choice=info.get("layer_choice"),
+                   layer_choice=info.get("layer_choice"), int8_form=info.get("int8_form"),
                    parity_vs_fp32={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
+    if q.target == "onnxruntime":
+        metrics["kernels_vs_unfused"] = kernel_parity(int8, outputs(dst, data.x_test, fused=False))
     artifacts = [Artifact("onnx-int8", "onnx", "model_int8.onnx", "int8", f"ONNX int8 ({q.target} Q/DQ)"),
                  Artifact("calibration", "calibration", "calib.npz", "", "calibration set")]
     if q.target == "onnxruntime" and q.tensorrt_form:
         trt = ctx.out / "model_int8_trt.onnx"
         trt_info = _quantize(ctx, src, trt, images, "tensorrt")
-        mt, pred_t = modelio.task_metrics(modelio.onnx_outputs(trt, data.x_test), data.test.labels)
+        mt, pred_t = modelio.task_metrics(_outputs(trt, data.x_test, "tensorrt"), data.test.labels)
         metrics["forms"] = {"tensorrt": {"top1": mt["top1"], "size_bytes": trt.stat().st_size,
                                          "agreement_with_fp32": round(float((pred_t == fp32_pred).mean() * 100), 4),
-                                         "qdq": trt_info.get("qdq")}}
+                                         "qdq": trt_info.get("qdq"), "int8_form": trt_info.get("int8_form"),
+                                         "scored": SCORED["tensorrt"]}}
         artifacts.append(Artifact("onnx-int8-trt", "onnx", "model_int8_trt.onnx", "int8",
                                   "ONNX int8 (TensorRT Q/DQ, fully quantized)", top1=mt["top1"]))
     return Output(metrics=metrics, artifacts=tuple(artifacts))

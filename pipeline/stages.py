@@ -185,9 +185,19 @@ def quantize_gate(m, inputs, cfg):
     if "token_cos_vs_fp32" in m:
         checks.append(gates.limit_check("token_cos_mean_vs_fp32", m["token_cos_vs_fp32"]["token_cos_mean"],
                                         q.min_cosine, at_least=True))
+    if "kernels_vs_unfused" in m:   # the int8 kernels this CPU ran against the Q/DQ arithmetic (saturation)
+        checks.append(gates.limit_check("kernels_vs_unfused_agreement", m["kernels_vs_unfused"]["agreement"],
+                                        q.min_agreement, at_least=True))
     for name, form in (m.get("forms") or {}).items():   # the TensorRT form is gated like the CPU form
         checks.append(gates.drop_check(f"top1 ({name})", form["top1"], m["fp32_top1"], q.max_drop))
     return gates.gate(q.gate, *checks)
+
+
+def quantize_environment() -> dict:
+    """The int8 weight range the onnxruntime form takes on this CPU: a run folder moved to a CPU whose
+    int8 kernels differ quantizes again."""
+    from calib.int8form import weight_form
+    return {"int8_weights": weight_form("onnxruntime", None)[1]["weights"]}
 
 
 # ---------------------------------------------------------------- 6 engine
@@ -248,8 +258,9 @@ STAGES = [
           gate=finetune_gate, gate_config=("finetune.gate", "finetune.max_drop", "prune.goal")),
     Stage("export_onnx", 2, export_onnx, export_keys, ("baseline", "finetune"), uses_data=True, gate=export_gate,
           gate_config=("export.gate", "export.max_drop", "export.max_abs", "export.min_cosine")),
-    Stage("quantize", 2, quantize, quantize_keys, ("baseline", "export_onnx"), uses_data=True, gate=quantize_gate,
-          gate_config=("quantize.gate", "quantize.max_drop", "quantize.min_agreement", "quantize.min_cosine")),
+    Stage("quantize", 3, quantize, quantize_keys, ("baseline", "export_onnx"), uses_data=True, gate=quantize_gate,
+          gate_config=("quantize.gate", "quantize.max_drop", "quantize.min_agreement", "quantize.min_cosine"),
+          environment=quantize_environment),
     Stage("engine", 2, engine, engine_keys, ("export_onnx", "quantize"), uses_data=True,
           gate=drop_gate("engine", "export_onnx"), gate_config=("engine.gate", "engine.max_drop"),
           environment=engine_environment),

@@ -5,6 +5,7 @@ import pytest
 from conftest import SMALL
 
 import pipeline
+from calib.int8form import int8_weight_max
 from edgerun import timing
 from edgerun.errors import EdgeError
 from pipeline.stages import STAGES
@@ -89,9 +90,29 @@ def test_auto_says_when_no_variant_pays(runs, fake_clock):
 
 
 def test_none_quantizes_every_layer(runs):
+    from calib.int8form import weight_form
     rec, path = run_quantize(runs, "none", 'quantize.keep_fp32="none"')
     assert rec.metrics["layer_choice"] == {"mode": "none", "keep_fp32": []}
     assert fp32_nodes(path) == set()
+    # The record says which weight range this CPU got and why, and gates the kernels that ran here.
+    m = rec.metrics
+    assert {k: m["int8_form"][k] for k in ("weights", "reason")} == weight_form("onnxruntime", None)[1]
+    assert m["kernels_vs_unfused"]["n"] == 300 and m["kernels_vs_unfused"]["agreement"] >= 95
+    assert "kernels_vs_unfused_agreement" in [c.metric for c in rec.gate.checks]
+    trt = m["forms"]["tensorrt"]
+    assert trt["int8_form"]["weights"] == "full_range" and "unfused" in trt["scored"]
+
+
+def test_a_cpu_without_vnni_gets_reduced_range_weights_and_the_record_says_why(runs, monkeypatch):
+    """A fake AVX2-only /proc/cpuinfo: it proves the stage follows the detected form, not that it saturates."""
+    from edgerun import machine
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: "flags\t\t: fpu sse4_2 avx avx2 fma\n")
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
+    rec, path = run_quantize(runs, "avx2", 'quantize.keep_fp32="none"')
+    form = rec.metrics["int8_form"]
+    assert form["weights"] == "reduced_range_7bit" and "without VNNI" in form["reason"]
+    assert 0 < form["max_abs_weight"] <= 64 and int8_weight_max(onnx.load(path)) == form["max_abs_weight"]
+    assert rec.metrics["forms"]["tensorrt"]["int8_form"]["weights"] == "full_range"   # the GPU's form
 
 
 def test_listed_nodes_are_honoured(runs):

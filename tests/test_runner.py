@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import multiprocessing as mp
-import time
 
 import pytest
 
@@ -208,20 +207,21 @@ def test_selection(tmp_path):
     assert statuses(runner(tmp_path).run(force=["b"])) == ["cached", "ran", "cached"] and CALLS == ["b"]
 
 
-def _hold(path, ready):
+def _hold(path, ready, release):
     with run_lock(path):
         ready.set()
-        time.sleep(3)
+        release.wait(60)   # held until the test has tried: no sleep racing a slow machine
 
 
 def test_lock_refuses_a_second_run(tmp_path):
-    ready = mp.Event()
-    p = mp.Process(target=_hold, args=(tmp_path / "run", ready))
+    ready, release = mp.Event(), mp.Event()
+    p = mp.Process(target=_hold, args=(tmp_path / "run", ready, release))
     p.start()
     try:
-        assert ready.wait(10)
+        assert ready.wait(60)
         with pytest.raises(PipelineError, match="another run"):
             with run_lock(tmp_path / "run"):
                 pass
     finally:
+        release.set()
         p.join()

@@ -1,7 +1,6 @@
 """pipeline.train: one loop for the baseline (no teacher) and the fine-tune (distillation), early stopping on a
 train slice, determinism, progress lines in logs, DDP on two CPU processes."""
 import io
-import time
 
 import numpy as np
 import pytest
@@ -246,11 +245,9 @@ def test_ddp_two_gloo_processes(mnist_small, teacher):
     x, y, _, _ = mnist_small
     student = pruned_copy(teacher, x)
     start = {k: v.clone() for k, v in student.state_dict().items()}
-    t0 = time.perf_counter()
     info = train_ddp(student, teacher, x[:512], y[:512], nproc=2, epochs=1, batch_size=32, lr=3e-3, progress=None)
     assert info["world_size"] == 2 and info["backend"] == "gloo"
     assert info["steps"] == 8  # 512 / 2 ranks / 32 per rank
     assert any(not torch.equal(start[k], v) for k, v in student.state_dict().items())
     with torch.no_grad():
         assert student(torch.from_numpy(x[:3])).shape == (3, 10)
-    assert time.perf_counter() - t0 < 120

@@ -21,9 +21,10 @@ venv: .venv/.stamp
 deploy: .venv/.stamp
 	$(PY) -m pipeline run --config $(CONFIG) $(ARGS)
 
-# Re-time the artifacts, then repackage: the run's report and the bundle's manifest stay consistent.
+# Re-time the artifacts, then repackage: the manifest's `chosen` and the report's "why shipped" quote
+# what this profile measured. (The package stage would rerun anyway: it depends on the profile's file.)
 profile: .venv/.stamp
-	$(PY) -m pipeline run --config $(CONFIG) --from profile --force profile $(ARGS)
+	$(PY) -m pipeline run --config $(CONFIG) --from profile --force profile package $(ARGS)
 
 # Fast suite plus the end-to-end smoke test; tests marked slow or gpu are left out.
 test: .venv/.stamp

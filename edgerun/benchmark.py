@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -60,13 +61,13 @@ class BundleModels:
 
 def read_bundle(folder: Path) -> BundleModels:
     """The model files of an opened bundle: manifest validated, each file's sha256 checked (edgerun.bundle)."""
-    from edgerun.bundle import load_manifest, verify_file
-    manifest = load_manifest(folder)
+    from edgerun.verify import load_verified, verify_model
+    manifest = load_verified(folder)
     models = []
     for name in manifest.models():
         f = manifest.files[name]
         precision = f.precision or "fp32"
-        models.append(BundleModel(name, verify_file(folder, manifest, name), f.kind, f"{f.kind}-{precision}",
+        models.append(BundleModel(name, verify_model(manifest, name), f.kind, f"{f.kind}-{precision}",
                                   precision, f.label or name))
     if not models:
         raise BenchmarkError(f"{folder}/manifest.json: no ONNX or engine file listed under files")
@@ -96,6 +97,14 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+MAX_BATCH_SIZES = 16
+MAX_INPUT_BYTES = 1 << 30   # all batches' random inputs together: 1 GiB (a Jetson Nano has 4 GiB in all)
+# (low, high) of each count: an absurd value is a typo, refused before it runs for days
+BOUNDS = {"--iters": (1, 100_000), "--warmup": (0, 10_000), "--threads": (0, 1024), "--rounds": (0, 1000),
+          "--processes": (1, 32)}
+MAX_BLOCK_MS = 10_000.0
+
+
 def _batches(text: str) -> tuple[int, ...]:
     try:
         out = tuple(int(b) for b in text.split(",") if b.strip())
@@ -103,25 +112,40 @@ def _batches(text: str) -> tuple[int, ...]:
         out = ()
     if not out or any(b < 1 for b in out):
         raise BenchmarkError(f"--batches {text!r}: expected positive integers separated by commas, e.g. 1,8")
+    if len(set(out)) != len(out) or len(out) > MAX_BATCH_SIZES:
+        raise BenchmarkError(f"--batches {text!r}: expected at most {MAX_BATCH_SIZES} different batch sizes")
     return out
+
+
+def _check_sizes(batches: tuple[int, ...], found: BundleModels) -> None:
+    """Refuse before allocating: the random inputs of every batch are held at once."""
+    one = math.prod(found.input_shape) * np.dtype(found.dtype).itemsize
+    need = sum(batches) * one
+    if need > MAX_INPUT_BYTES:
+        raise BenchmarkError(f"--batches {','.join(map(str, batches))}: the inputs alone would take "
+                             f"{need / (1 << 30):.1f} GiB ({one} bytes per input); at most "
+                             f"{MAX_INPUT_BYTES >> 30} GiB: choose smaller batches")
 
 
 def run_benchmark(args) -> int:
     """The verb: 0 when every backend present was measured; errors are EdgeError (the CLI prints one line)."""
     batches = _batches(args.batches)
-    for flag, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 0),
-                             ("--rounds", args.rounds, 0), ("--processes", args.processes, 1)):
-        if value < low:
-            raise BenchmarkError(f"{flag} {value}: expected an integer >= {low}")
-    if args.block_ms <= 0:
-        raise BenchmarkError(f"--block-ms {args.block_ms}: expected a positive number of milliseconds")
+    for flag, (low, high) in BOUNDS.items():
+        value = getattr(args, flag[2:])
+        if not low <= value <= high:
+            raise BenchmarkError(f"{flag} {value}: expected an integer >= {low} and <= {high}")
+    if not (math.isfinite(args.block_ms) and 0 < args.block_ms <= MAX_BLOCK_MS):
+        raise BenchmarkError(f"--block-ms {args.block_ms}: expected a positive number of milliseconds, "
+                             f"at most {MAX_BLOCK_MS:.0f}")
     from edgerun.bundle import open_bundle
     given = Path(args.bundle)
     out = Path(args.output) if args.output else \
         given / "benchmark.json" if given.is_dir() else given.with_name(given.name + ".benchmark.json")
     with tempfile.TemporaryDirectory(prefix="edgerun_benchmark_") as tmp:   # an archive is unpacked here
         folder = open_bundle(given, tmp)
-        return _benchmark(read_bundle(folder), batches, out, args)
+        found = read_bundle(folder)
+        _check_sizes(batches, found)
+        return _benchmark(found, batches, out, args)
 
 
 def _benchmark(found: BundleModels, batches: tuple[int, ...], out: Path, args) -> int:
@@ -160,6 +184,9 @@ def _benchmark(found: BundleModels, batches: tuple[int, ...], out: Path, args) -
             finally:
                 s.close()
             by_backend.setdefault(backend, []).append(m)
+    if not rows:   # nothing ran (no onnxruntime, no TensorRT): a PASSED line would claim a measurement
+        raise BenchmarkError("nothing measured: " + "; ".join(sorted({f"{n['artifact']} on {n['backend']}: "
+                                                                       f"{n['reason']}" for n in skipped}))[:400])
     if args.rounds > 0:
         measured = {(r["file"], r["backend"], r["batch"]) for r in rows}
         for backend, ms in by_backend.items():

@@ -8,6 +8,8 @@
 #   3. trtexec with the generated arguments: it builds, then times inference (its summary is the
 #      first latency measured on the device);
 #   4. python3 -m edgerun record: <engine>.json, so a runtime elsewhere refuses the engine in one line.
+# Nothing is read before it is verified against manifest.json: the build files before they are
+# sourced, the ONNX file by sha256sum right before trtexec reads it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,13 +18,15 @@ fail() {
   exit 1
 }
 
+command -v python3 >/dev/null 2>&1 ||
+  fail "python3 not found: it verifies the bundle, runs the pre-flight check and records the engine"
 [ -f engine.env ] || fail "engine.env missing beside build_engine.sh: regenerate the bundle"
+# `python3 -m edgerun...` from this folder runs the bundle's own edgerun; PYTHONPATH is left alone,
+# as a folder on it is searched before site-packages from the interpreter's start.
+BUILD_FILES=(build_engine.sh engine.env engine_build.json trtexec_args_trt*.txt)
+python3 -m edgerun.verify "${BUILD_FILES[@]}" || fail "the bundle's build files do not match manifest.json (above)"
 # shellcheck source=/dev/null
 . ./engine.env
-command -v python3 >/dev/null 2>&1 ||
-  fail "python3 not found: it runs the pre-flight check and records the engine"
-# The bundle's own edgerun package, not whatever may be installed.
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"
 [ -x "$TRTEXEC" ] || fail "trtexec not found at $TRTEXEC (set TRTEXEC=/path/to/trtexec)"
@@ -52,6 +56,9 @@ python3 -m edgerun check "$ONNX" --trt-major "$MAJOR" ||
 TIMING_CACHE="${ENGINE%.*}.trt$VERSION.timing-cache"
 mapfile -t ARGS <"$ARGS_FILE"
 ARGS=("${ARGS[@]//@TIMING_CACHE@/$TIMING_CACHE}")
+SHA256=$(python3 -m edgerun.verify --sha256 "$ONNX") || fail "$ONNX does not match manifest.json (above)"
+echo "$SHA256  $ONNX" | sha256sum --check --status ||
+  fail "$ONNX: its sha256 is not the one manifest.json lists: copy the bundle again"
 echo "TensorRT $VERSION (trtexec): building $ENGINE"
 "$TRTEXEC" "${ARGS[@]}" || fail "trtexec could not build $ENGINE (its log is above)"
 

@@ -2,8 +2,10 @@
 
 A bundle is a folder (or a .tar / .tar.gz of one) holding ``manifest.json`` and the files it
 lists. Anyone may hand one over, so nothing in it is believed: every manifest field is checked for
-type and range, every listed file name must stay inside the bundle (no absolute paths, no '..',
-no symlink pointing out), and a model is hashed against the manifest before it is loaded.
+type and range (a duplicate key, an unknown field or a wrong type is refused, not ignored), every
+listed file name must stay inside the bundle (no absolute paths, no '..', no symlink pointing out),
+and a file is hashed against the manifest before it is loaded. edgerun.verify adds what a verb
+needs besides: no unlisted file in the folder, a model verified with its external data or sidecar.
 Every refusal is one ``BundleError`` line naming the manifest field or file.
 """
 from __future__ import annotations
@@ -20,9 +22,16 @@ from edgerun.errors import EdgeError
 from edgerun.io import sha256_file
 
 MANIFEST = "manifest.json"
+FORMAT = 3                     # 3: every file of the bundle is listed, the runtime and scripts included
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few kB
 MODEL_KINDS = ("onnx", "engine")
 MAX_INPUT_VALUES = 1 << 27  # C x H x W of one image: 3 x 6688 x 6688, far above any edge model
+# Every field the packager writes, with its JSON type: anything else is refused, not ignored.
+TOP_LEVEL = {"format": int, "model": dict, "input": dict, "labels": list, "target": str, "files": dict,
+             "chosen": dict, "sample": dict, "preflight": dict, "engine_recipe": dict, "lineage": dict,
+             "libraries": dict, "verified": dict}
+FILE_FIELDS = ("kind", "sha256", "precision", "label", "stage", "top1", "role")
+SAMPLE_FIELDS = ("images", "labels", "count", "n", "note")
 
 
 class BundleError(EdgeError):
@@ -139,7 +148,7 @@ def load_manifest(bundle: str | Path) -> Manifest:
         raise BundleError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be "
                           f"({MAX_MANIFEST_BYTES}): refused")
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys)
     except (ValueError, RecursionError, OSError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BundleError(f"{path}: unreadable manifest ({detail})") from None
@@ -156,8 +165,26 @@ def load_manifest(bundle: str | Path) -> Manifest:
     target = doc.get("target", "")
     if not isinstance(target, str):
         check.fail("target", "a string", target)
-    return Manifest(bundle, spec, labels, MappingProxyType(files), chosen, why, target,
-                    _sample(check, doc.get("sample"), files), _preflight(check, doc.get("preflight")))
+    manifest = Manifest(bundle, spec, labels, MappingProxyType(files), chosen, why, target,
+                        _sample(check, doc.get("sample"), files), _preflight(check, doc.get("preflight")))
+    check.only(doc, TOP_LEVEL, "the manifest")
+    for key in ("format", "model", "engine_recipe", "lineage", "libraries", "verified"):
+        if key in doc:
+            check.kind(doc[key], TOP_LEVEL[key], key)
+    if doc.get("format", FORMAT) != FORMAT:
+        check.fail("format", f"{FORMAT} (this runtime's; the bundle was made by another packager: package it "
+                             f"again)", doc["format"])
+    return manifest
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """json's object hook: a key given twice is refused (json.loads would keep the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
 
 
 class _Checker:
@@ -176,6 +203,12 @@ class _Checker:
             self.fail(field, expected or f"a JSON {_JSON_NAMES[kind]}", value)
         return value
 
+    def only(self, obj: dict, known, where: str) -> None:
+        unknown = sorted(set(obj) - set(known))
+        if unknown:
+            raise BundleError(f"{self.path}: unreadable manifest (unknown field {unknown[0]!r} in {where}; "
+                              f"known: {', '.join(known)})")
+
     def field(self, obj: dict, key: str, kind, where: str = ""):
         name = f"{where}.{key}" if where else key
         if key not in obj:
@@ -193,6 +226,7 @@ _JSON_NAMES = {dict: "object", list: "list", str: "string", int: "integer"}
 
 
 def _input_spec(check: _Checker, obj: dict) -> InputSpec:
+    check.only(obj, ("name", "shape", "dtype", "layout", "normalisation"), "input")
     name = check.field(obj, "name", str, "input")
     shape = check.field(obj, "shape", list, "input")
     dims = shape[1:]
@@ -209,6 +243,7 @@ def _input_spec(check: _Checker, obj: dict) -> InputSpec:
     if layout != "NCHW":
         check.fail("input.layout", "'NCHW' (the only layout the readers produce)", layout)
     norm = check.field(obj, "normalisation", dict, "input")
+    check.only(norm, ("scale", "mean", "std"), "input.normalisation")
     c = dims[0]
     scale = check.number(norm.get("scale"), "input.normalisation.scale", positive=True)
     stats = {}
@@ -229,11 +264,12 @@ def _files(check: _Checker, bundle: Path, obj: dict) -> dict[str, FileEntry]:
         where = f"files[{name!r}]"
         inside(bundle, name, "files key")
         check.kind(entry, dict, where)
+        check.only(entry, FILE_FIELDS, where)
         digest = check.field(entry, "sha256", str, where)
         if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
             check.fail(f"{where}.sha256", "64 lowercase hex digits", digest)
         text = {}
-        for key in ("kind", "precision", "label", "stage"):
+        for key in ("kind", "precision", "label", "stage", "role"):
             value = entry.get(key, "")
             if not isinstance(value, str) or (key == "kind" and not value):
                 check.fail(f"{where}.{key}", "a non-empty string" if key == "kind" else "a string", value)
@@ -263,16 +299,22 @@ def _sample(check: _Checker, obj, files: dict) -> Sample | None:
     if obj is None:
         return None
     check.kind(obj, dict, "sample")
+    check.only(obj, SAMPLE_FIELDS, "sample")
     names = {}
     for key in ("images", "labels"):
         name = check.field(obj, key, str, "sample")
         if name not in files or files[name].kind != "sample":
             check.fail(f"sample.{key}", 'a file listed in files with kind "sample"', name)
         names[key] = name
-    count = obj.get("count", obj.get("n"))
-    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count <= 0):
-        check.fail("sample.count", "a positive integer", count)
-    return Sample(names["images"], names["labels"], count)
+    for key in ("count", "n"):
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            check.fail(f"sample.{key}", "a positive integer", value)
+    if "count" in obj and "n" in obj and obj["count"] != obj["n"]:
+        check.fail("sample.n", f"the same as sample.count ({obj['count']})", obj["n"])
+    if not isinstance(obj.get("note", ""), str):
+        check.fail("sample.note", "a string", obj["note"])
+    return Sample(names["images"], names["labels"], obj.get("count", obj.get("n")))
 
 
 def _preflight(check: _Checker, obj) -> Mapping | None:

@@ -10,8 +10,10 @@ import os
 import shlex
 from pathlib import Path
 
+from edgerun.bundle import MANIFEST, verify_file
 from edgerun.errors import EdgeError, brief
 from edgerun.preflight import MAJORS, PreflightError, check_onnx
+from edgerun.verify import load_verified, verify_model
 
 EXIT_FAILED = 2     # a failed check is like a failed gate (exit 2); 1 stays for user errors
 
@@ -46,6 +48,23 @@ def bundle_onnx_files(folder: str | os.PathLike) -> list[Path]:
     return out
 
 
+def verified_files(path: Path) -> list[Path]:
+    """The ONNX files to check; inside a bundle (a folder with manifest.json), verified first: the
+    bundle holds nothing unlisted, and each file (with its external data) and each build file that
+    names them matches the manifest."""
+    folder = path if path.is_dir() else path.parent
+    if not (folder / MANIFEST).is_file():
+        return bundle_onnx_files(path) if path.is_dir() else [path]
+    manifest = load_verified(folder)
+    if not path.is_dir():
+        return [verify_model(manifest, path.name)]
+    for build in [folder / "engine.env", *sorted(folder.glob("trtexec_args_trt*.txt"))]:
+        if build.exists():
+            verify_file(folder, manifest, build.name)
+    root = folder.resolve()
+    return [verify_model(manifest, f.relative_to(root).as_posix()) for f in bundle_onnx_files(folder)]
+
+
 def add_check_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("check", help="static TensorRT pre-flight of an ONNX file or a bundle (no GPU)",
                               description=__doc__.split("\n")[0])
@@ -60,8 +79,7 @@ def add_check_parser(subparsers) -> argparse.ArgumentParser:
 def run_check(args) -> int:
     """0 when every file passes for every major, EXIT_FAILED (one line per issue) otherwise."""
     try:
-        path = Path(args.path)
-        files = bundle_onnx_files(path) if path.is_dir() else [path]
+        files = verified_files(Path(args.path))
         results = [check_onnx(f, major) for f in files for major in args.trt_major]
     except EdgeError as e:
         print(f"FAILED | error: {e}")

@@ -74,7 +74,18 @@ def _unavailable(verb: str, why: str):
 def dispatch(args) -> int | None:
     """Run the verb ``args`` was parsed for; None when it is not one of add_verbs' verbs."""
     run = getattr(args, RUN, None)
-    return None if run is None else int(run(args))
+    if run is None:
+        return None
+    printable_stdio()
+    return int(run(args))
+
+
+def printable_stdio() -> None:
+    """A terminal that cannot show a character ("≤", "→", a label's accent) gets an escape, not a crash:
+    PYTHONIOENCODING=ascii, a C locale on an old Python, a serial console."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    printable_stdio()
     try:
         args = build_parser().parse_args(argv)
         return dispatch(args)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerun.bundle import BundleError, Manifest, load_manifest, open_bundle, verify_file
+from edgerun.bundle import BundleError, Manifest, open_bundle, verify_file
 from edgerun.errors import EdgeError
 from edgerun.io import atomic_write
 from edgerun.readers import (
@@ -34,6 +34,7 @@ from edgerun.readers import (
     read_idx,
     read_image,
 )
+from edgerun.verify import load_verified, verify_model
 
 FORMATS = ("text", "json", "csv")
 TEXT_LIMIT = 10
@@ -129,7 +130,7 @@ def run_infer(args) -> int:
     import tempfile
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
         bundle = open_bundle(Path(args.bundle), Path(tmp))
-        manifest = load_manifest(bundle)
+        manifest = load_verified(bundle)
         outcome = infer(bundle, manifest, Path(args.input), model=args.model,
                         labels=Path(args.labels) if args.labels else None,
                         batch_size=args.batch_size, top_k=args.top_k)
@@ -139,7 +140,7 @@ def run_infer(args) -> int:
     # json and csv on stdout stay parseable: the summary goes to stderr then.
     summary_to = sys.stdout if args.output or args.format == "text" else sys.stderr
     if args.output:
-        atomic_write(args.output, document)
+        atomic_write(args.output, document.encode("utf-8"))  # UTF-8 whatever the locale says
     else:
         sys.stdout.write(document)
     for line in summary(outcome, args.output):
@@ -159,10 +160,7 @@ def infer(bundle: Path, manifest: Manifest, input_path: Path, *, model: str | No
     for data in (input_path, inputs.labels_file):
         _verify_if_listed(bundle, manifest, data)  # the bundle's own sample: hashed like its models
     name = pick_model(bundle, manifest, model)
-    path = verify_file(bundle, manifest, name)
-    sidecar = f"{name}.json"  # an engine's build record, read by the TensorRT runner
-    if sidecar in manifest.files:
-        verify_file(bundle, manifest, sidecar)
+    path = verify_model(manifest, name)
     x = normalise(inputs.images, manifest)
     logits, backend, timing = run_model(path, manifest.files[name].kind, manifest.input.name, x, batch_size)
     if logits.ndim != 2 or logits.shape != (len(x), len(classes)):

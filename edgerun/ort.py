@@ -6,6 +6,7 @@ onnxruntime itself is imported inside the functions that need it.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,18 @@ class OrtError(EdgeError):
     """A model onnxruntime cannot load or run here, a missing provider, or a bad feed."""
 
 
-def available_ort_providers() -> list[str]:
-    import onnxruntime as ort
+def onnxruntime():
+    """The onnxruntime module; its absence on the target (or a wheel that cannot load) is one line."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise OrtError(f"onnxruntime cannot be imported by {sys.executable} ({brief(e)}): install it "
+                       f"(pip install onnxruntime; onnxruntime-gpu or the JetPack wheel on a Jetson)") from None
+    return ort
 
-    return list(ort.get_available_providers())
+
+def available_ort_providers() -> list[str]:
+    return list(onnxruntime().get_available_providers())
 
 
 class OrtRunner:
@@ -34,8 +43,7 @@ class OrtRunner:
     """
 
     def __init__(self, path, providers=("CPUExecutionProvider",), threads=0, provider_options=None):
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         self.path = Path(path)
         name = self.path.name
         if not self.path.is_file():

@@ -98,6 +98,7 @@ class QdqNode:
     granularity: str                        # per_tensor | per_channel | per_block
     axis: int | None                        # as written (may be negative); None for per-tensor
     on_weight: bool                         # quantizes a constant (a weight), not an activation
+    zero_point_shape: tuple[int, ...] | None = None   # ONNX: the scale's shape
 
     @property
     def zero_point_zero(self) -> bool:
@@ -192,6 +193,10 @@ def _load(path_or_model, name: str | None):
             model = onnx.load(str(path))
         except Exception as e:  # protobuf, external data and OS errors all mean "not a model we can read"
             raise PreflightError(f"{path}: not a readable ONNX model ({brief(e)})") from None
+        try:  # first: a node without its inputs or an attribute of the wrong type would crash the analysis
+            onnx.checker.check_model(str(path))
+        except Exception as e:  # ValidationError, and protobuf's own errors on a malformed file
+            raise PreflightError(f"{path}: not a valid ONNX model (onnx.checker: {brief(e)})") from None
     else:
         model, label = path_or_model, name or (path_or_model.graph.name or "ONNX model")
     if model.functions:
@@ -235,7 +240,8 @@ def qdq_nodes(model, graph: _Graph | None = None) -> list[QdqNode]:
             node.op_type == "DequantizeLinear" and source is not None and source.op_type == "QuantizeLinear"
             and source.input[0] in g.consts)
         out.append(QdqNode(node.name, node.op_type, node.input[0], node.output[0], g.type_name(dtype), values,
-                           shape, granularity, axis, on_weight))
+                           shape, granularity, axis, on_weight,
+                           tuple(zp.shape) if zp_name is not None and zp is not None else None))
     return out
 
 
@@ -257,6 +263,9 @@ def qdq_issues(model, graph: _Graph | None = None) -> list[Issue]:
             issue("zero-point", "zero point is not a constant; TensorRT needs a constant 0")
         elif not q.zero_point_zero:
             issue("zero-point", f"zero point {list(q.zero_point[:4])}; TensorRT needs 0 (symmetric)")
+        elif q.zero_point_shape not in (None, q.scale_shape) and q.scale_shape is not None:
+            issue("zero-point", f"zero point of shape {list(q.zero_point_shape)} for a scale of shape "
+                                f"{list(q.scale_shape)}; ONNX needs the same shape")
         if q.scale_shape is None:
             issue("scale", "scale is not a constant")
         elif not q.on_weight and q.granularity != "per_tensor":
@@ -354,6 +363,14 @@ def check_onnx(path_or_model, trt_major: int, *, name: str | None = None) -> Pre
     """Check an ONNX file (or ModelProto) against TensorRT ``trt_major``'s documented ONNX support."""
     table = load_table(trt_major)
     model, label, notes = _load(path_or_model, name)
+    try:
+        return _check(model, label, notes, table, trt_major)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        # onnx.checker passed, yet a value is not what its operator's definition says (a string zero point)
+        raise PreflightError(f"{label}: malformed model, the pre-flight cannot read it ({brief(e)})") from None
+
+
+def _check(model, label: str, notes: list, table: SupportTable, trt_major: int) -> Preflight:
     g = _Graph(model)
     issues = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

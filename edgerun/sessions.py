@@ -54,7 +54,7 @@ def backends_for(kind: str) -> list[str]:
         try:
             from edgerun.ort import available_ort_providers
             have = available_ort_providers()
-        except ImportError:
+        except (ImportError, EdgeError):   # no onnxruntime here: nothing runs an ONNX file
             return []
         out = [b for b, p in ORT_BACKENDS.items() if p in have]
         if "onnxruntime-tensorrt" in out and trt_here() is None:

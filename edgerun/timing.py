@@ -359,19 +359,20 @@ def repeat_in_processes(spec: Spec, n: int = 3, *, max_spread: float = MAX_SPREA
 
 
 def _run_workers(spec: Spec, n: int, timeout_s: float, python: str) -> list[dict[int, Comparison]]:
-    import os
     import tempfile
-    # The worker imports this very package, wherever it lies (a repository, a deploy bundle).
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    # The worker imports this very package, wherever it lies (a repository, a deploy bundle): `-m` run
+    # from the folder holding it finds it first. Not PYTHONPATH: a folder on it is searched from the
+    # interpreter's start, before edgerun can leave a bundle folder off the path (edgerun/__init__.py).
+    root = Path(__file__).resolve().parents[1]
+    items = tuple(replace(i, path=str(Path(i.path).resolve())) for i in spec.items)   # the cwd changes
     with tempfile.TemporaryDirectory(prefix="edgerun_timing_") as tmp:
         path = Path(tmp) / "spec.json"
-        path.write_text(json.dumps(spec.to_json()))
+        path.write_text(json.dumps(replace(spec, items=items).to_json()))
         results = []
         for _ in range(n):
             try:
                 p = subprocess.run([python, "-m", "edgerun.timing", str(path)], capture_output=True, text=True,
-                                   timeout=timeout_s, env=env)
+                                   timeout=timeout_s, cwd=root)
             except subprocess.TimeoutExpired:
                 raise TimingError(f"timing worker: no result within {timeout_s:.0f} s") from None
             if p.returncode != 0:

@@ -1,25 +1,32 @@
 """The package stage: the deploy bundle, which is all a target needs.
 
-The bundle holds the shipped model files (verified by sha256 in the manifest), the runtime package
-`edgerun/` (no torch, no pipeline), a small labelled sample of the test set so that the commands
-printed under "Next:" work as written, the static TensorRT pre-flight of every ONNX file, and the
-engine recipe (build_engine.sh) only for a source file that TensorRT accepts.
+The bundle holds the shipped model files with their external data, the runtime package `edgerun/`
+(no torch, no pipeline), a small labelled sample of the test set so that the commands printed
+under "Next:" work as written, the static TensorRT pre-flight of every ONNX file, and the engine
+recipe (build_engine.sh) only for a source file that TensorRT accepts. Every file is listed with
+its sha256 in manifest.json: the runtime refuses a bundle holding anything else.
+
+Before the run may pass, the bundle proves it runs: its own runtime, in a fresh process inside the
+bundle, runs the `Next:` infer command on its sample, and its predictions must be the pipeline's.
 """
 from __future__ import annotations
 
 import dataclasses
 import gzip
-import shutil
+import json
 import struct
-from pathlib import Path
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from edgerun.io import atomic_write, copy_file, sha256_file, write_json
+from edgerun.io import atomic_write, copy_file, hash_json, sha256_file, write_json
 from edgerun.machine import library_versions
 from export.trt_options import EngineOptions
 from pipeline.data import PROJECT_ROOT
 from pipeline.errors import PipelineError
+from pipeline.profile_stage import PROFILE_FILE
 from pipeline.records import StageRecord
 from pipeline.runner import Context, Output
 
@@ -28,6 +35,27 @@ TRT_MAJORS = (10, 11)
 SAMPLE_SIZE = 256
 SHIPPED_STAGES = ("export_onnx", "quantize", "engine")
 NOT_SHIPPED_ROLES = ("baseline-onnx",)   # the unpruned reference is for measuring, not for deploying
+MANIFEST_FORMAT = 3                      # edgerun.bundle.FORMAT: every file listed
+RUNTIME = PROJECT_ROOT / "edgerun"
+RUNTIME_PATTERNS = ("*.py", "*.sh", "*.json")   # the runtime's code, scripts and tables; no caches
+# The `Next:` block's infer command (pipeline/cli.py prints it), run in the bundle before PASSED.
+NEXT_INFER = ("infer", "--bundle", ".", "--input", "sample/images-idx3-ubyte.gz", "--format", "json")
+MIN_AGREEMENT = 0.99    # the bundle's predictions vs the pipeline's: input rounding may flip a borderline one
+BUNDLE_RUN_TIMEOUT_S = 600
+
+
+def runtime_files() -> list[Path]:
+    """What of edgerun/ a bundle ships, and so what its fingerprint holds: nothing else is copied."""
+    return sorted(p for pattern in RUNTIME_PATTERNS for p in RUNTIME.glob(pattern) if p.is_file())
+
+
+def package_environment() -> dict:
+    """What the package stage copies besides its inputs' files: the runtime's content, by sha256.
+
+    The runner adds a stage's ``environment`` to its fingerprint (Stage(..., environment=...)), so
+    a change to edgerun/ packages again.
+    """
+    return {"runtime_sha256": hash_json({p.name: sha256_file(p) for p in runtime_files()})}
 
 
 def package_keys(cfg):
@@ -67,9 +95,13 @@ def _idx_bytes(array: np.ndarray) -> bytes:
     return gzip.compress(header + np.ascontiguousarray(array, dtype=dtype).tobytes(), mtime=0)
 
 
+def sample_indices(ctx: Context) -> np.ndarray:
+    return np.sort(np.random.default_rng(ctx.cfg.run.seed).permutation(len(ctx.data.test.labels))[:SAMPLE_SIZE])
+
+
 def _sample(ctx: Context, bundle: Path) -> dict:
     test = ctx.data.test
-    idx = np.sort(np.random.default_rng(ctx.cfg.run.seed).permutation(len(test.labels))[:SAMPLE_SIZE])
+    idx = sample_indices(ctx)
     images = test.images[idx]
     images = images[:, 0] if images.shape[1] == 1 else images   # MNIST's own layout for 1 channel
     atomic_write(bundle / "sample" / "images-idx3-ubyte.gz", _idx_bytes(images))
@@ -87,8 +119,9 @@ def _preflight(bundle: Path, files: dict) -> dict:
     return out
 
 
-def _engine_recipe(ctx: Context, bundle: Path, preflight: dict) -> dict:
-    """build_engine.sh and its generated arguments, only for a source that passes the pre-flight."""
+def _engine_recipe(ctx: Context, bundle: Path, preflight: dict, files: dict) -> dict:
+    """build_engine.sh and its generated arguments (listed in ``files``), only for a source that passes
+    the pre-flight."""
     from edgerun.trt import script_path
     from export.trt_options import write_build_files
     try:
@@ -102,10 +135,13 @@ def _engine_recipe(ctx: Context, bundle: Path, preflight: dict) -> dict:
         return {"offered": False, "source": source,
                 "reason": f"{source} fails the TensorRT pre-flight" + (f" ({first})" if first else "")}
     cfg = ctx.cfg
-    write_build_files(bundle, engine_options(cfg), onnx_name=source, engine_name="model.engine", input_name="input",
-                      input_shape=(cfg.data.channels, *cfg.data.size), precision=cfg.engine.source)
+    written = write_build_files(bundle, engine_options(cfg), onnx_name=source, engine_name="model.engine",
+                                input_name="input", input_shape=(cfg.data.channels, *cfg.data.size),
+                                precision=cfg.engine.source)
     copy_file(script_path(), bundle / "build_engine.sh")
     (bundle / "build_engine.sh").chmod(0o755)
+    for path in [*written, bundle / "build_engine.sh"]:
+        files[path.name] = {"kind": "script" if path.suffix == ".sh" else "build", "sha256": sha256_file(path)}
     return {"offered": True, "source": source, "script": "build_engine.sh",
             "trt_majors": sorted(int(m) for m in majors),
             "note": "NOT executed here (no TensorRT/GPU on this machine): build on the target"}
@@ -129,24 +165,30 @@ def package_stage(ctx: Context) -> Output:
         for art in rec.artifacts if rec.status != "skipped" else ():
             if art.role in NOT_SHIPPED_ROLES:
                 continue
-            copy_file(ctx.path(stage, art.file), bundle / art.file)
+            src = ctx.path(stage, art.file)
+            copy_file(src, bundle / art.file)
             files[art.file] = {"kind": art.kind, "precision": art.precision, "role": art.role, "label": art.label,
                                "stage": stage, "top1": art.top1 if art.top1 is not None else rec.metrics.get("top1"),
                                "sha256": sha256_file(bundle / art.file)}
+            for name, kind in _loaded_with(src, art.file, art.kind):
+                copy_file(src.parent / PurePosixPath(name).name, bundle / name)
+                files[name] = {"kind": kind, "stage": stage, "sha256": sha256_file(bundle / name)}
     # The runtime package is the only code the bundle ships: numpy + onnxruntime or TensorRT run it.
-    shutil.copytree(PROJECT_ROOT / "edgerun", bundle / "edgerun", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for src in runtime_files():
+        copy_file(src, bundle / "edgerun" / src.name)
+        files[f"edgerun/{src.name}"] = {"kind": "runtime", "sha256": sha256_file(bundle / "edgerun" / src.name)}
     sample = _sample(ctx, bundle)
     for key in ("images", "labels"):
         files[sample[key]] = {"kind": "sample", "sha256": sha256_file(bundle / sample[key])}
     preflight = _preflight(bundle, files)
-    recipe = _engine_recipe(ctx, bundle, preflight)
+    recipe = _engine_recipe(ctx, bundle, preflight, files)
     records: list[StageRecord] = [ctx.record(n) for n in ctx.stage.reads]
-    profile = ctx.record("profile").metrics
+    profile = _measured(ctx)
     shipped = {n for n, m in files.items() if m["kind"] in ("onnx", "engine")}
     chosen = choose_variant(records, profile.get("latency") or [], cfg.package, shipped)
     chosen["on_target"] = _on_target(cfg.run.target, recipe, chosen)
     write_json(bundle / "manifest.json", {
-        "format": 2,
+        "format": MANIFEST_FORMAT,
         "model": _model_json(ctx),
         "input": {"name": "input", "shape": ["batch", cfg.data.channels, *cfg.data.size], "dtype": "float32",
                   "layout": "NCHW", "normalisation": {"scale": 1 / 255, "mean": list(cfg.data.mean),
@@ -162,10 +204,74 @@ def package_stage(ctx: Context) -> Output:
         "libraries": library_versions(),
         "verified": _verified(ctx),
     })
-    listing = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+    listing = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    unlisted = sorted(set(listing) - set(files) - {"manifest.json"})
+    if unlisted:   # the runtime would refuse this bundle: a bug here, not the user's
+        raise PipelineError(f"package: {bundle}/{unlisted[0]} was written but not listed in manifest.json")
+    ran = bundle_runs(ctx, bundle)
     return Output(metrics={"files": [f for f in listing if not f.startswith("edgerun/")], "chosen": chosen,
-                           "engine_recipe": recipe,
+                           "engine_recipe": recipe, "bundle_runs": ran,
                            "preflight": {f: {m: r["ok"] for m, r in res.items()} for f, res in preflight.items()}})
+
+
+def _loaded_with(src: Path, name: str, kind: str) -> list[tuple[str, str]]:
+    """(bundle name, kind) of the files loading the artifact ``name`` reads: an ONNX file's external
+    data, an engine's sidecar. Each is copied beside it and listed."""
+    folder = PurePosixPath(name).parent
+    if kind == "engine":
+        return [(f"{name}.json", "sidecar")] if src.with_name(src.name + ".json").is_file() else []
+    if kind != "onnx":
+        return []
+    import onnx
+
+    from edgerun.verify import external_locations
+    out = []
+    for location in external_locations(onnx.load(str(src), load_external_data=False)):
+        if PurePosixPath(location).name != location:   # export writes data beside the model, never elsewhere
+            raise PipelineError(f"{src}: external data {location!r} is not a file beside the model: refused")
+        out.append(((folder / location).as_posix(), "onnx-data"))
+    return out
+
+
+def _measured(ctx: Context) -> dict:
+    """The profile's measurements from its output file: what the package's fingerprint holds."""
+    path = ctx.path("profile", PROFILE_FILE)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: this profile result predates it; re-time with `make profile` "
+                            "(or --force profile)") from None
+
+
+def bundle_runs(ctx: Context, bundle: Path) -> dict:
+    """The `Next:` infer command, run by the bundle's own runtime in a fresh process inside the bundle
+    (-B: no bytecode cache written into it), on its sample; its predictions must be the pipeline's."""
+    command = f"python3 -m edgerun {' '.join(NEXT_INFER)}"
+    try:
+        p = subprocess.run([sys.executable, "-B", "-m", "edgerun", *NEXT_INFER], cwd=bundle, capture_output=True,
+                           text=True, timeout=BUNDLE_RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"the bundle does not run: `{command}` gave no answer in {BUNDLE_RUN_TIMEOUT_S} s") \
+            from None
+    if p.returncode != 0:
+        lines = [ln for ln in (p.stdout + "\n" + p.stderr).splitlines() if ln.strip()] or ["(no message)"]
+        last = next((ln for ln in lines if ln.startswith("FAILED")), lines[-1]).removeprefix("FAILED | error: ")
+        raise PipelineError(f"the bundle does not run: `{command}` failed: {last}")
+    doc = json.loads(p.stdout)
+    got = np.array([row["class_index"] for row in doc["predictions"]])
+    out = {"command": command, "model": doc["model_file"], "backend": doc["backend"], "count": doc["count"],
+           "sample_top1": doc["accuracy"]["top1_pct"]}
+    if not doc["model_file"].endswith(".onnx"):
+        return {**out, "agreement": None, "note": "an engine: compared with nothing here (no TensorRT)"}
+    from pipeline import modelio
+    x = ctx.data.x_test[sample_indices(ctx)]
+    want = modelio.logits(modelio.onnx_outputs(bundle / doc["model_file"], x)).argmax(1)
+    agreement = float((got == want).mean()) if got.shape == want.shape else 0.0
+    if agreement < MIN_AGREEMENT:
+        raise PipelineError(f"the bundle runs but answers otherwise: `{command}` with {doc['model_file']} agrees "
+                            f"with the pipeline on {agreement:.1%} of its {len(want)} sample images "
+                            f"(at least {MIN_AGREEMENT:.0%} expected): its normalisation or labels differ")
+    return {**out, "agreement": round(agreement, 4)}
 
 
 def _model_json(ctx: Context) -> dict:

@@ -1,12 +1,19 @@
-"""The profile stage's work: every model artifact of the run, located and timed by pipeline.profile."""
+"""The profile stage's work: every model artifact of the run, located and timed by pipeline.profile.
+
+What it measured is also its output file (PROFILE_FILE), so the stages that read it (package: the
+chosen file, its "why") depend on these very numbers: the runner fingerprints a stage's inputs by the
+files they wrote, and a new measurement is a new file.
+"""
 from __future__ import annotations
 
 import dataclasses
 
+from edgerun.io import write_json
 from pipeline.records import Located
 from pipeline.runner import Context, Output
 
 TIMED_KINDS = ("torch", "onnx", "engine")
+PROFILE_FILE = "profile.json"
 
 
 def located_artifacts(ctx: Context) -> list[Located]:
@@ -29,4 +36,6 @@ def profile_run(ctx: Context, load_torch) -> Output:
     values["threads"] = values["threads"] or cfg.run.threads
     result = profile_artifacts(located_artifacts(ctx), input_shape=(cfg.data.channels, *cfg.data.size),
                                options=ProfileOptions(**values), load_torch=load_torch, log=ctx.log)
-    return Output(metrics=result.to_json())
+    metrics = result.to_json()
+    write_json(ctx.out / PROFILE_FILE, metrics)
+    return Output(metrics=metrics)

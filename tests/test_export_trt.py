@@ -332,15 +332,25 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+BUNDLE_MANIFEST = {"input": {"name": "input", "shape": ["batch", 3, 8, 8], "dtype": "float32", "layout": "NCHW",
+                             "normalisation": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3}},
+                   "labels": ["a", "b", "c", "d"], "files": {"model.onnx": {"kind": "onnx"}}}
+
+
 def make_bundle(tmp_path, options, version_code="100300", real_edgerun_cli=False):
     """A bundle folder with the script, its files and edgerun; fake trtexec (and python3) on PATH."""
+    from test_hardening_bundle import list_everything
+
+    from pipeline.package import runtime_files
     bundle = tmp_path / "bundle"
-    bundle.mkdir(parents=True)
-    (bundle / "edgerun").symlink_to(REPO / "edgerun")
+    (bundle / "edgerun").mkdir(parents=True)
+    for src in runtime_files():   # the runtime as the package stage ships it
+        (bundle / "edgerun" / src.name).write_bytes(src.read_bytes())
     (bundle / "build_engine.sh").write_bytes(script_path().read_bytes())
     tiny_onnx(bundle / "model.onnx")
     write_build_files(bundle, options, onnx_name="model.onnx", engine_name="model.engine",
                       input_name="input", input_shape=(3, 8, 8), precision="fp32")
+    list_everything(bundle, BUNDLE_MANIFEST)   # build_engine.sh verifies what it reads against it
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls"

@@ -6,14 +6,13 @@ Exit codes: 0 passed, 1 user error (one line, no traceback unless --debug; usage
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
 import sys
 import time
 
 from edgerun import __version__
-from edgerun.cli import UsageError, _Parser, add_verbs, dispatch
+from edgerun.cli import UsageError, _Parser, add_verbs, dispatch, printable_stdio
 from edgerun.errors import EdgeError
 
 SECTIONS = ("run", "data", "model", "baseline", "prune", "finetune", "export", "quantize", "engine", "profile",
@@ -59,11 +58,7 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    for stream in (sys.stdout, sys.stderr):
-        # A terminal that cannot print UTF-8 (LANG=C, a pipe with PYTHONIOENCODING=ascii) gets
-        # escapes for a path's accents, never a UnicodeEncodeError instead of the one-line result.
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
+    printable_stdio()
     debug = "--debug" in argv
     signal.signal(signal.SIGTERM, _terminate)
     try:

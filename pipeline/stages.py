@@ -17,7 +17,7 @@ from pipeline import gate as gates
 from pipeline import modelio
 from pipeline.errors import PipelineError
 from pipeline.finetune_stage import finetune, finetune_gate, finetune_keys
-from pipeline.package import ENGINE_OPTION_KEYS, package_keys, package_stage
+from pipeline.package import ENGINE_OPTION_KEYS, package_environment, package_keys, package_stage
 from pipeline.prune_stage import prune, prune_keys
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output, Stage
@@ -264,9 +264,9 @@ STAGES = [
     Stage("engine", 2, engine, engine_keys, ("export_onnx", "quantize"), uses_data=True,
           gate=drop_gate("engine", "export_onnx"), gate_config=("engine.gate", "engine.max_drop"),
           environment=engine_environment),
-    Stage("profile", 3, profile, profile_keys, ("baseline", "finetune", "export_onnx", "quantize", "engine"),
+    Stage("profile", 4, profile, profile_keys, ("baseline", "finetune", "export_onnx", "quantize", "engine"),
           environment=profile_environment),
     Stage("package", 3, package_stage, package_keys,
           ("baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile"), uses_data=True,
-          folder="deploy"),
+          folder="deploy", environment=package_environment),
 ]

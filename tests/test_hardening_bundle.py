@@ -449,8 +449,6 @@ def test_the_package_fingerprint_holds_the_runtime_it_copies(tmp_path, monkeypat
     assert package.package_environment() != before
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/stages.py must pass environment=package_environment to the "
-                                       "package Stage (a file another helper owns)")
 def test_the_package_stage_is_wired_to_its_runtime_fingerprint():
     from pipeline.package import package_environment
     from pipeline.stages import STAGES

@@ -165,7 +165,8 @@ class Timer:
 
 def outliers(ratios: dict[int, float], tol: float = NEIGHBOUR_TOL) -> tuple[int, ...]:
     """Widths whose ratio is above both neighbours' or below both by more than ``tol``: a spike or a
-    dip. Latency steps and cliffs are one-sided (wider costs the same or more), so they are not flagged."""
+    dip. Latency steps are one-sided (wider costs the same or more) and are not flagged; a real cliff
+    (17 input channels off NCHWc) is, and its three timings keep it."""
     ws = sorted(ratios)
     odd = []
     for lo, w, hi in zip(ws, ws[1:], ws[2:], strict=False):

@@ -333,3 +333,108 @@ def test_real_search_on_a_tiny_cnn_prunes_and_verifies():
     assert s["measured_speedup"] > 1.0 and s["measurements"] >= 2 and s["seconds"] > 0
     assert info["latency_ms_after"] == s["pruned_ms"] > 0
     assert len(info["latency_tables"]) >= 1 and model(ex).shape == (1, 10)
+
+
+# ---------------------------------------------------------------- goal modes, budget, back-off, noise
+def _cnn_groups():
+    return [_group("c1", 16, np.linspace(1, 2, 16)), _group("c2", 32, np.linspace(1, 2, 32))]
+
+
+def _search(rt, groups, **kwargs):
+    x = kwargs.pop("x", np.zeros((1, 1, 4, 4), np.float32))
+    return pl.search(groups, build_variant=dict, export=rt.export, x=x, block=kwargs.pop("block", 16),
+                     opener=rt.opener, clock=rt.clock, **kwargs)
+
+
+def test_goal_best_ships_the_fastest_measured_pick_when_the_goal_is_out_of_reach():
+    rt = FakeRuntime(cnn_cost)
+    r = _search(rt, _cnn_groups(), speedup=50.0, goal_mode="best")
+    full = cnn_cost({"c1": 16, "c2": 32})
+    assert not r.goal_met and r.goal_mode == "best"
+    assert r.measured_speedup == pytest.approx(full / cnn_cost(r.widths), rel=1e-3) and r.measured_speedup > 2
+    assert len(r.notes) == 1 and "speedup 50x not reached" in r.notes[0] and "cannot reach" in r.notes[0]
+    assert r.ladder[0].widths == r.widths and not r.ladder[0].meets_goal
+    with pytest.raises(PipelineError, match="cannot reach speedup 50x"):   # the same request, required
+        _search(FakeRuntime(cnn_cost), _cnn_groups(), speedup=50.0, goal_mode="require")
+
+
+def test_goal_best_ships_the_narrowest_verified_pick_when_verification_disagrees():
+    groups = [_group("a", 16, np.linspace(1, 2, 16)), _group("b", 16, np.linspace(3, 4, 16))]
+    x = np.zeros((1, 1), np.float32)
+    calm = FakeRuntime(additive_cost)
+    _search(calm, groups, x=x, block=4, speedup=3.0)
+    rt = Drift(additive_cost, calm=len(calm.opened) - 2, factor=1.3)
+    r = _search(rt, groups, x=x, block=4, speedup=3.0, goal_mode="best")
+    assert r.widths == {"a": 1, "b": 1} and not r.goal_met
+    assert r.measured_speedup == pytest.approx(3.5 / 1.3, rel=1e-3)
+    assert "not when verified" in r.notes[0]
+
+
+def test_the_back_off_ladder_holds_wider_verified_picks_each_slower_than_the_last():
+    groups = [_group("a", 16, np.linspace(1, 2, 16)), _group("b", 16, np.linspace(3, 4, 16))]
+    rt = FakeRuntime(additive_cost)
+    r = _search(rt, groups, x=np.zeros((1, 1), np.float32), block=4, speedup=3.0, backoff=2)
+    full = additive_cost({"a": 16, "b": 16})
+    assert 2 <= len(r.ladder) <= 3 and r.ladder[0].widths == r.widths
+    for before, after in zip(r.ladder, r.ladder[1:], strict=False):
+        assert all(after.widths[n] >= before.widths[n] for n in after.widths)   # wider, never narrower
+        assert after.widths != before.widths and after.speedup < before.speedup
+        assert after.speedup == pytest.approx(full / additive_cost(after.widths), rel=1e-3)   # measured, not guessed
+        # each rung asks for about 1/BACKOFF_STEP of the time before it, and keeps it within the give-back's step
+        assert before.speedup / after.speedup <= 1 / (pl.BACKOFF_STEP * pg.OVERSHOOT) + 1e-6
+    assert r.ladder[0].meets_goal and [g.meets_goal for g in r.ladder] == [g.speedup >= 3.0 for g in r.ladder]
+    assert _search(FakeRuntime(additive_cost), groups, x=np.zeros((1, 1), np.float32), block=4,
+                   speedup=3.0).ladder == (r.ladder[0],)   # backoff = 0: the pick alone
+
+
+def test_the_time_budget_stops_the_search_and_ships_the_best_verified_pick():
+    groups = [_group(f"g{i}", 16, np.linspace(1, 2, 16)) for i in range(6)]
+
+    def cost(w):   # six groups that add: each table takes fake seconds, the budget ends round 1's tables early
+        return 1e-5 * (10 + sum(w.values()))
+    rt, logs = FakeRuntime(cost), []
+    r = _search(rt, groups, x=np.zeros((1, 1), np.float32), block=4, speedup=3.0, goal_mode="best",
+                budget_s=0.4, log=logs.append)
+    assert r.budget_spent and any("time budget" in n for n in r.notes)
+    assert any("time budget of 0.4 s spent" in line for line in logs)
+    assert len({t.group for t in r.tables}) < len(groups)       # not every group got its table
+    assert r.measured_speedup > 1.0 and r.ladder[0].widths == r.widths
+    unbounded = _search(FakeRuntime(cost), groups, x=np.zeros((1, 1), np.float32), block=4, speedup=3.0)
+    assert not unbounded.budget_spent and unbounded.goal_met
+
+
+def test_outliers_flags_spikes_and_dips_but_not_latency_steps():
+    assert pt.outliers({1: 0.5, 2: 0.5, 4: 0.9, 8: 0.55, 16: 0.6}) == (4,)         # a spike
+    assert pt.outliers({1: 0.5, 2: 0.55, 4: 0.3, 8: 0.6, 16: 1.0}) == (4,)         # a dip
+    assert pt.outliers({1: 0.5, 2: 0.5, 4: 0.5, 8: 0.8, 16: 0.8, 32: 1.0}) == ()  # steps: one-sided
+    # a cliff (17 input channels fall out of NCHWc) looks like a spike: it is timed again, and kept if real
+    assert pt.outliers({1: 0.5, 2: 0.5, 4: 0.5, 8: 0.8, 16: 0.8, 17: 1.4, 32: 1.0}) == (17,)
+    assert pt.outliers({4: 0.5, 8: 0.7}) == ()                                    # no neighbours on both sides
+
+
+class Hiccup(FakeRuntime):
+    """The first session of width ``w`` runs ``factor`` times faster than it is (a burst of load that
+    hit the reference instead): the table must not trust that single measurement."""
+
+    def __init__(self, cost, w, factor):
+        super().__init__(cost)
+        self.w, self.factor, self.hit = w, factor, False
+
+    def opener(self, path):
+        s = super().opener(path)
+        if self.opened[-1].get("c2") == self.w and not self.hit:
+            self.hit, cost = True, self.cost(self.opened[-1]) * self.factor
+
+            def run(_x):
+                self.now += cost
+            s.run = staticmethod(run)
+        return s
+
+
+def test_a_table_entry_both_neighbours_disagree_with_is_timed_again():
+    rt = Hiccup(cnn_cost, w=12, factor=0.3)
+    r = _search(rt, _cnn_groups(), speedup=1.5, goal_mode="best")
+    first = next(t for t in r.tables if t.group == "c2")
+    truth = cnn_cost({"c1": 16, "c2": 12}) / cnn_cost({"c1": 16, "c2": 32})
+    assert r.remeasured >= 1 and rt.hit
+    assert first.ratio_of()[12] == pytest.approx(truth, rel=1e-3)     # the median of three, not the hiccup

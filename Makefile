@@ -5,7 +5,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 
 .PHONY: deploy test test-all test-load baseline-checkpoint lint profile bench bench-prune bench-quant bench-vit bench-profile bench-coverage \
-	bench-latency gpu-check clean venv
+	bench-latency bench-cold gpu-check clean venv
 
 # Reinstall only when the dependency list or the pinned set changes: the stamp is older than them then.
 # Editable, so the checkout's code is what runs; `.venv/bin/edgepipe` is the console entry point.
@@ -26,7 +26,7 @@ deploy: .venv/.stamp
 BASELINE_RECIPE := --set model.weights= --set baseline.epochs=2 --set baseline.lr=3e-3 --set baseline.batch_size=64 \
 	--set baseline.schedule=onecycle
 baseline-checkpoint: .venv/.stamp
-	$(PY) -m pipeline run --config configs/cpu.toml $(BASELINE_RECIPE) --until baseline --run baseline-checkpoint
+	$(PY) -m pipeline run --config configs/cpu.toml $(BASELINE_RECIPE) --until baseline --run baseline-checkpoint --force baseline
 	cp runs/baseline-checkpoint/01_baseline/model.pt data/checkpoints/simple_cnn_mnist.pt
 	sha256sum data/checkpoints/simple_cnn_mnist.pt
 
@@ -37,7 +37,11 @@ profile: .venv/.stamp
 
 # Fast suite plus the end-to-end smoke test; tests marked slow or gpu are left out.
 test: .venv/.stamp
-	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu and not load" --durations=15 $(PYTEST_ARGS)
+
+# The default deploy with two busy loops beside it (minutes): CI runs it after `make test`.
+test-load: .venv/.stamp
+	$(PY) -m pytest -q -s -m load --durations=5 $(PYTEST_ARGS)
 
 test-all: .venv/.stamp
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
@@ -64,6 +68,9 @@ bench-coverage: .venv/.stamp
 
 bench-latency: .venv/.stamp
 	$(PY) -m benchmarks.bench_latency
+
+bench-cold: .venv/.stamp
+	$(PY) -m benchmarks.bench_cold
 
 # The torch-CUDA paths (fine-tune on CUDA, torch-CUDA latency): skips with one line where there is no CUDA.
 gpu-check: .venv/.stamp

@@ -245,11 +245,26 @@ def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_
     _check_args(x_train, y_train, epochs, schedule, optimizer, kd_weight, early_stop_top1, val, batch_size)
     dev = pick_device(device)
     student.to(dev)
-    return _train_loop(student, teacher, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size,
-                       kd_temperature=kd_temperature, kd_weight=kd_weight, token_weight=token_weight,
-                       schedule=schedule, optimizer=optimizer, weight_decay=weight_decay,
-                       early_stop_top1=early_stop_top1, val=val, eval_every_steps=eval_every_steps,
-                       seed=seed, device=dev, progress=progress, teacher_logits=teacher_logits)
+    before, threads = torch.get_num_threads(), training_threads()
+    torch.set_num_threads(threads)
+    try:
+        info = _train_loop(student, teacher, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size,
+                           kd_temperature=kd_temperature, kd_weight=kd_weight, token_weight=token_weight,
+                           schedule=schedule, optimizer=optimizer, weight_decay=weight_decay,
+                           early_stop_top1=early_stop_top1, val=val, eval_every_steps=eval_every_steps,
+                           seed=seed, device=dev, progress=progress, teacher_logits=teacher_logits)
+    finally:
+        torch.set_num_threads(before)   # process-wide: the stages after this one time with their own threads
+    return {**info, "threads": threads}
+
+
+def training_threads() -> int:
+    """Intra-op threads for training: all usable cores but one, at least one. OpenMP threads that
+    outnumber the cores left free by other processes spin at their barriers, and a step of the
+    default CNN then takes an order of magnitude longer (benchmarks/cold_start.md); one core left over
+    costs little where there are many and keeps a shared 2-core machine from that cliff."""
+    from edgerun.machine import usable_cores
+    return max(1, usable_cores() - 1)
 
 
 # --------------------------------------------------------------------------------------------- DDP

@@ -155,7 +155,8 @@ class Timer:
             c = self.compare(variants, "ref", block_ms=TABLE_BLOCK_MS, rounds=TABLE_ROUNDS)
             return {w: c.ratio(str(w)).median for w in ws}, c.ratio("ref").p50_ms
         ratios, ref_ms = timed(widths)
-        odd = outliers({pick[name]: 1.0, **ratios})
+        # the reference (ratio 1 by definition) helps judge its neighbours but is never re-timed itself
+        odd = tuple(w for w in outliers({pick[name]: 1.0, **ratios}) if w != pick[name])
         if odd:
             self.remeasured += len(odd)
             again = [timed(odd)[0] for _ in range(2)]

@@ -438,3 +438,16 @@ def test_a_table_entry_both_neighbours_disagree_with_is_timed_again():
     truth = cnn_cost({"c1": 16, "c2": 12}) / cnn_cost({"c1": 16, "c2": 32})
     assert r.remeasured >= 1 and rt.hit
     assert first.ratio_of()[12] == pytest.approx(truth, rel=1e-3)     # the median of three, not the hiccup
+
+
+def test_a_reference_that_looks_like_a_spike_is_not_re_timed_as_a_table_entry(tmp_path):
+    """Seen under load: the table's own reference (ratio 1 by definition) stood out from both of its
+    neighbours; only table widths are re-timed (this once raised KeyError in the default deploy)."""
+    def cost(w):   # 12 channels fall off a (made-up) cliff: the reference is slower than 8 and 16
+        return 1e-5 * (10 + (30 if w["c2"] == 12 else 0) + 0.1 * w["c2"])
+    rt = FakeRuntime(cost)
+    timer = pt.Timer(dict, rt.export, rt.opener, np.zeros((1, 1), np.float32), tmp_path, rt.clock)
+    ratios, _ = timer.table_ratios("c2", {"c1": 16, "c2": 12}, (8, 16))
+    assert pt.outliers({12: 1.0, **ratios}) == (12,)            # the reference is the odd one out
+    assert set(ratios) == {8, 16} and timer.remeasured == 0
+    assert ratios[8] == pytest.approx(cost({"c2": 8}) / cost({"c2": 12}), rel=1e-3)

@@ -5,7 +5,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 
 .PHONY: deploy test test-all test-load baseline-checkpoint lint profile bench bench-prune bench-quant bench-vit bench-profile bench-coverage \
-	bench-latency bench-cold gpu-check clean venv
+	bench-latency bench-cold bench-default gpu-check clean venv
 
 # Reinstall only when the dependency list or the pinned set changes: the stamp is older than them then.
 # Editable, so the checkout's code is what runs; `.venv/bin/edgepipe` is the console entry point.
@@ -68,6 +68,9 @@ bench-coverage: .venv/.stamp
 
 bench-latency: .venv/.stamp
 	$(PY) -m benchmarks.bench_latency
+
+bench-default: .venv/.stamp
+	$(PY) -m benchmarks.bench_default
 
 bench-cold: .venv/.stamp
 	$(PY) -m benchmarks.bench_cold

@@ -93,6 +93,7 @@ def keep_heads(model: nn.Module, pruner, attentions: list[attn.Attention], keep:
     got = {n: h[0] for n, h in _heads_now(attentions).items() if n in keep}
     if got != keep:
         raise PipelineError(f"prune: torch-pruning kept {got} heads where the latency search chose {keep}")
+    model.zero_grad(set_to_none=True)  # Taylor's gradients ranked the heads; nothing after may read them
     return json_history(pruner.pruning_history())
 
 

@@ -45,6 +45,7 @@ import torch_pruning as tp
 
 from edgerun.errors import brief
 from pipeline import prune_attention as attn
+from pipeline import prune_heads as heads
 from pipeline import prune_latency as latency
 from pipeline import prune_scope as scope
 from pipeline.errors import PipelineError
@@ -367,14 +368,18 @@ def _width_ratios(widths: dict[str, int], full: dict[str, int]) -> dict[str, flo
 
 def _apply_widths(model, example_input, widths: dict[str, int], common: dict, between_steps=None,
                   progress=None) -> list:
-    """Prune ``model`` in place so that each group root in ``widths`` keeps that many channels."""
+    """Prune ``model`` in place so that each group root in ``widths`` keeps that many channels and each
+    head group (prune_heads: "<attention>#heads") that many whole heads (those go first)."""
+    kept_heads = {n: w for n, w in widths.items() if heads.is_head_group(n)}
+    history = heads.keep_heads(model, *_ranking_pruner(model, example_input, common), kept_heads) if kept_heads else []
+    widths = {n: w for n, w in widths.items() if n not in kept_heads}
     full = {n: c for n, c in layer_channels(model).items() if n in widths}
     ratios = _width_ratios(widths, full)
     if not ratios:
-        return []
+        return history
     opts = {**common, "layer_ratios": ratios, "global_pruning": False, "round_to": 1, "head_ratio": 0.0,
             "narrow_heads": True}
-    history = _run_schedule(model, example_input, ratio=0.0, between_steps=between_steps, progress=progress, **opts)
+    history += _run_schedule(model, example_input, ratio=0.0, between_steps=between_steps, progress=progress, **opts)
     got = {n: c for n, c in layer_channels(model).items() if n in widths}
     if got != widths:
         raise PipelineError(f"prune: torch-pruning kept {got} channels where the latency search chose {widths}")
@@ -403,23 +408,31 @@ def _replay(model, example_input, widths: dict[str, int], common: dict, between_
     return _apply_widths(model, example_input, narrowed, common, between_steps, progress)
 
 
+def _ranking_pruner(m, example_input, common: dict):
+    """(pruner, attentions): the pruner the latency search ranks channels and heads with (no ratio of
+    its own), with Taylor gradients in place where the importance needs them."""
+    attentions = attn.find_attention(m)
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = _pruner(m, example_input, _make_importance(common["importance"], m), 0.0, global_pruning=False,
+                         round_to=1, max_layer_ratio=common["max_layer_ratio"], iterative_steps=1,
+                         ignored=_ignored(m, common["ignored_names"], example_input), layer_ratios=None,
+                         narrow_heads=True, unwrapped=common["unwrapped"], attentions=attentions)
+        if common["importance"] == "taylor":
+            _taylor_gradients(m, common["taylor_batches"])
+    return pruner, attentions
+
+
 def latency_groups(model, example_input, common: dict) -> tuple[list, list[str]]:
     """The groups the pruner would rank (torch-pruning's own group objects, same ignored layers), with
-    their channels' importance; attention and grouped-channel groups are left whole (their names)."""
+    their channels' importance, then a head group per attention (prune_heads); attention groups' and
+    grouped channels' widths are left whole (their names, and the head groups that cannot be cut)."""
     m = copy.deepcopy(model)
     names = {mod: n for n, mod in m.named_modules()}
-    imp = _make_importance(common["importance"], m)
-    attentions = attn.find_attention(m)
     groups, skipped = [], []
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            pruner = _pruner(m, example_input, imp, 0.0, global_pruning=False, round_to=1,
-                             max_layer_ratio=common["max_layer_ratio"], iterative_steps=1,
-                             ignored=_ignored(m, common["ignored_names"], example_input), layer_ratios=None,
-                             narrow_heads=True, unwrapped=common["unwrapped"], attentions=attentions)
-            if common["importance"] == "taylor":
-                _taylor_gradients(m, common["taylor_batches"])
+        pruner, attentions = _ranking_pruner(m, example_input, common)
+        with torch.enable_grad():
             for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                   root_module_types=pruner.root_module_types):
                 root = group[0].dep.target.module
@@ -434,11 +447,12 @@ def latency_groups(model, example_input, common: dict) -> tuple[list, list[str]]
                 n = int(pruner.DG.get_out_channels(root))
                 floor = max(1, math.ceil(n * (1.0 - common["max_layer_ratio"]) - 1e-9))
                 groups.append(latency.Group(name, n, tuple(sorted(float(v) for v in scores)), floor))
+            head_groups, no_heads = heads.head_groups(pruner, attentions, common["max_layer_ratio"])
     except PipelineError:
         raise
     except Exception as e:  # noqa: BLE001 - torch-pruning's failures are tracebacks deep in its graph code
         raise PipelineError(f"prune: torch-pruning failed while listing groups ({brief(e)})") from None
-    return groups, skipped
+    return groups + head_groups, skipped + no_heads
 
 
 def _latency_search(model, example_input, common, *, batch, threads, backend, block, speedup, latency_ms,

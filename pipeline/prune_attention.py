@@ -197,40 +197,69 @@ def _kept_out(dg, group, ignored) -> bool:
     return any(dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in ignored for dep, _ in group)
 
 
-def _least_important(pruner, group, heads: int, n: int) -> list[int]:
-    head_imp = pruner.estimate_importance(group).view(heads, -1).mean(1)
-    return sorted(torch.topk(head_imp, k=n, largest=False).indices.tolist())
+@dataclass(frozen=True)
+class HeadSite:
+    """Where whole heads of one attention are cut: the dependency group over all its heads' channels,
+    rooted at the MHA or at the layer reading a qkv / q-k-v attention's output (where torch-pruning's
+    index mapping from heads to qkv rows is right), and every MHA sharing those channels."""
+    attention: Attention
+    root: nn.Module
+    fn: object                      # the root's pruning function
+    group: object                   # torch-pruning's group over every head channel
+    heads: int
+    head_dim: int
+    mhas: tuple[nn.Module, ...]     # one residual stream's MHAs (they lose the same heads); () otherwise
+    kept: bool                      # an output the pruner keeps (or a layer the user froze) reads them
 
 
-def _remove_mha(pruner, a: Attention, names: dict, n_for) -> list[nn.Module]:
-    """One residual stream's MHAs lose the same whole heads (their channels are the stream's)."""
+def head_site(pruner, a: Attention, names: dict) -> HeadSite:
     dg = pruner.DG
-    fn = dg.get_pruner_of_module(a.module).prune_out_channels
-    group = dg.get_pruning_group(a.module, fn, list(range(a.module.embed_dim)))
-    mhas = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.MultiheadAttention)]
-    if _kept_out(dg, group, pruner.ignored_layers):
-        return mhas  # the stream ends in a kept output (or the user froze part of it)
-    shapes = {(m.num_heads, m.embed_dim) for m in mhas}
-    if len(shapes) != 1:
-        listed = ", ".join(f"{names.get(m, '?')} ({m.num_heads} heads)" for m in mhas)
-        raise PipelineError(f"prune.head_ratio: these nn.MultiheadAttention share their channels but not their "
-                            f"head count, so whole heads cannot be removed: {listed}")
-    heads, embed = shapes.pop()
-    n = n_for(a.module, heads)
-    if n > 0:
+    if a.kind == "mha":
+        root, fn = a.module, dg.get_pruner_of_module(a.module).prune_out_channels
+        group = dg.get_pruning_group(root, fn, list(range(root.embed_dim)))
+        mhas = tuple(dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.MultiheadAttention))
+        shapes = {(m.num_heads, m.embed_dim) for m in mhas}
+        if len(shapes) != 1:
+            listed = ", ".join(f"{names.get(m, '?')} ({m.num_heads} heads)" for m in mhas)
+            raise PipelineError(f"prune: these nn.MultiheadAttention share their channels but not their head count, "
+                                f"so whole heads cannot be removed: {listed}")
+        heads, embed = shapes.pop()
         head_dim = embed // heads
-        drop = _least_important(pruner, group, heads, n)
-        pruned = dg.get_pruning_group(a.module, fn, [h * head_dim + j for h in drop for j in range(head_dim)])
-        if dg.check_pruning_group(pruned):
-            pruned.prune()  # MhaPruner lowers num_heads of every MHA in the group
-            for m in mhas:  # later steps group channels by the new head count
-                pruner.out_channel_groups[m] = pruner.in_channel_groups[m] = m.num_heads
-    return mhas
+    else:
+        (heads, head_dim), mhas = a.heads(), ()
+        root = _output_projection(dg, a)
+        fn = dg.get_pruner_of_module(root).prune_in_channels
+        group = dg.get_pruning_group(root, fn, list(range(heads * head_dim)))
+    return HeadSite(a, root, fn, group, heads, head_dim, mhas, _kept_out(dg, group, pruner.ignored_layers))
+
+
+def head_importance(pruner, site: HeadSite) -> list[float]:
+    """Each head's importance: the sum of its channels' scores under the pruner's importance (a head
+    removed loses head_dim channels, so it weighs against channel groups channel for channel)."""
+    return pruner.estimate_importance(site.group).view(site.heads, -1).sum(1).tolist()
+
+
+def cut_heads(pruner, site: HeadSite, n: int) -> None:
+    """Remove the ``n`` least important whole heads at ``site`` (none where it is kept)."""
+    if n <= 0 or site.kept:
+        return
+    dg, a = pruner.DG, site.attention
+    drop = sorted(torch.topk(torch.tensor(head_importance(pruner, site)), k=n, largest=False).indices.tolist())
+    pruned = dg.get_pruning_group(site.root, site.fn, [h * site.head_dim + j for h in drop
+                                                       for j in range(site.head_dim)])
+    if not dg.check_pruning_group(pruned):
+        return
+    pruned.prune()  # MhaPruner lowers num_heads of every MHA in the group
+    for m in site.mhas:  # later steps group channels by the new head count
+        pruner.out_channel_groups[m] = pruner.in_channel_groups[m] = m.num_heads
+    if not site.mhas:
+        a.module.num_heads = site.heads - n
+        for lin in a.projections:
+            pruner.num_heads[lin] = pruner.out_channel_groups[lin] = a.module.num_heads
 
 
 def _output_projection(dg, a: Attention):
-    """The layer reading the attention's output (timm's proj, HF's out_proj), found in the graph: the
-    group is rooted there, where torch-pruning's index mapping from heads to qkv rows is right."""
+    """The layer reading the attention's output (timm's proj, HF's out_proj), found in the graph."""
     lin = a.projections[0]
     group = dg.get_pruning_group(lin, dg.get_pruner_of_module(lin).prune_out_channels, list(range(lin.out_features)))
     for dep, _ in group:
@@ -238,44 +267,27 @@ def _output_projection(dg, a: Attention):
         if (isinstance(target, (nn.Linear, nn.modules.conv._ConvNd)) and target not in a.projections
                 and dg.is_in_channel_pruning_fn(dep.handler)):
             return target
-    raise PipelineError(f"prune.head_ratio: cannot remove whole heads of {a.name}: no layer reads its output "
+    raise PipelineError(f"prune: cannot remove whole heads of {a.name}: no layer reads its output "
                         "(expected an output projection after the attention)")
 
 
-def _remove_linear_heads(pruner, a: Attention, n_for) -> None:
-    dg = pruner.DG
-    heads, head_dim = a.heads()
-    n = n_for(a.module, heads)
-    if n <= 0:
-        return
-    out = _output_projection(dg, a)
-    fn = dg.get_pruner_of_module(out).prune_in_channels
-    group = dg.get_pruning_group(out, fn, list(range(heads * head_dim)))
-    if _kept_out(dg, group, pruner.ignored_layers):
-        return
-    drop = _least_important(pruner, group, heads, n)
-    pruned = dg.get_pruning_group(out, fn, [h * head_dim + j for h in drop for j in range(head_dim)])
-    if dg.check_pruning_group(pruned):
-        pruned.prune()
-        a.module.num_heads = heads - n
-        for lin in a.projections:
-            pruner.num_heads[lin] = pruner.out_channel_groups[lin] = a.module.num_heads
+def head_sites(pruner, attentions: list[Attention]):
+    """One HeadSite per attention the pruner may touch (one per residual stream for MHAs), made when
+    reached: a site made before an earlier one was cut would hold stale indices."""
+    names = {a.module: a.name for a in attentions}
+    done: set[nn.Module] = set()
+    for a in attentions:
+        if a.module in done or a.module in pruner.ignored_layers or a.projections[0] not in pruner.DG.module2node:
+            continue
+        site = head_site(pruner, a, names)
+        done.update(site.mhas)
+        yield site
 
 
 def remove_heads(pruner, attentions: list[Attention], heads0: dict[nn.Module, int], head_ratio: float,
                  step: int, steps: int) -> None:
     """Remove the least important whole heads of every attention (by the pruner's importance), as far
     as the schedule asks for ``step`` of ``steps``. ``heads0``: each module's head count before pruning."""
-    names = {a.module: a.name for a in attentions}
-
-    def n_for(module, heads):
-        return heads_to_remove(heads0[module], head_ratio, step, steps) - (heads0[module] - heads)
-
-    done: set[nn.Module] = set()
-    for a in attentions:
-        if a.module in done or a.projections[0] not in pruner.DG.module2node:
-            continue
-        if a.kind == "mha":
-            done.update(_remove_mha(pruner, a, names, n_for))
-        else:
-            _remove_linear_heads(pruner, a, n_for)
+    for site in head_sites(pruner, attentions):
+        h0 = heads0[site.attention.module]
+        cut_heads(pruner, site, heads_to_remove(h0, head_ratio, step, steps) - (h0 - site.heads))

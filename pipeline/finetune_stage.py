@@ -16,10 +16,21 @@ import numpy as np
 
 from pipeline import gate as gates
 from pipeline import modelio
-from pipeline.prune_stage import FINETUNE_TRAIN_KEYS, LADDER_KEYS, has_ladder
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output
-from pipeline.stage_io import load_baseline, load_pruned_model, model_keys, pruned_counts, teacher_tokens
+from pipeline.stage_io import (
+    LADDER_KEYS,
+    has_ladder,
+    load_baseline,
+    load_pruned_model,
+    model_keys,
+    pruned_counts,
+    teacher_tokens,
+)
+
+FINETUNE_TRAIN_KEYS = ("finetune.lr", "finetune.batch_size", "finetune.optimizer", "finetune.schedule",
+                       "finetune.kd_temperature", "finetune.kd_weight", "finetune.token_weight", "finetune.val_size",
+                       "finetune.device", "finetune.nproc")
 
 
 def finetune_keys(cfg):

@@ -35,13 +35,10 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch_pruning as tp
 
 from edgerun.errors import brief
 from pipeline import prune_attention as attn
@@ -49,7 +46,6 @@ from pipeline import prune_heads as heads
 from pipeline import prune_latency as latency
 from pipeline import prune_scope as scope
 from pipeline.errors import PipelineError
-from pipeline.models import forward_named
 from pipeline.prune_cost import (  # noqa: F401 (public here)
     batch_of,
     bisect_ratio,
@@ -68,142 +64,19 @@ from pipeline.prune_store import (  # noqa: F401
     load_pruned,
     save_pruned,
 )
-from pipeline.train import logits_of
+from pipeline.prune_tp import (
+    IMPORTANCES,
+    ignored_modules,
+    make_importance,
+    ranking_pruner,
+    run_schedule,
+)
 
-IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "lamp", "random")
 TARGETS = ("ratio", "macs", "latency_ms", "speedup")
 LATENCY_TARGETS = ("latency_ms", "speedup")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _make_importance(name: str, model: nn.Module):
-    if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    if name == "lamp":
-        return tp.importance.LAMPImportance(p=2)
-    if name == "random":
-        return tp.importance.RandomImportance()
-    if name == "bn_scale":
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise PipelineError("prune.importance: 'bn_scale' needs BatchNorm layers and this model has none; "
-                                "use 'l2', 'l1', 'lamp' or 'taylor'")
-        return tp.importance.BNScaleImportance()
-    raise PipelineError(f"prune.importance: unknown {name!r}; expected one of {', '.join(IMPORTANCES)}")
-
-
-def _ignored(model: nn.Module, names: Iterable[str], example_input=None) -> list:
-    """The layers (and bare parameters) producing the model's outputs, the model's own
-    ``prune_ignored_layers`` (module names it may declare) and the user's ``ignored_layers``."""
-    modules = dict(model.named_modules())
-    out = scope.output_producers(model, example_input) if example_input is not None else []
-    declared = tuple(getattr(model, "prune_ignored_layers", ()) or ())
-    for n in (*declared, *names):
-        if n not in modules:
-            raise PipelineError(f"prune.ignored_layers: the model has no module named {n!r}")
-        if not any(modules[n] is o for o in out):
-            out.append(modules[n])
-    return out
-
-
-def _taylor_gradients(model: nn.Module, batches: list) -> None:
-    """Accumulate cross-entropy gradients over ``batches`` (GroupTaylorImportance reads ``.grad``)."""
-    if not batches:
-        raise PipelineError("prune.importance: 'taylor' needs taylor_batches (an iterable of (x, y) tensors)")
-    was_training = model.training
-    model.eval()  # BN statistics must not move; gradients still flow
-    model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
-    for x, y in batches:
-        loss = F.cross_entropy(logits_of(model(x.to(device))), y.to(device))
-        loss.backward()
-    model.train(was_training)
-
-
-def _pruner(model, example_input, importance, ratio, *, global_pruning, round_to, max_layer_ratio,
-            iterative_steps, ignored, layer_ratios, narrow_heads, unwrapped, attentions):
-    modules = dict(model.named_modules())
-    ratio_dict = {modules[name]: float(r) for name, r in (layer_ratios or {}).items()}
-    for a in attentions:
-        if a.kind == "mha" and not narrow_heads:  # heads keep their width: an MHA loses only whole heads
-            ratio_dict.setdefault(a.module, 0.0)
-        elif a.kind != "mha" and not global_pruning:
-            # Local mode names each group's ranking scope after its root module, and torch-pruning roots
-            # an attention group at its output Linear, the root of the residual group too when that
-            # comes first in its graph: one overwrites the other and the residual never shrinks. An
-            # explicit scope per attention, at the same ratio, keeps them apart.
-            ratio_dict.setdefault(a.projections if len(a.projections) > 1 else a.projections[0], float(ratio))
-    return tp.pruner.BasePruner(
-        model, example_input, importance=importance, global_pruning=global_pruning,
-        pruning_ratio=float(ratio), pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=float(max_layer_ratio),
-        iterative_steps=int(iterative_steps), ignored_layers=ignored,
-        round_to=int(round_to) if round_to and round_to > 1 else None,
-        # fresh dicts: torch-pruning 1.6.1 mutates these arguments' shared defaults across pruners
-        in_channel_groups={}, out_channel_groups={},
-        # heads as channel groups, so narrowing keeps whole heads; whole heads go in attn.remove_heads
-        num_heads=attn.torch_pruning_heads(attentions), prune_num_heads=False, prune_head_dims=narrow_heads,
-        customized_pruners=attn.customized_pruners(),
-        unwrapped_parameters=scope.unwrapped_for_torch_pruning(model, unwrapped))
-
-
-def _run_schedule(model, example_input, *, ratio, importance, global_pruning, round_to, max_layer_ratio,
-                  iterative_steps, ignored_names, taylor_batches, seed, unwrapped, layer_ratios=None,
-                  between_steps=None, progress=None, head_ratio=0.0, narrow_heads=True):
-    """Prune ``model`` in place over ``iterative_steps`` steps; returns the replayable history."""
-    torch.manual_seed(seed)
-    imp = _make_importance(importance, model)
-    attentions = attn.find_attention(model)
-    heads0 = {a.module: a.heads()[0] for a in attentions}
-    pruner = None
-    try:
-        with torch.enable_grad(), warnings.catch_warnings():
-            # bare parameters are reported in info["unwrapped"], dim by dim
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            ignored = _ignored(model, ignored_names, example_input)
-            pruner = _pruner(model, example_input, imp, ratio, global_pruning=global_pruning, round_to=round_to,
-                             max_layer_ratio=max_layer_ratio, iterative_steps=iterative_steps, ignored=ignored,
-                             layer_ratios=layer_ratios, narrow_heads=narrow_heads,
-                             unwrapped=unwrapped, attentions=attentions)
-            for step in range(iterative_steps):
-                if importance == "taylor":
-                    _taylor_gradients(model, taylor_batches)
-                if head_ratio > 0:
-                    active = [a for a in attentions if a.module not in pruner.ignored_layers]
-                    attn.remove_heads(pruner, active, heads0, head_ratio, step, iterative_steps)
-                pruner.step()
-                if importance == "taylor":
-                    model.zero_grad(set_to_none=True)
-                attn.sync_attributes(model, attentions, pruner.num_heads)
-                attn.check_consistent(attentions)
-                try:
-                    _runs(model, example_input)
-                except PipelineError as e:  # a mis-indexed graph shows here first
-                    raise PipelineError(f"{e}{scope.split_hint(pruner.DG)}") from None
-                if progress:
-                    progress(step + 1, iterative_steps)
-                if between_steps is not None and step < iterative_steps - 1:
-                    between_steps(step, model)
-    except PipelineError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch-pruning's failures are tracebacks deep in its graph code
-        raise PipelineError(f"prune: torch-pruning failed ({brief(e)})"
-                            f"{scope.split_hint(pruner.DG if pruner else None)}") from None
-    return json_history(pruner.pruning_history())
-
-
-def _runs(model, example_input) -> None:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            forward_named(model, example_input, "prune: the pruned model fails")
-    finally:
-        model.train(was_training)
-
-
 def _check_outputs(model, example_input, shapes_before) -> None:
     after = scope.output_shapes(model, example_input)
     if after != shapes_before:
@@ -229,8 +102,8 @@ def _validate(model, *, target, importance, head_ratio, iterative_steps, max_lay
     if not 0.0 < float(max_layer_ratio) <= 1.0:
         raise PipelineError(f"prune.max_layer_ratio: must be in (0, 1], got {max_layer_ratio}")
     if importance == "bn_scale":
-        _make_importance(importance, model)  # fail early and clearly
-    _ignored(model, ignored_layers)
+        make_importance(importance, model)  # fail early and clearly
+    ignored_modules(model, ignored_layers)
     named = dict(model.named_modules())
     for name, r in layer_ratios.items():
         if name not in named:
@@ -330,18 +203,18 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
         def cost(m):
             return count_macs(m, example_input)[0]
         what = "MACs"
-        ratio_used, sim_channels = bisect_ratio(model, example_input, budget, cost, what, common, _run_schedule,
+        ratio_used, sim_channels = bisect_ratio(model, example_input, budget, cost, what, common, run_schedule,
                                                 cost0=macs_before)
     if target not in LATENCY_TARGETS and not widths:
-        history = _run_schedule(model, example_input, ratio=ratio_used, between_steps=between_steps,
+        history = run_schedule(model, example_input, ratio=ratio_used, between_steps=between_steps,
                                 progress=progress, **common)
 
     # With fine-tuning between global steps the allocation can differ from the simulation: top up
     # (heads were removed already: the top-up only narrows what the main schedule may narrow).
     if target == "macs" and layer_channels(model) != sim_channels and cost(model) > budget:
         once = {**common, "iterative_steps": 1, "layer_ratios": None, "head_ratio": 0.0}
-        extra, _ = bisect_ratio(model, example_input, budget, cost, what, once, _run_schedule)
-        history += _run_schedule(model, example_input, ratio=extra, **once)
+        extra, _ = bisect_ratio(model, example_input, budget, cost, what, once, run_schedule)
+        history += run_schedule(model, example_input, ratio=extra, **once)
         info["top_up_ratio"] = extra
 
     _check_outputs(model, example_input, shapes_before)
@@ -371,7 +244,9 @@ def _apply_widths(model, example_input, widths: dict[str, int], common: dict, be
     """Prune ``model`` in place so that each group root in ``widths`` keeps that many channels and each
     head group (prune_heads: "<attention>#heads") that many whole heads (those go first)."""
     kept_heads = {n: w for n, w in widths.items() if heads.is_head_group(n)}
-    history = heads.keep_heads(model, *_ranking_pruner(model, example_input, common), kept_heads) if kept_heads else []
+    history = []
+    if kept_heads:
+        history = heads.keep_heads(model, *ranking_pruner(model, example_input, common), kept_heads)
     widths = {n: w for n, w in widths.items() if n not in kept_heads}
     full = {n: c for n, c in layer_channels(model).items() if n in widths}
     ratios = _width_ratios(widths, full)
@@ -379,7 +254,7 @@ def _apply_widths(model, example_input, widths: dict[str, int], common: dict, be
         return history
     opts = {**common, "layer_ratios": ratios, "global_pruning": False, "round_to": 1, "head_ratio": 0.0,
             "narrow_heads": True}
-    history += _run_schedule(model, example_input, ratio=0.0, between_steps=between_steps, progress=progress, **opts)
+    history += run_schedule(model, example_input, ratio=0.0, between_steps=between_steps, progress=progress, **opts)
     got = {n: c for n, c in layer_channels(model).items() if n in widths}
     if got != widths:
         raise PipelineError(f"prune: torch-pruning kept {got} channels where the latency search chose {widths}")
@@ -408,21 +283,6 @@ def _replay(model, example_input, widths: dict[str, int], common: dict, between_
     return _apply_widths(model, example_input, narrowed, common, between_steps, progress)
 
 
-def _ranking_pruner(m, example_input, common: dict):
-    """(pruner, attentions): the pruner the latency search ranks channels and heads with (no ratio of
-    its own), with Taylor gradients in place where the importance needs them."""
-    attentions = attn.find_attention(m)
-    with torch.enable_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        pruner = _pruner(m, example_input, _make_importance(common["importance"], m), 0.0, global_pruning=False,
-                         round_to=1, max_layer_ratio=common["max_layer_ratio"], iterative_steps=1,
-                         ignored=_ignored(m, common["ignored_names"], example_input), layer_ratios=None,
-                         narrow_heads=True, unwrapped=common["unwrapped"], attentions=attentions)
-        if common["importance"] == "taylor":
-            _taylor_gradients(m, common["taylor_batches"])
-    return pruner, attentions
-
-
 def latency_groups(model, example_input, common: dict) -> tuple[list, list[str]]:
     """The groups the pruner would rank (torch-pruning's own group objects, same ignored layers), with
     their channels' importance, then a head group per attention (prune_heads); attention groups' and
@@ -431,7 +291,7 @@ def latency_groups(model, example_input, common: dict) -> tuple[list, list[str]]
     names = {mod: n for n, mod in m.named_modules()}
     groups, skipped = [], []
     try:
-        pruner, attentions = _ranking_pruner(m, example_input, common)
+        pruner, attentions = ranking_pruner(m, example_input, common)
         with torch.enable_grad():
             for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                   root_module_types=pruner.root_module_types):

@@ -13,32 +13,15 @@ from edgerun.io import write_json
 from pipeline import modelio
 from pipeline.data import resolve_root
 from pipeline.errors import PipelineError
+from pipeline.finetune_stage import FINETUNE_TRAIN_KEYS, finetune_model
 from pipeline.runner import Context, Output
-from pipeline.stage_io import load_baseline, model_keys, pruned_counts, teacher_tokens
+from pipeline.stage_io import load_baseline, model_keys, pruned_counts, replaying, teacher_tokens
 
-FINETUNE_TRAIN_KEYS = ("finetune.lr", "finetune.batch_size", "finetune.optimizer", "finetune.schedule",
-                       "finetune.kd_temperature", "finetune.kd_weight", "finetune.token_weight", "finetune.val_size",
-                       "finetune.device", "finetune.nproc")
 _LATENCY_KEYS = ("prune.latency_batch", "prune.latency_threads", "prune.goal", "prune.search_budget_s",
                  "prune.backoff")
 PRUNE_TARGET_KEYS = {"ratio": ("prune.ratio", "prune.global_pruning"), "macs": ("prune.macs", "prune.global_pruning"),
                      "latency_ms": ("prune.latency_ms", *_LATENCY_KEYS), "speedup": ("prune.speedup", *_LATENCY_KEYS)}
 TAYLOR_IMAGES = 512   # images whose gradients rank channels for Taylor importance
-
-
-def replaying(cfg) -> bool:
-    widths, record = cfg.prune.widths, cfg.prune.from_record   # both read: the stages declare both
-    return bool(widths or record)
-
-
-LADDER_KEYS = ("prune.target", "prune.backoff", "prune.widths", "prune.from_record")   # what has_ladder reads
-
-
-def has_ladder(cfg) -> bool:
-    """Whether the prune stage may hand the fine-tune stage more than one pick to try."""
-    p = cfg.prune
-    latency, backoff, replay = p.target in ("latency_ms", "speedup"), p.backoff > 0, replaying(cfg)
-    return latency and backoff and not replay
 
 
 def prune_keys(cfg):
@@ -79,7 +62,6 @@ def replay_widths(cfg) -> dict[str, int] | None:
 
 
 def prune(ctx: Context) -> Output:
-    from pipeline.finetune_stage import finetune_model
     from pipeline.prune import LATENCY_TARGETS, latency_backend, prune_model, resolve_round_to, save_pruned
     from pipeline.prune_latency import SearchOptions
     cfg, data, p = ctx.cfg, ctx.data, ctx.cfg.prune

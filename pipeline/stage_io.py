@@ -12,6 +12,8 @@ from pipeline import gate as gates
 from pipeline import modelio
 from pipeline.runner import Context
 
+LADDER_KEYS = ("prune.target", "prune.backoff", "prune.widths", "prune.from_record")   # what has_ladder reads
+
 
 def model_keys(cfg) -> list[str]:
     """What building the model reads: the name only when no factory replaces it."""
@@ -61,3 +63,17 @@ def drop_gate(section: str, parent: str):
         s = getattr(cfg, section)
         return gates.gate(s.gate, gates.drop_check("top1", m["top1"], inputs[parent].metrics["top1"], s.max_drop))
     return check
+
+
+def replaying(cfg) -> bool:
+    widths, record = cfg.prune.widths, cfg.prune.from_record   # both read: the stages declare both
+    return bool(widths or record)
+
+
+
+
+def has_ladder(cfg) -> bool:
+    """Whether the prune stage may hand the fine-tune stage more than one pick to try."""
+    p = cfg.prune
+    latency, backoff, replay = p.target in ("latency_ms", "speedup"), p.backoff > 0, replaying(cfg)
+    return latency and backoff and not replay

@@ -54,6 +54,7 @@ from pipeline.prune_cost import (  # noqa: F401 (public here)
     export_for_timing,
     measure_latency_ms,
 )
+from pipeline.prune_greedy import is_head_group
 from pipeline.prune_latency import GPU_ROUND_TO, latency_backend, resolve_round_to  # noqa: F401 (public here)
 from pipeline.prune_store import (  # noqa: F401
     HISTORY_FILE,
@@ -243,7 +244,7 @@ def _apply_widths(model, example_input, widths: dict[str, int], common: dict, be
                   progress=None) -> list:
     """Prune ``model`` in place so that each group root in ``widths`` keeps that many channels and each
     head group (prune_heads: "<attention>#heads") that many whole heads (those go first)."""
-    kept_heads = {n: w for n, w in widths.items() if heads.is_head_group(n)}
+    kept_heads = {n: w for n, w in widths.items() if is_head_group(n)}
     history = []
     if kept_heads:
         history = heads.keep_heads(model, *ranking_pruner(model, example_input, common), kept_heads)

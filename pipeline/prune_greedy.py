@@ -12,6 +12,11 @@ STEP_TOL = 0.03        # a width saves time only when it cuts >= 3 % of the curr
 OVERSHOOT = 0.95       # a pick measured more than ~5 % faster than the goal gives channels back
 MAX_MULTIPLES = 12     # block multiples per group; wider groups get a coarser grid (bounded search time)
 WIDER = 3              # nearest candidates above the pick in a rebuilt table (then ~2x, 4x, ... the pick)
+HEADS_SUFFIX = "#heads"   # a group of whole attention heads (pipeline.prune_heads): its width counts heads
+
+
+def is_head_group(name: str) -> bool:
+    return name.endswith(HEADS_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ def table_widths(channels: int, block: int, at: int, *, min_width: int = 1) -> t
 
 
 def _grid(channels: int, block: int) -> list[int]:
+    if block <= 1:   # heads: no SIMD block, every count is a candidate (a head's cost is its own)
+        return list(range(1, channels))
     step = block * max(1, math.ceil((channels // block) / MAX_MULTIPLES)) if block > 1 else 1
     widths = set(range(step, channels, step)) if block > 1 else set()
     widths |= {m + 1 for m in list(widths)}             # just above a boundary: where cliffs are

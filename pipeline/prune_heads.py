@@ -24,15 +24,11 @@ import torch.nn as nn
 from edgerun.errors import brief
 from pipeline import prune_attention as attn
 from pipeline.errors import PipelineError
-from pipeline.prune_latency import Group
+from pipeline.prune_greedy import HEADS_SUFFIX as SUFFIX
+from pipeline.prune_greedy import Group
 from pipeline.prune_store import json_history
 
-SUFFIX = "#heads"
 KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads")
-
-
-def is_head_group(name: str) -> bool:
-    return name.endswith(SUFFIX)
 
 
 def grouped_query(a: attn.Attention) -> str | None:

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.prune_greedy import OVERSHOOT, Group, Table, give_back, greedy, predict, table_widths
+from pipeline.prune_greedy import OVERSHOOT, Group, Table, give_back, greedy, is_head_group, predict, table_widths
 from pipeline.prune_timer import Budget, Final, Opener, Timer, cpu_opener, verify
 
 MAX_ROUNDS = 4         # table rebuilds around the pick when the measured ratio misses (or overshoots) the goal
@@ -233,7 +233,8 @@ def _check_request(groups, speedup, latency_ms, goal_mode, backoff) -> None:
     if backoff < 0:
         raise PipelineError(f"prune.backoff: must be >= 0 (wider picks to fall back on), got {backoff}")
     if not groups:
-        raise PipelineError("prune: the latency search found no prunable channel group (all ignored or attention)")
+        raise PipelineError("prune: the latency search found no prunable group of channels or attention heads "
+                            "(all ignored, grouped-query attention, or too narrow for max_layer_ratio)")
 
 
 def _rounds(st: _State, timer: Timer, groups, full, block, budget: Budget, speedup, latency_ms, backend, x,
@@ -298,7 +299,8 @@ def _tables(timer: Timer, groups, pick, block, budget: Budget, rnd: int) -> list
     """One table per group around ``pick``; stops early at the budget (at least one table is built:
     it carries the reference time). Progress lines say how far the round is, with an ETA."""
     tables, started = [], budget.clock()
-    todo = [(g, ws) for g in groups if (ws := table_widths(g.channels, block, pick[g.name], min_width=g.min_width))]
+    todo = [(g, ws) for g in groups if (ws := table_widths(g.channels, 1 if is_head_group(g.name) else block,
+                                                         pick[g.name], min_width=g.min_width))]
     total = sum(len(ws) + 1 for _, ws in todo)
     done = 0
     for g, ws in todo:

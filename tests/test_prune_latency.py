@@ -451,3 +451,10 @@ def test_a_reference_that_looks_like_a_spike_is_not_re_timed_as_a_table_entry(tm
     assert pt.outliers({12: 1.0, **ratios}) == (12,)            # the reference is the odd one out
     assert set(ratios) == {8, 16} and timer.remeasured == 0
     assert ratios[8] == pytest.approx(cost({"c2": 8}) / cost({"c2": 12}), rel=1e-3)
+
+
+def test_head_groups_time_every_head_count_not_the_channel_grid():
+    """A head's cost is its own (no SIMD block): 12 heads are timed at 1..11, not at 1, 2, 3, 4, 6, 8."""
+    assert pg.candidate_widths(12, 1) == tuple(range(1, 12))
+    assert pg.table_widths(4, 1, 4) == (1, 2, 3) and pg.table_widths(4, 1, 2) == (1, 3, 4)
+    assert pg.is_head_group("blocks.0.attn" + pg.HEADS_SUFFIX) and not pg.is_head_group("features.0")

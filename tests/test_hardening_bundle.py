@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TRAIN_BASELINE
 from test_bundle import make_bundle
 from test_infer import idx, reference
 
@@ -389,7 +389,7 @@ def test_build_engine_sh_refuses_changed_build_files_before_sourcing_them(tmp_pa
 
 # ---------------------------------------------------------------- the package stage
 
-CHEAP = ["data.train_subset=300", "data.test_subset=100", "baseline.epochs=1", "baseline.min_top1=0",
+CHEAP = [TRAIN_BASELINE, "data.train_subset=300", "data.test_subset=100", "baseline.epochs=1", "baseline.min_top1=0",
          "prune.target=ratio", "prune.ratio=0.3", "finetune.epochs=0.1", "finetune.max_drop=100",
          "export.fp16=false", "export.max_drop=100", "quantize.enabled=false", "profile.iters=3",
          "profile.warmup=1", "profile.batches=[1]", "profile.rounds=1", "profile.processes=1", "profile.block_ms=2",

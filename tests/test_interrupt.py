@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TRAIN_BASELINE
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package"]
 FOLDER = {s: f"{i + 1:02d}_{s}" for i, s in enumerate(STAGES)} | {"package": "deploy"}
 # run.threads=1: on a small shared machine two OpenMP threads per process fight everything else.
-SETS = ["run.threads=1", "data.train_subset=600", "data.test_subset=200", "finetune.epochs=0.3",
+SETS = [TRAIN_BASELINE, "run.threads=1", "data.train_subset=600", "data.test_subset=200", "finetune.epochs=0.3",
         "finetune.val_size=100", "finetune.max_drop=100", "quantize.calib_size=32", "quantize.max_drop=99",
         "quantize.min_agreement=0",
         "quantize.keep_fp32=none",  # "auto" times variants: a resumed run could choose another one
@@ -238,9 +239,9 @@ def test_sigterm_during_finetune_then_resume(tmp_path, weights, finetune_referen
 def test_sigint_during_baseline_training(tmp_path):
     """Ctrl-C while the baseline trains (no checkpoint): nothing of it is kept as finished."""
     runs = tmp_path / "runs"
-    # 10,000 epochs of 600 images: no machine finishes them before the signal, sent once the run says
-    # it is training; the signal ends it at once whatever the speed.
-    cmd = command(runs, "r", "baseline.epochs=10000", until="baseline")
+    # 1,000 epochs (the most a config may ask) of 600 images: no machine finishes them before the signal,
+    # sent once the run says it is training; the signal ends it at once whatever the speed.
+    cmd = command(runs, "r", "baseline.epochs=1000", until="baseline")
     log = tmp_path / "int.log"
     stop_with(start(cmd, log), runs / "r", "baseline", 0.2, signal.SIGINT, log, marker="  training ")
     assert not (runs / ".store").exists() or not any((runs / ".store").iterdir())

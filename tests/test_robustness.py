@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TRAIN_BASELINE
 
 from calib.calibset import load_calibration_set
 from calib.errors import CalibError
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT / "data/mnist"
 CPU = ROOT / "configs/cpu.toml"
 # 300 training images keep a baseline at a few seconds; the calibration set must fit in them.
-TINY = ["data.train_subset=300", "data.test_subset=100", "quantize.calib_size=64", "baseline.epochs=1"]
+TINY = [TRAIN_BASELINE, "data.train_subset=300", "data.test_subset=100", "quantize.calib_size=64", "baseline.epochs=1"]
 
 
 # ---------------------------------------------------------------- helpers

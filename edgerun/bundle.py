@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Mapping
@@ -29,7 +29,7 @@ MAX_INPUT_VALUES = 1 << 27  # C x H x W of one image: 3 x 6688 x 6688, far above
 # Every field the packager writes, with its JSON type: anything else is refused, not ignored.
 TOP_LEVEL = {"format": int, "model": dict, "input": dict, "labels": list, "target": str, "files": dict,
              "chosen": dict, "sample": dict, "preflight": dict, "engine_recipe": dict, "lineage": dict,
-             "libraries": dict, "verified": dict}
+             "libraries": dict, "verified": dict, "int8_form": dict}
 FILE_FIELDS = ("kind", "sha256", "precision", "label", "stage", "top1", "role")
 SAMPLE_FIELDS = ("images", "labels", "count", "n", "note")
 
@@ -67,6 +67,7 @@ class FileEntry:
     label: str = ""
     stage: str = ""
     top1: float | None = None
+    role: str = ""                # the pipeline's artifact role (onnx-fp32, onnx-int8, ...)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,19 @@ class Manifest:
     target: str
     sample: Sample | None
     preflight: Mapping | None     # the packager's pre-flight summary, kept as read
+    int8_form: Mapping = field(default_factory=lambda: MappingProxyType({}))   # role -> {"weights", "reason", ...}
+
+    def int8_risk(self, name: str) -> str | None:
+        """A line for the user when ``name`` holds full-range int8 weights for onnxruntime and this CPU's
+        int8 kernels sum u8*s8 pairs in int16 (they can saturate: answers differ from the build machine's)."""
+        from edgerun.machine import int16_int8_dot
+        entry = self.files.get(name)
+        # the TensorRT form (onnx-int8-trt) runs on a GPU, not on these kernels
+        form = self.int8_form.get("onnx-int8") if entry is not None and entry.role == "onnx-int8" else None
+        if not isinstance(form, dict) or form.get("weights") != "full_range" or not int16_int8_dot():
+            return None
+        return (f"{name}: its int8 weights use the full range ({form.get('reason')}), and this CPU has no VNNI/AMX: "
+                "onnxruntime's int8 kernels can saturate here; prefer model.onnx or re-package on this CPU")
 
     def models(self) -> list[str]:
         return sorted(n for n, f in self.files.items() if f.kind in MODEL_KINDS)
@@ -165,10 +179,12 @@ def load_manifest(bundle: str | Path) -> Manifest:
     target = doc.get("target", "")
     if not isinstance(target, str):
         check.fail("target", "a string", target)
+    int8 = doc.get("int8_form", {})
     manifest = Manifest(bundle, spec, labels, MappingProxyType(files), chosen, why, target,
-                        _sample(check, doc.get("sample"), files), _preflight(check, doc.get("preflight")))
+                        _sample(check, doc.get("sample"), files), _preflight(check, doc.get("preflight")),
+                        MappingProxyType(int8 if isinstance(int8, dict) else {}))
     check.only(doc, TOP_LEVEL, "the manifest")
-    for key in ("format", "model", "engine_recipe", "lineage", "libraries", "verified"):
+    for key in ("format", "model", "engine_recipe", "lineage", "libraries", "verified", "int8_form"):
         if key in doc:
             check.kind(doc[key], TOP_LEVEL[key], key)
     if doc.get("format", FORMAT) != FORMAT:
@@ -277,7 +293,8 @@ def _files(check: _Checker, bundle: Path, obj: dict) -> dict[str, FileEntry]:
         top1 = entry.get("top1")
         if top1 is not None:
             top1 = check.number(top1, f"{where}.top1")
-        files[name] = FileEntry(name, text["kind"], digest, text["precision"], text["label"], text["stage"], top1)
+        files[name] = FileEntry(name, text["kind"], digest, text["precision"], text["label"], text["stage"], top1,
+                                text["role"])
     return files
 
 

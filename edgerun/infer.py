@@ -161,6 +161,9 @@ def infer(bundle: Path, manifest: Manifest, input_path: Path, *, model: str | No
         _verify_if_listed(bundle, manifest, data)  # the bundle's own sample: hashed like its models
     name = pick_model(bundle, manifest, model)
     path = verify_model(manifest, name)
+    risk = manifest.int8_risk(name)
+    if risk:
+        print(f"note: {risk}", file=sys.stderr)
     x = normalise(inputs.images, manifest)
     logits, backend, timing = run_model(path, manifest.files[name].kind, manifest.input.name, x, batch_size)
     if logits.ndim != 2 or logits.shape != (len(x), len(classes)):

@@ -203,6 +203,7 @@ def package_stage(ctx: Context) -> Output:
         "lineage": {r.name: r.fingerprint.get("config", {}) for r in records},
         "libraries": library_versions(),
         "verified": _verified(ctx),
+        "int8_form": _int8_forms(ctx),
     })
     listing = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     unlisted = sorted(set(listing) - set(files) - {"manifest.json"})
@@ -277,6 +278,17 @@ def bundle_runs(ctx: Context, bundle: Path) -> dict:
 def _model_json(ctx: Context) -> dict:
     import json
     return json.loads(ctx.path("baseline", "model.json").read_text())
+
+
+def _int8_forms(ctx: Context) -> dict:
+    """Per INT8 role, the weight form the quantize stage wrote and why (calib.int8form): the runtime
+    warns where a full-range CPU form meets a CPU whose int8 kernels saturate."""
+    q = ctx.record("quantize")
+    if q.status not in ("ran", "cached"):
+        return {}
+    forms = {"onnx-int8": q.metrics.get("int8_form"),
+             "onnx-int8-trt": ((q.metrics.get("forms") or {}).get("tensorrt") or {}).get("int8_form")}
+    return {role: form for role, form in forms.items() if isinstance(form, dict)}
 
 
 def _verified(ctx: Context) -> dict:

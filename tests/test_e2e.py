@@ -127,3 +127,23 @@ def test_infer_accuracy_equals_the_reports_top1_for_that_file(runs, tmp_path):
     export = next(s for s in report(runs)["stages"] if s["name"] == "export_onnx")
     assert doc["accuracy"]["count"] == 300
     assert abs(doc["accuracy"]["top1_pct"] - export["metrics"]["top1"]) < 1e-3
+
+
+def test_the_manifest_records_the_int8_form_and_the_runtime_warns_where_it_would_saturate(runs, monkeypatch):
+    """The bundle says which INT8 weight form it ships and why (issue 19: correct on every CPU); a
+    full-range CPU form opened on a CPU without VNNI/AMX gets a note. The CPU is faked for the second
+    half: this proves the rule, not the saturation (tests/test_int8_form.py emulates that)."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from calib.int8form import FULL, REDUCED
+    from edgerun import machine
+    from edgerun.verify import load_verified
+    manifest = load_verified(runs / "smoke/deploy")
+    form = manifest.int8_form["onnx-int8"]
+    assert form["weights"] == (REDUCED if machine.int16_int8_dot() else FULL) and form["reason"]
+    assert manifest.int8_risk("model_int8.onnx") is None     # what was chosen here suits this CPU
+    full = dataclasses.replace(manifest, int8_form=MappingProxyType({"onnx-int8": {**form, "weights": FULL}}))
+    monkeypatch.setattr(machine, "int16_int8_dot", lambda *a, **k: True)
+    assert "can saturate here" in full.int8_risk("model_int8.onnx")
+    assert full.int8_risk("model.onnx") is None

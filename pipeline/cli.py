@@ -114,9 +114,27 @@ def _headline(result) -> str:
     chosen = (pkg.metrics.get("chosen") or {}) if pkg else {}
     if chosen.get("file"):
         top1 = chosen.get("top1")
-        return f" | ship {chosen['file']}" + (f" (top1 {top1:.2f} %)" if top1 is not None else "")
+        what = [f"top1 {top1:.2f} %"] if top1 is not None else []
+        return f" | ship {chosen['file']}" + (f" ({', '.join(what + _speed(result))})" if what else "")
     top = [r for r in result.records if r.top1 is not None]
     return f" | final top1 {top[-1].top1:.2f} % ({top[-1].name})" if top else ""
+
+
+def _speed(result) -> list[str]:
+    """The shipped file's measured speedup with its spread, and the load the search measured under:
+    the report's summary, so the last line and the report cannot disagree."""
+    try:
+        s = json.loads((result.run_dir / "report.json").read_text())["summary"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    sp, load = s.get("speedup") or {}, (s.get("widths") or {}).get("load") or {}
+    if sp.get("speedup") is None or sp.get("caveats"):
+        return []
+    out = [f"{sp['speedup']:.2f}x vs the unpruned ONNX at batch {sp['batch']}, p10-p90 "
+           f"{sp.get('speedup_p10') or 0:.2f}-{sp.get('speedup_p90') or 0:.2f}, {sp.get('processes') or 1} process(es)"]
+    if load:
+        out.append(f"load {load.get('start')}-{load.get('max')} while searching")
+    return out
 
 
 def _next_block(result) -> str:

@@ -114,7 +114,12 @@ def finetune(ctx: Context) -> Output:
                        goal_speedup=round(1 / search["goal_ratio"], 3) if search.get("goal_ratio") else None,
                        tried=[{"rung": t.rung, "widths": ladder[t.rung]["widths"], "speedup": ladder[t.rung]["speedup"],
                                "top1": t.metrics["top1"], "passed": t.passed} for t in tried])
-    return Output(metrics=metrics,
+    notices = ()
+    if len(ladder) > 1 and chosen.rung and not rung["meets_goal"] and metrics.get("goal_speedup"):
+        notices = (f"speedup {metrics['goal_speedup']:g}x not reached within the accuracy gate: the fastest pick "
+                   f"that passed is {rung['speedup']}x at top-1 {metrics['top1']:.2f} % "
+                   f"({chosen.rung} narrower pick(s) missed the gate)",)
+    return Output(metrics=metrics, notices=notices,
                   artifacts=(Artifact("pruned-torch", "torch", "", label="pruned + fine-tuned (torch)"),))
 
 

@@ -83,8 +83,8 @@ def _widths_md(w: dict | None) -> list[str]:
         return [f"- **Widths:** replayed (prune.widths / prune.from_record), not searched: `{w['widths']}`."]
     load = w.get("load") or {}
     lo, hi = w.get("measured_p10_p90") or (None, None)
-    line = (f"- **Widths:** searched for {w.get('goal')} (prune.goal = {w.get('goal_mode')}): the pick verified "
-            f"{fmt.ratio(w.get('measured_speedup'))} (p10–p90 {fmt.ratio(lo)}–{fmt.ratio(hi)}, "
+    line = (f"- **Widths:** searched for {w.get('goal')} (prune.goal = {w.get('goal_mode')}): the shipped widths "
+            f"verified {fmt.ratio(w.get('measured_speedup'))} (p10–p90 {fmt.ratio(lo)}–{fmt.ratio(hi)}, "
             f"{w.get('processes')} process(es)) in {w.get('seconds')} s, goal "
             f"{'met' if w.get('goal_met') else 'NOT met'}; 1-minute load while measuring "
             f"{load.get('start', '–')} → max {load.get('max', '–')}")

@@ -96,6 +96,10 @@ def widths_summary(records: list[StageRecord]) -> dict | None:
                                                "measured_p10_p90", "processes", "load", "budget_s", "budget_spent",
                                                "seconds", "remeasured", "notes")})
         out["tried"] = f.get("tried")
+        rung = f.get("rung")
+        if rung:   # the fine-tune backed off: what ships is that rung, with its own verified speed
+            r = p["ladder"][rung]
+            out.update(measured_speedup=r["speedup"], measured_p10_p90=r["p10_p90"], goal_met=r["meets_goal"])
     return out
 
 

@@ -56,6 +56,8 @@ def test_a_pick_that_misses_the_gate_backs_off_to_the_next_rung(tmp_path, canned
     tried = ft.metrics["tried"]
     assert [t["passed"] for t in tried] == [False, True] and tried[0]["widths"] == NARROW
     assert ft.metrics["widths"] == WIDE and ft.metrics["rung"] == 1
+    assert any("speedup 2x not reached within the accuracy gate: the fastest pick that passed is 1.0x" in n
+               for n in ft.notices), ft.notices
     assert ft.metrics["top1"] == tried[1]["top1"] and tried[1]["top1"] > tried[0]["top1"] + 20
     # what ships is the rung that passed: its structure is what the stage saved
     saved = json.loads((result.run_dir / "03_finetune" / "pruning_history.json").read_text())["history"]

@@ -25,8 +25,8 @@ def first(tmp_path_factory):
     return runs, result
 
 
-def again(runs, *extra, name="t", log=None):
-    return pipeline.run(CONFIG, [*FAST, *extra], run_name=name, runs=runs, log=log or (lambda m: None))
+def again(runs, *extra, name="t", log=None, until=None):
+    return pipeline.run(CONFIG, [*FAST, *extra], run_name=name, runs=runs, log=log or (lambda m: None), until=until)
 
 
 def statuses(result):
@@ -139,12 +139,12 @@ def test_weights_are_fingerprinted_by_content(first, tmp_path):
     runs, result = first
     ckpt = tmp_path / "w.pt"
     shutil.copy(runs / "t/01_baseline/model.pt", ckpt)
-    r1 = again(runs, f"model.weights={json.dumps(str(ckpt))}", name="w")
+    r1 = again(runs, f"model.weights={json.dumps(str(ckpt))}", name="w", until="baseline")
     assert statuses(r1)["baseline"] == "ran"
     state = torch.load(ckpt, weights_only=True)
     state[next(iter(state))].mul_(0.5)
     torch.save(state, ckpt)   # overwritten in place: same path
-    r2 = again(runs, f"model.weights={json.dumps(str(ckpt))}", name="w")
+    r2 = again(runs, f"model.weights={json.dumps(str(ckpt))}", name="w", until="baseline")
     assert statuses(r2)["baseline"] == "ran"
 
 

@@ -14,6 +14,12 @@ TINY = [TRAIN_BASELINE, "data.train_subset=300", "data.test_subset=100", "baseli
 WIDTHS = {"features.0": 3, "features.2": 8}
 
 
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory):
+    """One runs folder for the refusals: the baseline they share is trained once (the store)."""
+    return tmp_path_factory.mktemp("runs")
+
+
 def _prune(runs, name, *sets):
     return pipeline.run(CONFIG, [*TINY, *sets], run_name=name, runs=runs, log=lambda m: None, until="prune")
 
@@ -49,10 +55,10 @@ def _model_files(run_dir):
     (['prune.widths={"features.0" = 0}'], "prune.widths.features.0 must be a whole number of channels (or heads) >= 1"),
     (['prune.widths={"features.0" = 2}', "prune.from_record=x.json"], "prune.widths and prune.from_record both name"),
 ])
-def test_bad_widths_are_one_line(tmp_path, sets, message):
+def test_bad_widths_are_one_line(shared_runs, sets, message):
     result = None
     try:
-        result = _prune(tmp_path, "bad", *sets)
+        result = _prune(shared_runs, "bad", *sets)
     except PipelineError as e:
         assert message in str(e) and "\n" not in str(e)
         return

@@ -27,7 +27,7 @@ def run(runs, *extra, config="configs/cpu.toml"):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    p = run(runs, "prune.backoff=0")   # the ladder: test_finetune_ladder.py, and make test-load on the default
+    p = run(runs)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.strip().splitlines()[-1].startswith("PASSED | 8 stages: 7 ran, 0 cached, 1 skipped")
     assert "Next:" in p.stdout and "python3 -m edgerun infer --bundle ." in p.stdout

@@ -4,7 +4,7 @@ CONFIG  ?= configs/cpu.toml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: deploy test test-all test-load baseline-checkpoint lint profile bench bench-prune bench-quant bench-vit bench-profile bench-coverage \
+.PHONY: deploy test test-all test-e2e baseline-checkpoint lint profile bench bench-prune bench-quant bench-vit bench-profile bench-coverage \
 	bench-latency bench-cold bench-default gpu-check clean venv
 
 # Reinstall only when the dependency list or the pinned set changes: the stamp is older than them then.
@@ -37,11 +37,12 @@ profile: .venv/.stamp
 
 # Fast suite plus the end-to-end smoke test; tests marked slow or gpu are left out.
 test: .venv/.stamp
-	$(PY) -m pytest -q -m "not slow and not gpu and not load" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu and not load and not e2e" --durations=15 $(PYTEST_ARGS)
 
-# The default deploy with two busy loops beside it (minutes): CI runs it after `make test`.
-test-load: .venv/.stamp
-	$(PY) -m pytest -q -s -m load --durations=5 $(PYTEST_ARGS)
+# End to end through the real command line, and the default deploy with two busy loops beside it
+# (minutes): CI runs it after `make test`.
+test-e2e: .venv/.stamp
+	$(PY) -m pytest -q -s -m "e2e or load" --durations=5 $(PYTEST_ARGS)
 
 test-all: .venv/.stamp
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

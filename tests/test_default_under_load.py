@@ -1,5 +1,5 @@
 """The default `make deploy` passes on a loaded machine (issue 19): the real command, the real default
-config and data, two busy loops beside it on the machine's cores. Marked `load`: `make test-load`
+config and data, two busy loops beside it on the machine's cores. Marked `load`: `make test-e2e`
 runs it (CI does, after `make test`); it takes minutes, so `make test` leaves it out.
 
 What it asserts is what a user gets: exit 0 and PASSED, a shipped top-1 at or above the seed

@@ -11,6 +11,9 @@ import sys
 import pytest
 from conftest import ROOT, SMALL
 
+# The real command line on the default search path takes minutes: `make test-e2e` runs this file (CI does,
+# after `make test`) together with the default deploy under load.
+pytestmark = pytest.mark.e2e
 STAGES = ["baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package"]
 
 

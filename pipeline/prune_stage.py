@@ -95,7 +95,7 @@ def prune(ctx: Context) -> Output:
                               between_steps=between, taylor_batches=taylor, seed=cfg.run.seed, widths=widths,
                               **target_args)
     save_pruned(model, info["history"], ctx.out)
-    ladder = _save_ladder(ctx, info, save_pruned)
+    ladder = _save_ladder(ctx, info)
     metrics, _ = modelio.task_metrics(modelio.torch_outputs(model, data.x_test), data.test.labels, teacher_tokens(ctx))
     counts = pruned_counts(ctx, model)
     base = ctx.record("baseline").metrics
@@ -116,8 +116,9 @@ def prune(ctx: Context) -> Output:
     return Output(metrics=metrics, notices=tuple(notices))
 
 
-def _save_ladder(ctx: Context, info: dict, save_pruned) -> list[dict]:
+def _save_ladder(ctx: Context, info: dict) -> list[dict]:
     """The pick (this folder) and each back-off rung (``rung<k>/``), with their verified speedups."""
+    from pipeline.prune import save_pruned
     search = info.get("latency_search")
     if not search:
         return []

@@ -128,10 +128,13 @@ def _speed(result) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     sp, load = s.get("speedup") or {}, (s.get("widths") or {}).get("load") or {}
-    if sp.get("speedup") is None or sp.get("caveats"):
+    if sp.get("speedup") is None:
         return []
+    # A caveat (e.g. process medians 1.2x apart under load) is said beside the number, never instead of it.
+    caveats = "".join(f" [{c}]" for c in sp.get("caveats") or ())
     out = [f"{sp['speedup']:.2f}x vs the unpruned ONNX at batch {sp['batch']}, p10-p90 "
-           f"{sp.get('speedup_p10') or 0:.2f}-{sp.get('speedup_p90') or 0:.2f}, {sp.get('processes') or 1} process(es)"]
+           f"{sp.get('speedup_p10') or 0:.2f}-{sp.get('speedup_p90') or 0:.2f}, {sp.get('processes') or 1} process(es)"
+           + caveats]
     if load:
         out.append(f"load {load.get('start')}-{load.get('max')} while searching")
     return out

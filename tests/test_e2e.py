@@ -22,8 +22,15 @@ def cli(*args, cwd=ROOT, timeout=900):
                           timeout=timeout)
 
 
+# One full fine-tune epoch on the 2,000 images, not SMALL's 0.3: after 0.3 epochs the barely trained pick sat
+# on the INT8 gate's edge. An AVX2-only CI machine (7-bit weights there) replayed its pick (6, 3) to a 2.0 pt
+# INT8 drop (limit 1.5); with 1 epoch, five picks from (4, 2) to (8, 4) dropped 0-0.33 pt under the same
+# emulated CPU.
+SMOKE = [*SMALL, "finetune.epochs=1"]
+
+
 def run(runs, *extra, config="configs/cpu.toml"):
-    sets = [a for s in SMALL + list(extra) for a in ("--set", s)]
+    sets = [a for s in SMOKE + list(extra) for a in ("--set", s)]
     return cli("run", "--config", config, "--run", "smoke", "--runs", str(runs), *sets)
 
 

@@ -388,3 +388,21 @@ def test_pareto_plot_uses_the_honest_axis():
     fig = plot_pareto(rep)
     lo, hi = fig.axes[0].get_ylim()
     assert hi - lo >= MIN_TOP1_SPAN and lo <= 98.5 and hi >= 98.9
+
+
+def _last_line_speed(tmp_path, speedup):
+    from pipeline.cli import _speed
+    (tmp_path / "report.json").write_text(json.dumps({"summary": {
+        "speedup": speedup, "widths": {"load": {"start": 1.52, "max": 2.64}}}}))
+    return _speed(SimpleNamespace(run_dir=tmp_path))
+
+
+def test_the_last_line_says_an_unreproducible_speedup_with_its_caveat_not_nothing(tmp_path):
+    sp = {"speedup": 3.8337, "batch": 1, "speedup_p10": 2.3074, "speedup_p90": 5.6994, "processes": 3}
+    plain = _last_line_speed(tmp_path, sp)
+    assert plain == ["3.83x vs the unpruned ONNX at batch 1, p10-p90 2.31-5.70, 3 process(es)",
+                     "load 1.52-2.64 while searching"]
+    caveat = "not reproducible: the medians of 3 processes differed by more than 1.2x"
+    flagged = _last_line_speed(tmp_path, {**sp, "caveats": [caveat]})
+    assert flagged[0] == plain[0] + f" [{caveat}]" and flagged[1] == plain[1]
+    assert _last_line_speed(tmp_path, {"speedup": None}) == []

@@ -10,26 +10,6 @@ from pathlib import Path
 from pipeline.data import check_root
 from pipeline.errors import PipelineError
 
-
-def _check_prune(cfg, bad) -> None:
-    """The latency-target keys (config_check.check calls this)."""
-    p = cfg.prune
-    if p.round_to < 0:
-        bad(f"prune.round_to must be >= 0 (0 = auto: the SIMD block on cpu, 8 on GPUs), got {p.round_to}")
-    if p.target == "speedup" and p.speedup <= 1.0:
-        bad(f"prune.target = 'speedup' needs prune.speedup > 1 (x faster than unpruned), got {p.speedup}")
-    if p.latency_threads < 0:
-        bad(f"prune.latency_threads must be >= 0 (0 = the library's default), got {p.latency_threads}")
-    if p.search_budget_s < 0 or p.backoff < 0 or p.backoff > 8:
-        bad(f"prune.search_budget_s must be >= 0 (0 = no budget) and prune.backoff in [0, 8], got "
-            f"{p.search_budget_s} and {p.backoff}")
-    if p.widths and p.from_record:
-        bad("prune.widths and prune.from_record both name the widths to replay: set one")
-    for name, w in p.widths.items():
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            bad(f"prune.widths.{name} must be a whole number of channels (or heads) >= 1, got {w!r}")
-
-
 MIN_OPSET = 18   # torch.onnx's dynamo exporter cannot write older opsets
 MAX_INPUT_BYTES = 2 << 30   # one float32 input batch; more is a typo, not a workload for this pipeline
 MAX_THREADS = 1024          # more intra-op threads than any CPU this runs on has cores
@@ -61,10 +41,37 @@ def newest_loadable_opset(limit: int) -> int | None:
 
 
 def check(cfg, path: Path) -> None:
-    """Cross-field rules and values of the right type but no meaning."""
+    """Cross-field rules and values of the right type but no meaning, one section at a time. The order
+    is the order of the messages: the first broken rule is the one reported."""
     def bad(msg):
         raise PipelineError(f"{path}: config: {msg}")
-    d = cfg.data
+    _check_data(cfg.data, bad)
+    if cfg.model.num_classes < 2:
+        bad(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
+    if cfg.run.seed < 0:
+        bad(f"run.seed must be >= 0 (numpy refuses negative seeds), got {cfg.run.seed}")
+    _check_prune_ratios(cfg.prune, bad)
+    _check_length(cfg, bad)
+    _check_prune(cfg, bad)
+    b = cfg.baseline
+    # A floor above 100 % fails every run at the gate (exit 2) although nothing was measured wrong.
+    if b.min_top1 != -1 and not 0 <= b.min_top1 <= 100:
+        bad(f"baseline.min_top1 must be -1 (chance + 10 pt) or a top-1 in [0, 100], got {b.min_top1}")
+    _check_finetune(cfg, bad)
+    _check_export(cfg.export, bad)
+    if not (1 <= cfg.engine.min_batch <= cfg.engine.opt_batch <= cfg.engine.max_batch):
+        bad("engine batches must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+    _check_quantize(cfg.quantize, bad)
+    _check_max_drops(cfg, bad)
+    _check_profile(cfg, bad)
+    if cfg.package.batch < 1:
+        bad("package.batch must be >= 1")
+    _check_run_name(cfg.run.name, bad)
+    _check_positive(cfg, bad)
+    _check_batches(cfg, bad)
+
+
+def _check_data(d, bad) -> None:
     try:
         check_root(d.root)
     except PipelineError as e:
@@ -84,28 +91,54 @@ def check(cfg, path: Path) -> None:
             f"(e.g. 0.485, not 123.7), got mean {list(d.mean)}, std {list(d.std)}")
     if d.train_subset < 0 or d.test_subset < 0:
         bad("data.train_subset and data.test_subset must be >= 0 (0 = the whole split)")
-    if cfg.model.num_classes < 2:
-        bad(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
-    if cfg.run.seed < 0:
-        bad(f"run.seed must be >= 0 (numpy refuses negative seeds), got {cfg.run.seed}")
-    if not 0.0 <= cfg.prune.ratio < 1.0:
-        bad(f"prune.ratio must be in [0, 1), got {cfg.prune.ratio}")
-    if not 0.0 <= cfg.prune.head_ratio < 1.0:
-        bad(f"prune.head_ratio must be in [0, 1), got {cfg.prune.head_ratio}")
-    if not 0.0 < cfg.prune.max_layer_ratio <= 1.0:
-        bad(f"prune.max_layer_ratio must be in (0, 1], got {cfg.prune.max_layer_ratio}")
-    if cfg.prune.target == "macs" and cfg.prune.macs <= 0:
+
+
+def _check_prune_ratios(p, bad) -> None:
+    """The ratio and MACs targets and the step counts (the latency-target keys: _check_prune)."""
+    if not 0.0 <= p.ratio < 1.0:
+        bad(f"prune.ratio must be in [0, 1), got {p.ratio}")
+    if not 0.0 <= p.head_ratio < 1.0:
+        bad(f"prune.head_ratio must be in [0, 1), got {p.head_ratio}")
+    if not 0.0 < p.max_layer_ratio <= 1.0:
+        bad(f"prune.max_layer_ratio must be in (0, 1], got {p.max_layer_ratio}")
+    if p.target == "macs" and p.macs <= 0:
         bad("prune.target = 'macs' needs prune.macs > 0 (<= 1: fraction kept, > 1: absolute MACs)")
-    if cfg.prune.target == "latency_ms" and cfg.prune.latency_ms <= 0:
+    if p.target == "latency_ms" and p.latency_ms <= 0:
         bad("prune.target = 'latency_ms' needs prune.latency_ms > 0")
-    if cfg.prune.iterative_steps < 1 or cfg.prune.latency_batch < 1:
+    if p.iterative_steps < 1 or p.latency_batch < 1:
         bad("prune.iterative_steps and prune.latency_batch must be >= 1")
-    _check_length(cfg, bad)
-    _check_prune(cfg, bad)
-    b = cfg.baseline
-    # A floor above 100 % fails every run at the gate (exit 2) although nothing was measured wrong.
-    if b.min_top1 != -1 and not 0 <= b.min_top1 <= 100:
-        bad(f"baseline.min_top1 must be -1 (chance + 10 pt) or a top-1 in [0, 100], got {b.min_top1}")
+
+
+def _check_length(cfg, bad) -> None:
+    """Training and pruning that would not end in a working day are typos, refused before they start."""
+    for key, value in (("baseline.epochs", cfg.baseline.epochs), ("finetune.epochs", cfg.finetune.epochs),
+                       ("finetune.between_steps_epochs", cfg.finetune.between_steps_epochs)):
+        if value > MAX_EPOCHS:
+            bad(f"{key} = {value}: more than {MAX_EPOCHS} epochs (a typo? the training would not end)")
+    if cfg.prune.iterative_steps > MAX_PRUNE_STEPS:
+        bad(f"prune.iterative_steps = {cfg.prune.iterative_steps}: more than {MAX_PRUNE_STEPS} pruning steps")
+
+
+def _check_prune(cfg, bad) -> None:
+    """The latency-target keys (config_check.check calls this)."""
+    p = cfg.prune
+    if p.round_to < 0:
+        bad(f"prune.round_to must be >= 0 (0 = auto: the SIMD block on cpu, 8 on GPUs), got {p.round_to}")
+    if p.target == "speedup" and p.speedup <= 1.0:
+        bad(f"prune.target = 'speedup' needs prune.speedup > 1 (x faster than unpruned), got {p.speedup}")
+    if p.latency_threads < 0:
+        bad(f"prune.latency_threads must be >= 0 (0 = the library's default), got {p.latency_threads}")
+    if p.search_budget_s < 0 or p.backoff < 0 or p.backoff > 8:
+        bad(f"prune.search_budget_s must be >= 0 (0 = no budget) and prune.backoff in [0, 8], got "
+            f"{p.search_budget_s} and {p.backoff}")
+    if p.widths and p.from_record:
+        bad("prune.widths and prune.from_record both name the widths to replay: set one")
+    for name, w in p.widths.items():
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            bad(f"prune.widths.{name} must be a whole number of channels (or heads) >= 1, got {w!r}")
+
+
+def _check_finetune(cfg, bad) -> None:
     f = cfg.finetune
     # 0 epochs is refused by the trainer after baseline and prune ran: say it before anything runs.
     if f.epochs <= 0 or f.between_steps_epochs < 0 or f.lr <= 0 or cfg.baseline.lr <= 0:
@@ -121,22 +154,25 @@ def check(cfg, path: Path) -> None:
         import torch
         if not torch.cuda.is_available():
             bad("finetune.device = 'cuda' but no CUDA device is present here (use 'auto' or 'cpu')")
-    if cfg.export.opset < MIN_OPSET:
-        bad(f"export.opset = {cfg.export.opset}: the exporter (torch.onnx, dynamo) writes opset >= {MIN_OPSET}")
-    if cfg.export.opset > MIN_OPSET:   # the default needs no probe; a newer one may not load here
-        newest = newest_loadable_opset(cfg.export.opset)
-        if newest is not None and newest < cfg.export.opset:
-            bad(f"export.opset = {cfg.export.opset}: onnx/onnxruntime here load opsets up to {newest}; "
+
+
+def _check_export(e, bad) -> None:
+    if e.opset < MIN_OPSET:
+        bad(f"export.opset = {e.opset}: the exporter (torch.onnx, dynamo) writes opset >= {MIN_OPSET}")
+    if e.opset > MIN_OPSET:   # the default needs no probe; a newer one may not load here
+        newest = newest_loadable_opset(e.opset)
+        if newest is not None and newest < e.opset:
+            bad(f"export.opset = {e.opset}: onnx/onnxruntime here load opsets up to {newest}; "
                 f"every stage after export runs the model with onnxruntime")
-    if cfg.export.example_batch < 2:
+    if e.example_batch < 2:
         bad("export.example_batch must be >= 2: with a batch-1 example torch.export may fix the batch to 1")
-    if cfg.export.max_abs is not None and cfg.export.max_abs < 0 or not 0 < cfg.export.min_cosine <= 1:
+    if e.max_abs is not None and e.max_abs < 0 or not 0 < e.min_cosine <= 1:
         bad("export.max_abs must be >= 0 and export.min_cosine in (0, 1]")
-    if not (1 <= cfg.engine.min_batch <= cfg.engine.opt_batch <= cfg.engine.max_batch):
-        bad("engine batches must satisfy 1 <= min_batch <= opt_batch <= max_batch")
-    if cfg.quantize.calib_size <= 0:
+
+
+def _check_quantize(q, bad) -> None:
+    if q.calib_size <= 0:
         bad("quantize.calib_size must be > 0")
-    q = cfg.quantize
     if not 0 <= q.min_agreement <= 100 or not 0 < q.min_cosine <= 1:
         bad("quantize.min_agreement must be in [0, 100] and quantize.min_cosine in (0, 1]")
     # The stage hands max_drop to calib as a fraction, which must stay below 1 (100 pt).
@@ -145,11 +181,18 @@ def check(cfg, path: Path) -> None:
             f"quantize.choose_batch >= 1 (got {q.choose_val_size}, {q.choose_batch})")
     if q.enabled and q.keep_fp32 == "listed" and not q.keep_fp32_nodes:
         bad('quantize.keep_fp32 = "listed" needs ONNX node names in quantize.keep_fp32_nodes')
+
+
+def _check_max_drops(cfg, bad) -> None:
     for key in ("baseline.max_drop", "prune.max_drop", "finetune.max_drop", "export.max_drop", "quantize.max_drop",
                 "engine.max_drop"):
         sec, k = key.split(".")
         if hasattr(getattr(cfg, sec), k) and getattr(getattr(cfg, sec), k) < 0:
             bad(f"{key} must be >= 0")
+
+
+def _check_profile(cfg, bad) -> None:
+    """The profile section, and run.threads beside profile.threads."""
     p = cfg.profile
     if any(b <= 0 for b in p.batches) or not p.batches:
         bad("profile.batches must be positive integers")
@@ -163,25 +206,14 @@ def check(cfg, path: Path) -> None:
     for key, value in (("run.threads", cfg.run.threads), ("profile.threads", p.threads)):
         if value > MAX_THREADS:
             bad(f"{key} = {value}: more than {MAX_THREADS} threads (a typo? 0 = the library's default)")
-    if cfg.package.batch < 1:
-        bad("package.batch must be >= 1")
-    _check_run_name(cfg.run.name, bad)
+
+
+def _check_positive(cfg, bad) -> None:
     for key in ("baseline.epochs", "baseline.batch_size", "finetune.batch_size", "data.reference_batch",
                 "profile.iters"):
         sec, k = key.split(".")
         if getattr(getattr(cfg, sec), k) <= 0:
             bad(f"{key} must be > 0")
-    _check_batches(cfg, bad)
-
-
-def _check_length(cfg, bad) -> None:
-    """Training and pruning that would not end in a working day are typos, refused before they start."""
-    for key, value in (("baseline.epochs", cfg.baseline.epochs), ("finetune.epochs", cfg.finetune.epochs),
-                       ("finetune.between_steps_epochs", cfg.finetune.between_steps_epochs)):
-        if value > MAX_EPOCHS:
-            bad(f"{key} = {value}: more than {MAX_EPOCHS} epochs (a typo? the training would not end)")
-    if cfg.prune.iterative_steps > MAX_PRUNE_STEPS:
-        bad(f"prune.iterative_steps = {cfg.prune.iterative_steps}: more than {MAX_PRUNE_STEPS} pruning steps")
 
 
 def _check_run_name(name: str, bad) -> None:

@@ -123,17 +123,8 @@ def _token_term(s_out, t_out):
     return (1.0 - F.cosine_similarity(s_tok.float(), t_tok.float(), dim=-1)).mean()
 
 
-def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperature, kd_weight, token_weight,
-                schedule, optimizer, weight_decay, early_stop_top1, val, eval_every_steps, seed, device,
-                progress, rank=0, world=1, dist=None, teacher_logits=None):
-    """The one training loop, used in-process and by every DDP rank (``dist`` is torch.distributed)."""
-    torch.manual_seed(seed)
-    model = student  # possibly a DDP wrapper
-    core = student.module if hasattr(student, "module") else student
-    n = len(x)
-    per_rank = n // world if world > 1 else n
-    steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
-    total_steps = max(1, int(math.ceil(float(epochs) * steps_per_epoch)))
+def _optimizer(model, optimizer, schedule, *, lr, weight_decay, total_steps):
+    """The optimizer over the trainable parameters, and its LR schedule (None: constant)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -146,7 +137,12 @@ def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperatur
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     else:
         sched = None
+    return opt, sched
 
+
+def _teacher(teacher, x, device, *, kd_weight, token_weight, teacher_logits):
+    """(teacher, online, logits): online = run the teacher per batch; else its logits for every image of
+    ``x`` (given or computed here), or None when nothing is distilled."""
     use_teacher = teacher is not None and (kd_weight > 0 or token_weight > 0)
     online_teacher = use_teacher and token_weight > 0  # tokens are too big to cache: run the teacher per batch
     t_logits = None
@@ -158,6 +154,23 @@ def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperatur
         teacher = teacher.to(device).eval()  # always run under no_grad: its parameters are left as they are
         if not online_teacher:
             t_logits = _teacher_outputs(teacher, x, device)
+    return teacher, online_teacher, t_logits
+
+
+def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperature, kd_weight, token_weight,
+                schedule, optimizer, weight_decay, early_stop_top1, val, eval_every_steps, seed, device,
+                progress, rank=0, world=1, dist=None, teacher_logits=None):
+    """The one training loop, used in-process and by every DDP rank (``dist`` is torch.distributed)."""
+    torch.manual_seed(seed)
+    model = student  # possibly a DDP wrapper
+    core = student.module if hasattr(student, "module") else student
+    n = len(x)
+    per_rank = n // world if world > 1 else n
+    steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
+    total_steps = max(1, int(math.ceil(float(epochs) * steps_per_epoch)))
+    opt, sched = _optimizer(model, optimizer, schedule, lr=lr, weight_decay=weight_decay, total_steps=total_steps)
+    teacher, online_teacher, t_logits = _teacher(teacher, x, device, kd_weight=kd_weight, token_weight=token_weight,
+                                                 teacher_logits=teacher_logits)
 
     xt = torch.from_numpy(np.ascontiguousarray(x))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))

@@ -111,7 +111,8 @@ def int8_extras(result, work: Path) -> dict[str, Path]:
 
 def top1(path: Path, data) -> float:
     from pipeline import modelio
-    return modelio.task_metrics(modelio.onnx_outputs(path, data.x_test), data.test.labels)[0]["top1"]
+    from pipeline.tasks import Classify
+    return Classify().metrics(modelio.onnx_outputs(path, data.x_test), data.test.labels)["top1"]
 
 
 def bench_workload(wl: str, args, runs: Path) -> dict:

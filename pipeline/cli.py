@@ -6,6 +6,7 @@ Exit codes: 0 passed, 1 user error (one line, no traceback unless --debug; usage
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -14,9 +15,10 @@ import time
 from edgerun import __version__
 from edgerun.cli import UsageError, _Parser, add_verbs, dispatch, printable_stdio
 from edgerun.errors import EdgeError
+from pipeline.config import Config
 
-SECTIONS = ("run", "data", "model", "baseline", "prune", "finetune", "export", "quantize", "engine", "profile",
-            "package")
+# the config's sections, in its order (pipeline.config.Config is the one list; a stdlib read, no torch)
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 STAGE_NAMES = ("baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package")
 
 

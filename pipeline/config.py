@@ -29,6 +29,11 @@ class RunCfg:
 
 
 @dataclass(frozen=True)
+class TaskCfg:
+    kind: str = "auto"          # classify | encode | auto (encode for a model with a "tokens" output, else classify)
+
+
+@dataclass(frozen=True)
 class DataCfg:
     kind: str = "mnist"         # mnist | imagefolder
     root: str = "data/mnist"    # relative to the project folder unless absolute
@@ -171,6 +176,7 @@ class PackageCfg:
 @dataclass(frozen=True)
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
+    task: TaskCfg = field(default_factory=TaskCfg)
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     baseline: BaselineCfg = field(default_factory=BaselineCfg)

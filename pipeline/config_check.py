@@ -45,6 +45,7 @@ def check(cfg, path: Path) -> None:
     is the order of the messages: the first broken rule is the one reported."""
     def bad(msg):
         raise PipelineError(f"{path}: config: {msg}")
+    _check_task(cfg.task.kind, bad)
     _check_data(cfg.data, bad)
     if cfg.model.num_classes < 2:
         bad(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
@@ -69,6 +70,12 @@ def check(cfg, path: Path) -> None:
     _check_run_name(cfg.run.name, bad)
     _check_positive(cfg, bad)
     _check_batches(cfg, bad)
+
+
+def _check_task(kind: str, bad) -> None:
+    from pipeline.tasks import kinds   # a task registered before loading (a test's, a user's) counts too
+    if kind != "auto" and kind not in kinds():
+        bad(f"task.kind must be auto or one of {', '.join(kinds())}, got {kind!r}")
 
 
 def _check_data(d, bad) -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import modelio
 from pipeline.package import engine_options, engine_source
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output
+from pipeline.tasks import named
 
 
 def build_and_check(ctx: Context, trt: dict) -> Output:
@@ -26,9 +26,10 @@ def build_and_check(ctx: Context, trt: dict) -> Output:
                         input_shape=(cfg.data.channels, *cfg.data.size), precision=e.source, timing_cache=cache)
     with TrtEngineRunner(out) as runner:
         name = runner.input_names[0]
-        chunks = [modelio.logits(runner.infer({name: data.x_test[i:i + e.max_batch]}))
-                  for i in range(0, len(data.x_test), e.max_batch)]
-    metrics, _ = modelio.task_metrics({"logits": np.concatenate(chunks)}, data.test.labels)
+        chunks = [runner.infer({name: data.x_test[i:i + e.max_batch]}) for i in range(0, len(data.x_test), e.max_batch)]
+    outputs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    task = named(ctx.record("export_onnx").metrics["task"])   # the task the exported model was gated as
+    metrics = {"task": task.kind, **task.metrics(outputs, data.test.labels)}
     metrics.update(size_bytes=out.stat().st_size, tensorrt=trt, build=info, source=src.name)
     return Output(metrics=metrics, artifacts=(Artifact(f"engine-{e.source}", "engine", "model.engine", e.source,
                                                        f"TensorRT engine ({e.source})"),))

@@ -25,8 +25,10 @@ from pipeline.stage_io import (
     load_pruned_model,
     model_keys,
     pruned_counts,
-    teacher_tokens,
+    task_of,
+    teacher_outputs,
 )
+from pipeline.tasks import named
 
 FINETUNE_TRAIN_KEYS = ("finetune.lr", "finetune.batch_size", "finetune.optimizer", "finetune.schedule",
                        "finetune.kd_temperature", "finetune.kd_weight", "finetune.token_weight", "finetune.val_size",
@@ -51,7 +53,9 @@ def finetune_model(ctx: Context, student, teacher, *, epochs: float, early_stop:
     x, y = data.x_train[perm[n:]], data.train.labels[perm[n:]]
     # Stop once the student matches the teacher on the same held-out slice: comparing with the
     # teacher's *test* top-1 would stop too early, as held-out train images are easier.
-    target = modelio.task_metrics(modelio.torch_outputs(teacher, val[0]), val[1])[0]["top1"] if early_stop else None
+    target = None
+    if early_stop:
+        target = task_of(ctx).metrics(modelio.torch_outputs(teacher, val[0]), val[1])["top1"]
     kwargs = dict(epochs=epochs, lr=f.lr, batch_size=f.batch_size, kd_temperature=f.kd_temperature,
                   kd_weight=f.kd_weight, schedule=f.schedule, optimizer=f.optimizer, seed=ctx.cfg.run.seed,
                   early_stop_top1=target, val=val, device=f.device, token_weight=f.token_weight,
@@ -79,25 +83,27 @@ def finetune(ctx: Context) -> Output:
     max_drop = None   # None: the first pick ships (no ladder, or finetune.gate = "off")
     if has_ladder(cfg) and cfg.finetune.gate != "off":
         max_drop = cfg.finetune.max_drop
-    base_top1 = ctx.record("baseline").metrics["top1"]
+    task = task_of(ctx)
+    score, better = task.metric, (1 if task.higher_is_better else -1)
+    reference = ctx.record("baseline").metrics[score]
     teacher, tried, chosen = load_baseline(ctx), [], None
     for k, rung in enumerate(ladder):
         student = load_pruned_model(ctx, "prune", rung["folder"])
         if len(ladder) > 1:
             ctx.log(f"  fine-tune pick {k + 1}/{len(ladder)}: widths {rung['widths']}, verified {rung['speedup']}x")
         info = finetune_model(ctx, student, teacher, epochs=cfg.finetune.epochs, early_stop=cfg.finetune.early_stop)
-        metrics, _ = modelio.task_metrics(modelio.torch_outputs(student, data.x_test), data.test.labels,
-                                          teacher_tokens(ctx))
-        drop = base_top1 - metrics["top1"]
+        metrics = {"task": task.kind, **task.metrics(modelio.torch_outputs(student, data.x_test), data.test.labels,
+                                                     teacher_outputs(ctx))}
+        drop = (reference - metrics[score]) * better
         t = _Tried(k, rung["folder"], student, info, metrics, max_drop is None or drop <= max_drop + 1e-9)
         tried.append(t)
         if t.passed:
             chosen = t
             break
         more = "backing off to a wider pick" if k + 1 < len(ladder) else "no wider pick left"
-        ctx.log(f"  top-1 {metrics['top1']:.2f} % misses the gate (drop {drop:.2f} > {max_drop} pt): {more}")
+        ctx.log(f"  {task.show(metrics[score])} misses the gate (drop {drop:.2f} > {max_drop}{task.drop_unit}): {more}")
         tried[k] = dataclasses.replace(t, student=None)   # only the chosen one is kept in memory
-        if chosen is None or metrics["top1"] > chosen.metrics["top1"]:
+        if chosen is None or (metrics[score] - chosen.metrics[score]) * better > 0:
             chosen = dataclasses.replace(t, student=student)
     folder = ctx.path("prune", chosen.folder)
     history = json.loads((folder / "pruning_history.json").read_text())["history"]
@@ -113,24 +119,25 @@ def finetune(ctx: Context) -> Output:
         metrics.update(rung=chosen.rung, rung_speedup=rung["speedup"], rung_meets_goal=rung["meets_goal"],
                        goal_speedup=round(1 / search["goal_ratio"], 3) if search.get("goal_ratio") else None,
                        tried=[{"rung": t.rung, "widths": ladder[t.rung]["widths"], "speedup": ladder[t.rung]["speedup"],
-                               "top1": t.metrics["top1"], "passed": t.passed} for t in tried])
+                               score: t.metrics[score], "passed": t.passed} for t in tried])
     notices = ()
     if len(ladder) > 1 and chosen.rung and not rung["meets_goal"] and metrics.get("goal_speedup"):
         notices = (f"speedup {metrics['goal_speedup']:g}x not reached within the accuracy gate: the fastest pick "
-                   f"that passed is {rung['speedup']}x at top-1 {metrics['top1']:.2f} % "
+                   f"that passed is {rung['speedup']}x at {task.show(metrics[score])} "
                    f"({chosen.rung} narrower pick(s) missed the gate)",)
     return Output(metrics=metrics, notices=notices,
                   artifacts=(Artifact("pruned-torch", "torch", "", label="pruned + fine-tuned (torch)"),))
 
 
 def finetune_gate(m, inputs, cfg):
-    """Top-1 drop vs the baseline; under prune.goal = require, also the speed goal of the pick that passed."""
-    f = cfg.finetune
-    checks = [gates.drop_check("top1", m["top1"], inputs["baseline"].metrics["top1"], f.max_drop)]
+    """The task metric's drop vs the baseline; under prune.goal = require, also the speed goal of the pick that
+    passed."""
+    f, task = cfg.finetune, named(m["task"])
+    checks = [task.drop_check(m[task.metric], inputs["baseline"].metrics[task.metric], f.max_drop)]
     if cfg.prune.goal == "require" and m.get("rung_meets_goal") is False and m.get("goal_speedup"):
         check = gates.limit_check("verified speedup of the fastest pick within the accuracy gate",
                                   m["rung_speedup"], m["goal_speedup"], at_least=True)
-        hint = (f"that pick keeps top-1 {m['top1']:.2f} %; narrower picks missed the accuracy gate. "
+        hint = (f"that pick keeps {task.show(m[task.metric])}; narrower picks missed the accuracy gate. "
                 "prune.goal = 'best' ships it, or relax prune.speedup")
         checks.append(dataclasses.replace(check, hint=hint))
     return gates.gate(f.gate, *checks)

@@ -193,27 +193,6 @@ def onnx_outputs(path: Path, x: np.ndarray, threads: int = 0) -> dict[str, np.nd
     return run_onnx(path, x, threads=threads)
 
 
-def logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    return outputs.get("logits", list(outputs.values())[-1])
-
-
-def task_metrics(outputs: dict[str, np.ndarray], labels: np.ndarray, teacher: dict | None = None):
-    """Top-1 from the logits; for an encoder (a 'tokens' output), token fidelity against the teacher."""
-    pred = logits(outputs).argmax(1)
-    metrics = {"top1": round(float((pred == labels).mean() * 100), 4)}
-    if teacher is not None and "tokens" in outputs and "tokens" in teacher:
-        metrics.update(token_fidelity(outputs["tokens"], teacher["tokens"]))
-    return metrics, pred
-
-
-def token_fidelity(tokens: np.ndarray, reference: np.ndarray) -> dict:
-    """Cosine of each image's projected tokens (flattened) against the reference: mean and 1st percentile."""
-    a = tokens.reshape(len(tokens), -1).astype(np.float64)
-    b = reference.reshape(len(reference), -1).astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return {"token_cos_mean": round(float(cos.mean()), 6), "token_cos_p1": round(float(np.percentile(cos, 1)), 6)}
-
-
 def count(model, data_cfg) -> dict:
     """MACs in the seed's convention (conv/linear multiply-accumulates, as thop/fvcore count them),
     torch-pruning's op count (bias adds and activations too) and parameters, each labelled."""
@@ -229,12 +208,14 @@ def train_eval_gap(model, x: np.ndarray, y: np.ndarray, n: int = 1000) -> float 
     import copy
 
     import torch
+
+    from pipeline.tasks import Classify
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return None
     probe = copy.deepcopy(model)
     xs, ys = x[:n], y[:n]
     with torch.no_grad():
-        eval_top1 = task_metrics(torch_outputs(probe.eval(), xs), ys)[0]["top1"]
+        eval_top1 = Classify().metrics(torch_outputs(probe.eval(), xs), ys)["top1"]
         probe.train()
         out = probe(torch.from_numpy(xs))
         out = out[-1] if isinstance(out, (tuple, list)) else out

@@ -15,7 +15,7 @@ from pipeline.data import resolve_root
 from pipeline.errors import PipelineError
 from pipeline.finetune_stage import FINETUNE_TRAIN_KEYS, finetune_model
 from pipeline.runner import Context, Output
-from pipeline.stage_io import load_baseline, model_keys, pruned_counts, replaying, teacher_tokens
+from pipeline.stage_io import load_baseline, model_keys, pruned_counts, replaying, task_of, teacher_outputs
 
 _LATENCY_KEYS = ("prune.latency_batch", "prune.latency_threads", "prune.goal", "prune.search_budget_s",
                  "prune.backoff")
@@ -96,7 +96,9 @@ def prune(ctx: Context) -> Output:
                               **target_args)
     save_pruned(model, info["history"], ctx.out)
     ladder = _save_ladder(ctx, info)
-    metrics, _ = modelio.task_metrics(modelio.torch_outputs(model, data.x_test), data.test.labels, teacher_tokens(ctx))
+    task = task_of(ctx)
+    metrics = {"task": task.kind,
+               **task.metrics(modelio.torch_outputs(model, data.x_test), data.test.labels, teacher_outputs(ctx))}
     counts = pruned_counts(ctx, model)
     base = ctx.record("baseline").metrics
     metrics.update(**counts, params_reduction=round(base["params"] / counts["params"], 3), round_to_used=round_to,

@@ -113,7 +113,7 @@ def _outputs(path, x, target: str) -> dict:
     return modelio.onnx_outputs(path, x) if target == "onnxruntime" else outputs(path, x, fused=False)
 
 
-def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
+def quantize_artifacts(ctx: Context, task, teacher: dict | None) -> Output:
     from calib.calibset import build_calibration_set, load_calibration_set
     from calib.int8form import kernel_parity, outputs
     from export.parity import compare_outputs
@@ -124,17 +124,15 @@ def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
     src, dst = ctx.path("export_onnx", "model.onnx"), ctx.out / "model_int8.onnx"
     info = _quantize(ctx, src, dst, images, q.target)
     fp32 = modelio.onnx_outputs(src, data.x_test)
-    fp32_metrics, fp32_pred = modelio.task_metrics(fp32, data.test.labels)
+    fp32_metrics = task.metrics(fp32, data.test.labels)
     int8 = _outputs(dst, data.x_test, q.target)
-    metrics, pred = modelio.task_metrics(int8, data.test.labels, teacher)
-    if "tokens" in int8:
-        metrics["token_cos_vs_fp32"] = modelio.token_fidelity(int8["tokens"], fp32["tokens"])
+    metrics = {"task": task.kind, **task.metrics(int8, data.test.labels, teacher), **task.fidelity_vs_fp32(int8, fp32)}
     ref = np.load(ctx.path("baseline", "reference.npz"))
     par = compare_outputs(modelio.onnx_outputs(src, ref["inputs"]), _outputs(dst, ref["inputs"], q.target))
     fm = ctx.record("export_onnx").metrics
     metrics.update(size_bytes=dst.stat().st_size, macs=fm["macs"], ops_tp=fm["ops_tp"], params=fm["params"],
-                   fp32_top1=fp32_metrics["top1"],
-                   agreement_with_fp32=round(float((pred == fp32_pred).mean() * 100), 4),
+                   **{f"fp32_{task.metric}": fp32_metrics[task.metric]},
+                   agreement_with_fp32=task.agreement(int8, fp32),
                    calibration={k: calib[k] for k in ("n", "sha256", "seed", "per_class")},
                    target=q.target, scored=SCORED[q.target], qdq=info.get("qdq"), reverted=info.get("reverted"),
                    int32_bias=info.get("int32_bias"), keep_fp32=info.get("keep_fp32"),
@@ -147,11 +145,12 @@ def quantize_artifacts(ctx: Context, teacher: dict | None) -> Output:
     if q.target == "onnxruntime" and q.tensorrt_form:
         trt = ctx.out / "model_int8_trt.onnx"
         trt_info = _quantize(ctx, src, trt, images, "tensorrt")
-        mt, pred_t = modelio.task_metrics(_outputs(trt, data.x_test, "tensorrt"), data.test.labels)
-        metrics["forms"] = {"tensorrt": {"top1": mt["top1"], "size_bytes": trt.stat().st_size,
-                                         "agreement_with_fp32": round(float((pred_t == fp32_pred).mean() * 100), 4),
+        int8_t = _outputs(trt, data.x_test, "tensorrt")
+        mt = task.metrics(int8_t, data.test.labels)
+        metrics["forms"] = {"tensorrt": {**mt, "size_bytes": trt.stat().st_size,
+                                         "agreement_with_fp32": task.agreement(int8_t, fp32),
                                          "qdq": trt_info.get("qdq"), "int8_form": trt_info.get("int8_form"),
                                          "scored": SCORED["tensorrt"]}}
         artifacts.append(Artifact("onnx-int8-trt", "onnx", "model_int8_trt.onnx", "int8",
-                                  "ONNX int8 (TensorRT Q/DQ, fully quantized)", top1=mt["top1"]))
+                                  "ONNX int8 (TensorRT Q/DQ, fully quantized)", **task.shown(mt)))
     return Output(metrics=metrics, artifacts=tuple(artifacts))

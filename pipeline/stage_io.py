@@ -1,6 +1,6 @@
 """What several stages read and write the same way: the model's keys, the baseline and pruned
-models from earlier stages' folders, the unpruned model's tokens, numpy files through the one
-atomic writer, the pruned model's counts, and the top-1 drop gate."""
+models from earlier stages' folders, the unpruned model's kept outputs, the run's task, numpy files through the one
+atomic writer, the pruned model's counts, and the task metric's drop gate."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ from edgerun.io import atomic_write
 from pipeline import gate as gates
 from pipeline import modelio
 from pipeline.runner import Context
+from pipeline.tasks import named
 
 LADDER_KEYS = ("prune.target", "prune.backoff", "prune.widths", "prune.from_record")   # what has_ladder reads
 
@@ -33,11 +34,15 @@ def load_pruned_model(ctx: Context, stage: str, sub: str = ""):
                        folder).eval()
 
 
-def teacher_tokens(ctx: Context) -> dict | None:
-    """The unpruned model's test outputs, for token fidelity of encoders; None for plain classifiers."""
-    if "tokens" not in json.loads(ctx.path("baseline", "model.json").read_text())["outputs"]:
-        return None
-    return {"tokens": np.load(ctx.path("baseline", "test_tokens.npy"))}
+def task_of(ctx: Context):
+    """The run's task, as the baseline stage resolved it (`task.kind`, or the task claiming its outputs)."""
+    return named(ctx.record("baseline").metrics["task"])
+
+
+def teacher_outputs(ctx: Context) -> dict | None:
+    """The unpruned model's test outputs that the task keeps for fidelity (an encoder's tokens); None if none."""
+    keeps = task_of(ctx).keeps
+    return {k: np.load(ctx.path("baseline", f"test_{k}.npy")) for k in keeps} if keeps else None
 
 
 def np_write(path, save, *args, **kwargs) -> None:
@@ -58,10 +63,10 @@ def pruned_counts(ctx: Context, model) -> dict:
 
 
 def drop_gate(section: str, parent: str):
-    """The gate of ``section``: top-1 drop against the ``parent`` stage's, at most ``section.max_drop``."""
+    """The gate of ``section``: the task metric's drop against the ``parent`` stage's, at most ``section.max_drop``."""
     def check(m, inputs, cfg):
-        s = getattr(cfg, section)
-        return gates.gate(s.gate, gates.drop_check("top1", m["top1"], inputs[parent].metrics["top1"], s.max_drop))
+        s, task = getattr(cfg, section), named(m["task"])
+        return gates.gate(s.gate, task.drop_check(m[task.metric], inputs[parent].metrics[task.metric], s.max_drop))
     return check
 
 

@@ -8,8 +8,6 @@ Heavy libraries are imported inside the stages.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from edgerun.io import write_json
@@ -21,12 +19,22 @@ from pipeline.package import ENGINE_OPTION_KEYS, package_environment, package_ke
 from pipeline.prune_stage import prune, prune_keys
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output, Stage
-from pipeline.stage_io import drop_gate, load_baseline, load_pruned_model, model_keys, np_write, teacher_tokens
+from pipeline.stage_io import (
+    drop_gate,
+    load_baseline,
+    load_pruned_model,
+    model_keys,
+    np_write,
+    task_of,
+    teacher_outputs,
+)
+from pipeline.tasks import named, resolve
 
 # ---------------------------------------------------------------- 1 baseline
 
 def baseline_keys(cfg):
-    keys = [*model_keys(cfg), "model.weights", "data.reference_batch"]
+    # task.kind is read here only: the baseline resolves the task and records it; later stages read the record
+    keys = [*model_keys(cfg), "task.kind", "model.weights", "data.reference_batch"]
     if cfg.model.weights:
         return [*keys, "model.unsafe_pickle", "model.weights_strict"]
     return [*keys, "baseline.epochs", "baseline.lr", "baseline.batch_size", "baseline.schedule"]
@@ -59,9 +67,10 @@ def baseline(ctx: Context) -> Output:
         trained = {"epochs": cfg.baseline.epochs, "losses": info["losses"]}
     modelio.save_weights(model, ctx.out / "model.pt")
     outs = modelio.torch_outputs(model, data.x_test)
-    if "tokens" in outs:
-        np_write(ctx.out / "test_tokens.npy", np.save, outs["tokens"])
-    metrics, _ = modelio.task_metrics(outs, data.test.labels)
+    task = resolve(cfg.task.kind, outs)
+    for name in task.keeps:   # what later stages compare against (an encoder's tokens)
+        np_write(ctx.out / f"test_{name}.npy", np.save, outs[name])
+    metrics = {"task": task.kind, **task.metrics(outs, data.test.labels)}
     gap = modelio.train_eval_gap(model, data.x_train, data.train.labels)
     if gap is not None and abs(gap) > TRAIN_EVAL_GAP:
         notices.append(f"train-mode vs eval-mode top-1 differ by {gap:+.1f} pt: BatchNorm running statistics have "
@@ -75,7 +84,7 @@ def baseline(ctx: Context) -> Output:
     write_json(ctx.out / "model.json", {"model": cfg.model.factory or cfg.model.name, "kwargs": cfg.model.kwargs,
                                         "outputs": list(modelio.output_names(model))})
     metrics.update(**modelio.count(model, cfg.data), size_bytes=(ctx.out / "model.pt").stat().st_size,
-                   chance_top1=round(100.0 / cfg.model.num_classes, 4), train_eval_gap=gap, **trained)
+                   **task.baseline_extras(outs), train_eval_gap=gap, **trained)
     return Output(metrics=metrics, notices=tuple(notices),
                   artifacts=(Artifact("baseline-torch", "torch", "model.pt", label="baseline (torch)"),))
 
@@ -84,11 +93,8 @@ TRAIN_EVAL_GAP = 10.0   # pt: beyond this the baseline's BatchNorm statistics ar
 
 
 def baseline_gate(m, inputs, cfg):
-    floor = cfg.baseline.min_top1 if cfg.baseline.min_top1 >= 0 else m["chance_top1"] + 10.0
-    check = gates.limit_check("top1_vs_chance", m["top1"], round(floor, 4), at_least=True)
-    hint = (f"chance is {m['chance_top1']:.1f} % for {round(100 / m['chance_top1'])} classes: every later gate would "
-            "compare against a baseline that learned nothing; train longer or fix the model, or baseline.gate=warn")
-    return gates.gate(cfg.baseline.gate, dataclasses.replace(check, hint=hint))
+    check = named(m["task"]).baseline_check(m, cfg.baseline.min_top1 if cfg.baseline.min_top1 >= 0 else None)
+    return gates.gate(cfg.baseline.gate, check) if check is not None else None
 
 
 # ---------------------------------------------------------------- 4 export
@@ -113,8 +119,9 @@ def export_onnx(ctx: Context) -> Output:
     ref = np.load(ctx.path("baseline", "reference.npz"))
     ort_ref = modelio.onnx_outputs(onnx_path, ref["inputs"])
     par = compare_outputs(modelio.torch_outputs(model, ref["inputs"]), ort_ref)
-    metrics, _ = modelio.task_metrics(modelio.onnx_outputs(onnx_path, data.x_test), data.test.labels,
-                                      teacher_tokens(ctx))
+    task = task_of(ctx)
+    metrics = {"task": task.kind, **task.metrics(modelio.onnx_outputs(onnx_path, data.x_test), data.test.labels,
+                                                 teacher_outputs(ctx))}
     fm = ctx.record("finetune").metrics
     metrics.update(size_bytes=onnx_path.stat().st_size, macs=fm["macs"], ops_tp=fm["ops_tp"], params=fm["params"],
                    opset=info["opset"], parity={"max_abs": par["max_abs"], "min_mean_cosine": par["min_mean_cosine"]})
@@ -123,23 +130,23 @@ def export_onnx(ctx: Context) -> Output:
         fp16 = ctx.out / "model_fp16.onnx"
         to_fp16(onnx_path, fp16)
         p16 = compare_outputs(ort_ref, modelio.onnx_outputs(fp16, ref["inputs"]))
-        m16, _ = modelio.task_metrics(modelio.onnx_outputs(fp16, data.x_test), data.test.labels)
-        metrics["fp16"] = {"top1": m16["top1"], "size_bytes": fp16.stat().st_size,
+        m16 = task.metrics(modelio.onnx_outputs(fp16, data.x_test), data.test.labels)
+        metrics["fp16"] = {**m16, "size_bytes": fp16.stat().st_size,
                            "parity_vs_fp32": {"max_abs": p16["max_abs"], "min_mean_cosine": p16["min_mean_cosine"]}}
-        artifacts.append(Artifact("onnx-fp16", "onnx", "model_fp16.onnx", "fp16", "ONNX fp16", top1=m16["top1"]))
+        artifacts.append(Artifact("onnx-fp16", "onnx", "model_fp16.onnx", "fp16", "ONNX fp16", **task.shown(m16)))
     if cfg.profile.baseline_onnx:   # the unpruned reference, so that speedups compare ONNX with ONNX
         base = ctx.out / "baseline_fp32.onnx"
         write(load_baseline(ctx), base)
-        mb, _ = modelio.task_metrics(modelio.onnx_outputs(base, data.x_test), data.test.labels)
-        metrics["baseline_onnx_top1"] = mb["top1"]
+        mb = task.metrics(modelio.onnx_outputs(base, data.x_test), data.test.labels)
+        metrics["baseline_onnx"] = mb
         artifacts.append(Artifact("baseline-onnx", "onnx", "baseline_fp32.onnx", "fp32",
-                                  "baseline ONNX fp32 (unpruned)", top1=mb["top1"]))
+                                  "baseline ONNX fp32 (unpruned)", **task.shown(mb)))
     return Output(metrics=metrics, artifacts=tuple(artifacts))
 
 
 def export_gate(m, inputs, cfg):
-    e = cfg.export
-    return gates.gate(e.gate, gates.drop_check("top1", m["top1"], inputs["finetune"].metrics["top1"], e.max_drop),
+    e, task = cfg.export, named(m["task"])
+    return gates.gate(e.gate, task.drop_check(m[task.metric], inputs["finetune"].metrics[task.metric], e.max_drop),
                       gates.limit_check("parity_max_abs", m["parity"]["max_abs"], e.max_abs, at_least=False),
                       gates.limit_check("parity_min_mean_cosine", m["parity"]["min_mean_cosine"], e.min_cosine,
                                         at_least=True))
@@ -175,21 +182,19 @@ def quantize(ctx: Context) -> Output:
     if not q.enabled:
         return Output(status="skipped", reason="quantize.enabled = false")
     from pipeline.quantize_stage import quantize_artifacts
-    return quantize_artifacts(ctx, teacher=teacher_tokens(ctx))
+    return quantize_artifacts(ctx, task_of(ctx), teacher=teacher_outputs(ctx))
 
 
 def quantize_gate(m, inputs, cfg):
-    q = cfg.quantize
-    checks = [gates.drop_check("top1", m["top1"], m["fp32_top1"], q.max_drop),
+    q, task = cfg.quantize, named(m["task"])
+    checks = [task.drop_check(m[task.metric], m[f"fp32_{task.metric}"], q.max_drop),
               gates.limit_check("agreement_with_fp32", m["agreement_with_fp32"], q.min_agreement, at_least=True)]
-    if "token_cos_vs_fp32" in m:
-        checks.append(gates.limit_check("token_cos_mean_vs_fp32", m["token_cos_vs_fp32"]["token_cos_mean"],
-                                        q.min_cosine, at_least=True))
+    checks += task.fidelity_checks(m, q.min_cosine)
     if "kernels_vs_unfused" in m:   # the int8 kernels this CPU ran against the Q/DQ arithmetic (saturation)
         checks.append(gates.limit_check("kernels_vs_unfused_agreement", m["kernels_vs_unfused"]["agreement"],
                                         q.min_agreement, at_least=True))
     for name, form in (m.get("forms") or {}).items():   # the TensorRT form is gated like the CPU form
-        checks.append(gates.drop_check(f"top1 ({name})", form["top1"], m["fp32_top1"], q.max_drop))
+        checks.append(task.drop_check(form[task.metric], m[f"fp32_{task.metric}"], q.max_drop, label=name))
     return gates.gate(q.gate, *checks)
 
 

@@ -188,3 +188,11 @@ def test_config_show_warns_about_ignored_keys_on_stderr(capsys, tmp_path):
 def test_config_show_bad_config_is_one_failed_line(capsys, tmp_path):
     rc, lines, _ = _show(capsys, "--config", str(write(tmp_path, "[export]\nopset = 13\n")))
     assert rc == 1 and len(lines) == 1 and lines[0].startswith("FAILED | error:") and "export.opset = 13" in lines[0]
+
+
+def test_task_kind_is_checked_where_the_config_enters():
+    cpu = ROOT / "configs/cpu.toml"
+    assert load_config(cpu).task.kind == "auto"
+    assert load_config(cpu, ["task.kind=encode"]).task.kind == "encode"
+    msg = one_line_error(cpu, ["task.kind=detect"])
+    assert msg.endswith("task.kind must be auto or one of encode, classify, got 'detect'"), msg

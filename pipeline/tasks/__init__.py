@@ -1,0 +1,52 @@
+"""The task seam: one object per task kind owns what differs between model families (metrics, gates,
+what the unpruned model must keep for comparison, the loss that ranks channels). Stages ask the task.
+
+`register` adds a task from outside the library (a test's toy task, a user's own).
+"""
+from __future__ import annotations
+
+from pipeline.errors import PipelineError
+from pipeline.tasks.base import Task
+from pipeline.tasks.classify import Classify
+from pipeline.tasks.encode import Encode
+
+# "auto" asks these in order: the most specific first, classification (which claims any model) last.
+_ORDER: list[Task] = [Encode(), Classify()]
+
+
+def register(task: Task) -> Task:
+    """Add (or replace) a task; it is asked before the built-in ones under `kind = "auto"`."""
+    if not isinstance(task, Task) or not task.kind or not task.metric:
+        raise PipelineError(f"task: {task!r} is not a Task with a kind and a metric")
+    _ORDER[:] = [task, *(t for t in _ORDER if t.kind != task.kind)]
+    return task
+
+
+def unregister(kind: str) -> None:
+    """Remove a task added with `register` (the built-in ones stay)."""
+    if kind in ("classify", "encode"):
+        raise PipelineError(f"task: {kind!r} is built in and cannot be removed")
+    _ORDER[:] = [t for t in _ORDER if t.kind != kind]
+
+
+def kinds() -> tuple[str, ...]:
+    return tuple(t.kind for t in _ORDER)
+
+
+def resolve(kind: str, output_names) -> Task:
+    """The task a config names, or for "auto" the first that claims a model with these outputs."""
+    if kind == "auto":
+        names = tuple(output_names)
+        return next(t for t in _ORDER if t.claims(names))
+    return named(kind)
+
+
+def named(kind: str) -> Task:
+    """The task of this kind (a stage's metrics record it as "task", so its gate reads the same task)."""
+    for t in _ORDER:
+        if t.kind == kind:
+            return t
+    raise PipelineError(f"task.kind: unknown {kind!r}; expected auto or one of {', '.join(kinds())}")
+
+
+__all__ = ["Task", "Classify", "Encode", "register", "unregister", "resolve", "named", "kinds"]

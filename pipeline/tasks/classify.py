@@ -1,0 +1,51 @@
+"""Classification: top-1 against the labels, agreement of predicted classes, chance as the baseline's floor."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from pipeline import gate as gates
+from pipeline.tasks.base import Task
+
+
+def logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The output named "logits", else the last one (a model returning a tuple ends with its logits)."""
+    return outputs.get("logits", list(outputs.values())[-1])
+
+
+class Classify(Task):
+    kind = "classify"
+    metric = "top1"
+    label, unit, drop_unit = "top-1", " %", " pt"
+
+    def shown(self, metrics):
+        return {"top1": metrics["top1"]}
+
+    def claims(self, output_names):
+        return True   # the fallback: any model whose last output is [batch, classes]
+
+    def predictions(self, outputs):
+        return logits(outputs).argmax(1)
+
+    def metrics(self, outputs, labels, teacher=None):
+        return {"top1": round(float((self.predictions(outputs) == labels).mean() * 100), 4)}
+
+    def agreement(self, outputs, reference):
+        return round(float((self.predictions(outputs) == self.predictions(reference)).mean() * 100), 4)
+
+    def baseline_extras(self, outputs):
+        return {"chance_top1": round(100.0 / logits(outputs).shape[1], 4)}
+
+    def baseline_check(self, metrics, floor):
+        chance = metrics["chance_top1"]
+        floor = chance + 10.0 if floor is None else floor
+        check = gates.limit_check("top1_vs_chance", metrics["top1"], round(floor, 4), at_least=True)
+        hint = (f"chance is {chance:.1f} % for {round(100 / chance)} classes: every later gate would compare "
+                "against a baseline that learned nothing; train longer or fix the model, or baseline.gate=warn")
+        return dataclasses.replace(check, hint=hint)
+
+    def importance_loss(self, output, labels):
+        import torch.nn.functional as F
+        out = output[-1] if isinstance(output, (tuple, list)) else output
+        return F.cross_entropy(out, labels)

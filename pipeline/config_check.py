@@ -73,7 +73,7 @@ def check(cfg, path: Path) -> None:
 
 
 def _check_task(kind: str, bad) -> None:
-    from pipeline.tasks import kinds   # a task registered before loading (a test's, a user's) counts too
+    from pipeline.tasks import kinds  # a task registered before loading (a test's, a user's) counts too
     if kind != "auto" and kind not in kinds():
         bad(f"task.kind must be auto or one of {', '.join(kinds())}, got {kind!r}")
 

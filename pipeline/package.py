@@ -11,7 +11,6 @@ bundle, runs the `Next:` infer command on its sample, and its predictions must b
 """
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import struct
@@ -23,14 +22,13 @@ import numpy as np
 
 from edgerun.io import atomic_write, copy_file, hash_json, sha256_file, write_json
 from edgerun.machine import library_versions
-from export.trt_options import EngineOptions
 from pipeline.data import PROJECT_ROOT
+from pipeline.engine_stage import ENGINE_OPTION_KEYS, engine_options, engine_source
 from pipeline.errors import PipelineError
 from pipeline.profile_stage import PROFILE_FILE
 from pipeline.records import StageRecord
 from pipeline.runner import Context, Output
 
-ENGINE_OPTION_KEYS = tuple(f"engine.{f.name}" for f in dataclasses.fields(EngineOptions))
 TRT_MAJORS = (10, 11)
 SAMPLE_SIZE = 256
 SHIPPED_STAGES = ("export_onnx", "quantize", "engine")
@@ -61,27 +59,6 @@ def package_environment() -> dict:
 def package_keys(cfg):
     return ["package.backend", "package.objective", "package.batch", "run.target", *ENGINE_OPTION_KEYS,
             "engine.source"]
-
-
-def engine_options(cfg) -> EngineOptions:
-    return EngineOptions(**{f.name: getattr(cfg.engine, f.name) for f in dataclasses.fields(EngineOptions)})
-
-
-def engine_source(ctx: Context) -> Path:
-    """The ONNX file an engine is built from: for int8, the TensorRT Q/DQ form when there are two."""
-    source = ctx.cfg.engine.source
-    if source == "int8":
-        rec = ctx.record("quantize")
-        art = rec.artifact("onnx-int8-trt") or (rec.artifact("onnx-int8") if rec.metrics.get("target") == "tensorrt"
-                                                else None)
-        if rec.status == "skipped" or art is None:
-            raise PipelineError("engine.source = 'int8' needs the TensorRT Q/DQ form (quantize.enabled = true and "
-                                "quantize.target = 'tensorrt' or quantize.tensorrt_form = true)")
-        return ctx.path("quantize", art.file)
-    art = ctx.record("export_onnx").artifact(f"onnx-{source}")
-    if art is None:
-        raise PipelineError(f"engine.source = {source!r} but export_onnx did not write it (export.fp16 = false?)")
-    return ctx.path("export_onnx", art.file)
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

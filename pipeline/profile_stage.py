@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 from edgerun.io import write_json
+from pipeline.engine_stage import engine_environment
 from pipeline.records import Located
 from pipeline.runner import Context, Output
+from pipeline.stage_io import load_baseline, load_pruned_model, model_keys
 
 TIMED_KINDS = ("torch", "onnx", "engine")
 PROFILE_FILE = "profile.json"
@@ -39,3 +41,21 @@ def profile_run(ctx: Context, load_torch) -> Output:
     metrics = result.to_json()
     write_json(ctx.out / PROFILE_FILE, metrics)
     return Output(metrics=metrics)
+
+
+def profile_environment() -> dict:
+    from edgerun.machine import cpu_name, simd_block
+    return {"cpu": cpu_name(), "simd_block": simd_block(), **engine_environment()}
+
+
+def profile_keys(cfg):
+    threads = ["run.threads"] if cfg.profile.threads == 0 else []   # run.threads is the fallback only
+    return [*model_keys(cfg), "profile", *threads, "data.channels", "data.size"]
+
+
+def profile(ctx: Context) -> Output:
+    return profile_run(ctx, load_torch=lambda located: _load_torch(ctx, located))
+
+
+def _load_torch(ctx: Context, located):
+    return load_baseline(ctx) if located.artifact.role == "baseline-torch" else load_pruned_model(ctx, "finetune")

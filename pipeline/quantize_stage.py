@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline import gate as gates
 from pipeline import modelio
 from pipeline.errors import PipelineError
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output
+from pipeline.stage_io import task_of, teacher_outputs
+from pipeline.tasks import named
 
 
 def _val_slice(ctx: Context, n: int):
@@ -154,3 +157,55 @@ def quantize_artifacts(ctx: Context, task, teacher: dict | None) -> Output:
         artifacts.append(Artifact("onnx-int8-trt", "onnx", "model_int8_trt.onnx", "int8",
                                   "ONNX int8 (TensorRT Q/DQ, fully quantized)", **task.shown(mt)))
     return Output(metrics=metrics, artifacts=tuple(artifacts))
+
+
+# ---------------------------------------------------------------- keys, run, gate
+
+def quantize_keys(cfg):
+    q = cfg.quantize
+    if not q.enabled:
+        return ["quantize.enabled"]
+    keys = ["quantize.enabled", "quantize.target", "quantize.calib_size", "quantize.accuracy_control",
+            "quantize.model_type"]
+    if q.target == "onnxruntime":
+        keys.append("quantize.tensorrt_form")
+    if q.accuracy_control:
+        return [*keys, "quantize.max_drop"]
+    if q.target == "tensorrt":   # always fully quantized (pipeline/quantize_stage.py says why)
+        return keys
+    keys.append("quantize.keep_fp32")
+    if q.keep_fp32 == "listed":
+        keys.append("quantize.keep_fp32_nodes")
+    elif q.keep_fp32 == "auto":
+        # Timed like the profile stage: its thread count, else run.threads.
+        keys += ["quantize.max_drop", "quantize.choose_val_size", "quantize.choose_batch", "profile.threads"]
+        if cfg.profile.threads == 0:
+            keys.append("run.threads")
+    return keys
+
+
+def quantize(ctx: Context) -> Output:
+    q = ctx.cfg.quantize
+    if not q.enabled:
+        return Output(status="skipped", reason="quantize.enabled = false")
+    return quantize_artifacts(ctx, task_of(ctx), teacher=teacher_outputs(ctx))
+
+
+def quantize_gate(m, inputs, cfg):
+    q, task = cfg.quantize, named(m["task"])
+    checks = [task.drop_check(m[task.metric], m[f"fp32_{task.metric}"], q.max_drop),
+              gates.limit_check("agreement_with_fp32", m["agreement_with_fp32"], q.min_agreement, at_least=True)]
+    checks += task.fidelity_checks(m, q.min_cosine)
+    if "kernels_vs_unfused" in m:   # the int8 kernels this CPU ran against the Q/DQ arithmetic (saturation)
+        checks.append(gates.limit_check("kernels_vs_unfused_agreement", m["kernels_vs_unfused"]["agreement"],
+                                        q.min_agreement, at_least=True))
+    for name, form in (m.get("forms") or {}).items():   # the TensorRT form is gated like the CPU form
+        checks.append(task.drop_check(form[task.metric], m[f"fp32_{task.metric}"], q.max_drop, label=name))
+    return gates.gate(q.gate, *checks)
+
+
+def quantize_environment() -> dict:
+    """The int8 weight range the onnxruntime form takes on this CPU: a run folder moved to a CPU whose
+    int8 kernels differ quantizes again."""
+    from calib.int8form import weight_form
+    return {"int8_weights": weight_form("onnxruntime", None)[1]["weights"]}

@@ -3,8 +3,6 @@ models from earlier stages' folders, the unpruned model's kept outputs, the run'
 atomic writer, the pruned model's counts, and the task metric's drop gate."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from edgerun.io import atomic_write

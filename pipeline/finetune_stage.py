@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline import gate as gates
 from pipeline import modelio
+from pipeline.errors import PipelineError
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output
 from pipeline.stage_io import (
@@ -53,9 +54,12 @@ def finetune_model(ctx: Context, student, teacher, *, epochs: float, early_stop:
     x, y = data.x_train[perm[n:]], data.train.labels[perm[n:]]
     # Stop once the student matches the teacher on the same held-out slice: comparing with the
     # teacher's *test* top-1 would stop too early, as held-out train images are easier.
-    target = None
+    task, target = task_of(ctx), None
     if early_stop:
-        target = task_of(ctx).metrics(modelio.torch_outputs(teacher, val[0]), val[1])["top1"]
+        target = task.early_stop_target(modelio.torch_outputs(teacher, val[0]), val[1])
+        if target is None:   # refused, not ignored: the trainer can stop early only on what it evaluates
+            raise PipelineError(f"finetune.early_stop: the trainer stops early on held-out top-1 only; task "
+                                f"{task.kind!r} gates on {task.metric}: set finetune.early_stop = false")
     kwargs = dict(epochs=epochs, lr=f.lr, batch_size=f.batch_size, kd_temperature=f.kd_temperature,
                   kd_weight=f.kd_weight, schedule=f.schedule, optimizer=f.optimizer, seed=ctx.cfg.run.seed,
                   early_stop_top1=target, val=val, device=f.device, token_weight=f.token_weight,

@@ -71,3 +71,12 @@ def test_runtime_package_imports_no_heavy_library():
 def test_only_the_api_and_cli_import_the_stage_list():
     users = {m for m, deps in graph().items() if "pipeline.stages" in deps}
     assert users <= {"pipeline.api", "pipeline.cli"}, users
+
+
+MAX_MODULE_LINES = 450   # issue 20: a module a newcomer can read whole
+
+
+def test_no_library_module_is_over_the_size_limit():
+    long = {str(p.relative_to(ROOT)): n for pkg in ("pipeline", "export", "calib", "edgerun")
+            for p in (ROOT / pkg).rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long

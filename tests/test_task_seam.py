@@ -31,8 +31,6 @@ class LogitMAE(Task):
         close = np.abs(outputs["logits"] - reference["logits"]).max(axis=1) <= 1.0
         return round(float(close.mean() * 100), 4)
 
-    def importance_loss(self, output, labels):
-        return output.pow(2).mean()
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +58,10 @@ def test_a_task_from_the_test_folder_runs_through_every_stage(tmp_path, toy):
     # lower is better: a drop is the error growing
     q = by["quantize"].gate.checks[0]
     assert q.drop == pytest.approx(by["quantize"].metrics["logit_mae"] - by["quantize"].metrics["fp32_logit_mae"])
+
+
+def test_early_stopping_is_refused_for_a_task_the_trainer_cannot_evaluate(tmp_path, toy):
+    result = pipeline.run("configs/cpu.toml", [*FAST, "task.kind=logit_mae", "finetune.early_stop=true"],
+                          run_name="toy", runs=tmp_path, log=lambda m: None, until="finetune")
+    assert not result.passed
+    assert "finetune.early_stop: the trainer stops early on held-out top-1 only; task 'logit_mae'" in result.message

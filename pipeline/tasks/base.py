@@ -66,6 +66,7 @@ class Task:
         returning None: nothing to check)."""
         return None
 
-    def importance_loss(self, output, labels):
-        """The loss whose gradients rank channels for Taylor importance (torch tensors)."""
-        raise NotImplementedError
+    def early_stop_target(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> float | None:
+        """What the trainer's early stopping must reach on a held-out slice, given the teacher's outputs
+        there: the trainer evaluates held-out top-1 (pipeline/train.py), so only a classifier has one."""
+        return None

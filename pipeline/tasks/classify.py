@@ -45,7 +45,5 @@ class Classify(Task):
                 "against a baseline that learned nothing; train longer or fix the model, or baseline.gate=warn")
         return dataclasses.replace(check, hint=hint)
 
-    def importance_loss(self, output, labels):
-        import torch.nn.functional as F
-        out = output[-1] if isinstance(output, (tuple, list)) else output
-        return F.cross_entropy(out, labels)
+    def early_stop_target(self, outputs, labels):
+        return self.metrics(outputs, labels)["top1"]

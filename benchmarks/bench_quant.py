@@ -26,6 +26,7 @@ import numpy as np
 from calib import build_calibration_set, load_calibration_set, quantize_onnx, single_input_channel_convs
 from edgerun.errors import EdgeError
 from edgerun.io import atomic_write, sha256_file, write_json
+from edgerun.pixels import normalise
 from edgerun.readers import load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ MAX_DROP = 0.003  # SimpleCNN widths: the default recipe's 10x-MAC prune, and th
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    return ((x.astype(np.float32) / 255.0 - MEAN) / STD).astype(np.float32)
+    return normalise(x, (MEAN,), (STD,))
 
 
 def make_dev_onnx(path: Path, mnist: Path, channels: tuple[int, int], epochs: float, seed: int = 0) -> None:

@@ -107,17 +107,9 @@ def reduce_weight_range(model) -> list[str]:
 def outputs(path_or_bytes, x: np.ndarray, *, fused: bool, batch: int = 256) -> dict[str, np.ndarray]:
     """The model's outputs over ``x`` in batches: ``fused`` = as deployed (all graph optimizations),
     else the unfused Q/DQ arithmetic ONNX defines (no graph optimization at all)."""
-    import onnxruntime as ort
+    from edgerun.ort import run_onnx
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    model = str(path_or_bytes) if not isinstance(path_or_bytes, bytes) else path_or_bytes
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    names = [o.name for o in session.get_outputs()]
-    chunks = [session.run(None, {name: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return {n: np.concatenate([c[k] for c in chunks]) for k, n in enumerate(names)}
+    return run_onnx(path_or_bytes, x, batch_size=batch, graph_optimization=fused)
 
 
 def kernel_parity(fused: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict:

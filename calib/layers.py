@@ -58,19 +58,16 @@ def default_candidates(path_or_model) -> dict[str, tuple[str, ...]]:
 
 
 def _session(path, threads: int):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from edgerun.ort import OrtRunner
+    return OrtRunner(path, threads=threads, inter_threads=1)
 
 
-def _top1(session, x: np.ndarray, y: np.ndarray) -> float:
+def _top1(runner, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 from the output named "logits", else the last one (an encoder returns tokens first)."""
-    name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
+    name = runner.input_names[0]
+    outputs = runner.output_names
     logits = "logits" if "logits" in outputs else outputs[-1]
-    pred = np.concatenate([session.run([logits], {name: x[i:i + 256]})[0].argmax(1) for i in range(0, len(x), 256)])
+    pred = np.concatenate([runner.infer({name: x[i:i + 256]})[logits].argmax(1) for i in range(0, len(x), 256)])
     return float((pred == y).mean())
 
 
@@ -110,8 +107,8 @@ def choose_quantized_layers(src: str | os.PathLike, dst: str | os.PathLike, cali
                                              keep_fp32=tuple(keep), reduce_range=reduce_range)["path"])
         sessions = {name: _session(p, threads) for name, p in paths.items()}
         top1 = {name: _top1(s, x_val, y_val) for name, s in sessions.items()}
-        feed = {sessions["fp32"].get_inputs()[0].name: x_val[:batch]}
-        runs = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
+        feed = {sessions["fp32"].input_names[0]: x_val[:batch]}
+        runs = {name: (lambda s=s: s.infer(feed)) for name, s in sessions.items()}   # what the profile stage times
         comparison = timing.compare(runs, reference="fp32", block_ms=block_ms, rounds=rounds)
         variants = []
         for name, keep in candidates.items():

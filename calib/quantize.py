@@ -123,23 +123,26 @@ def _check_options(model, src, target: str, keep_fp32, int32_bias) -> tuple[tupl
 
 def _run_once(model, dst, sample: np.ndarray, name: str) -> None:
     """One real inference: loading a model is no proof that it runs (CalibError names the node if not)."""
-    import onnxruntime as ort
+    from edgerun.ort import OrtError, OrtRunner, onnxruntime
 
+    onnxruntime()   # its absence is edgerun's own line, not "cannot load the quantized model"
     where = f"{dst} (not written)"
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors
-        raise CalibError(f"{where}: onnxruntime cannot load the quantized model ({brief(e)})") from None
+        runner = OrtRunner(model.SerializeToString())
+    except OrtError as err:  # onnxruntime's own untyped error is the cause
+        raise CalibError(f"{where}: onnxruntime cannot load the quantized model "
+                         f"({brief(err.__cause__ or err)})") from None
     try:
-        outputs = session.run(None, {name: sample})
-    except Exception as e:
+        outputs = runner.infer({name: sample})
+    except OrtError as err:
+        e = err.__cause__ or err
         text = str(e)
         node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
         at = f" at {node.group(1)} node '{node.group(2)}'" if node else ""
         reason = text.rsplit("was false. ", 1)[-1].strip() if "was false. " in text else brief(e)
         raise CalibError(f"{where}: onnxruntime loads the quantized model but its first inference fails{at} "
                          f"({reason.splitlines()[0][:200]})") from None
-    bad = [o.name for o, v in zip(session.get_outputs(), outputs, strict=True)
+    bad = [o for o, v in outputs.items()
            if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
         raise CalibError(f"{where}: the quantized model's first inference gives non-finite {', '.join(bad)}")
@@ -219,7 +222,7 @@ def _top1_fn(name: str, batch: int, target: str, int32_bias: bool):
     """NNCF's validation_fn: (model_proto, items of (x, label)) -> (top-1, per-item 0/1)."""
     import copy
 
-    import onnxruntime as ort
+    from edgerun.ort import OrtRunner
 
     def validate(model, items):
         if target == "tensorrt" or int32_bias:
@@ -229,12 +232,13 @@ def _top1_fn(name: str, batch: int, target: str, int32_bias: bool):
                 qdq.rewrite_uint8_to_int8(model)
             else:
                 qdq.quantize_gemm_bias(model)
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        items = list(items)
-        x = np.stack([item[0] for item in items])
-        y = np.array([item[1] for item in items])
-        pred = np.concatenate([session.run(None, {name: x[i:i + batch]})[0].argmax(axis=1)
-                               for i in range(0, len(x), batch)])
+        with OrtRunner(model.SerializeToString()) as runner:
+            first = runner.output_names[0]
+            items = list(items)
+            x = np.stack([item[0] for item in items])
+            y = np.array([item[1] for item in items])
+            pred = np.concatenate([runner.infer({name: x[i:i + batch]})[first].argmax(axis=1)
+                                   for i in range(0, len(x), batch)])
         correct = (pred == y).astype(np.float64)
         # Per-item values spare NNCF from calling this once per item to rank layers.
         return float(correct.mean()), correct.tolist()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgerun import pixels
 from edgerun.bundle import BundleError, Manifest, open_bundle, verify_file
 from edgerun.errors import EdgeError
 from edgerun.io import atomic_write
@@ -275,12 +276,10 @@ def _tensorrt_here() -> bool:
 
 
 def normalise(images: np.ndarray, manifest: Manifest) -> np.ndarray:
-    """uint8 NCHW -> the model's input: pixel * scale, then standardised per channel."""
+    """uint8 NCHW -> the model's input: edgerun.pixels.normalise with the manifest's scale, mean and
+    std (the arithmetic training used, to the bit), in the input's dtype."""
     norm = manifest.input.normalisation
-    m = np.asarray(norm.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(norm.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    x = (images.astype(np.float32) * np.float32(norm.scale) - m) / s
-    return x.astype(manifest.input.dtype)
+    return pixels.normalise(images, norm.mean, norm.std, norm.scale).astype(manifest.input.dtype)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -32,21 +32,31 @@ def available_ort_providers() -> list[str]:
     return list(onnxruntime().get_available_providers())
 
 
+def model_name(model) -> str:
+    """How errors name a model: its file name, or "the in-memory model" for serialized bytes."""
+    return "the in-memory model" if isinstance(model, (bytes, bytearray)) else Path(model).name
+
+
 class OrtRunner:
-    """An onnxruntime session on `path`.
+    """An onnxruntime session on ``model``: a path, or a serialized ONNX model (bytes).
 
     `providers` is passed to onnxruntime as given: names, or (name, options) pairs such as those
     of ort_tensorrt_provider_options. A provider missing from this onnxruntime build is an error,
     not a silent fall back to the CPU (which would make every timing lie). `threads` = 0 lets
     onnxruntime choose; `provider_options` is onnxruntime's list of option dicts, one per
-    provider name.
+    provider name. `inter_threads`: onnxruntime's inter-op pool (0: its choice). `graph_optimization`
+    False runs the graph as written, no fusion at all (ORT_DISABLE_ALL: the unfused Q/DQ arithmetic
+    ONNX defines); True is onnxruntime's default, every optimisation (ORT_ENABLE_ALL).
+    A model that cannot load raises OrtError from onnxruntime's own exception (its __cause__).
     """
 
-    def __init__(self, path, providers=("CPUExecutionProvider",), threads=0, provider_options=None):
+    def __init__(self, model, providers=("CPUExecutionProvider",), threads=0, provider_options=None, *,
+                 inter_threads=0, graph_optimization=True):
         ort = onnxruntime()
-        self.path = Path(path)
-        name = self.path.name
-        if not self.path.is_file():
+        in_memory = isinstance(model, (bytes, bytearray))
+        self.path = None if in_memory else Path(model)
+        self.name = name = model_name(model)
+        if not in_memory and not self.path.is_file():
             raise OrtError(f"{name}: no such file ({self.path})")
         providers = list(providers)
         wanted = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
@@ -57,8 +67,11 @@ class OrtRunner:
                            f"(available: {', '.join(available)})")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = int(inter_threads)
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if graph_optimization
+                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options,
+            self.session = ort.InferenceSession(bytes(model) if in_memory else str(self.path), sess_options=options,
                                                 providers=providers,
                                                 provider_options=provider_options)
         except Exception as e:
@@ -75,31 +88,33 @@ class OrtRunner:
 
     def infer(self, feed: dict) -> dict:
         if self.session is None:
-            raise OrtError(f"{self.path.name}: this runner was closed")
+            raise OrtError(f"{self.name}: this runner was closed")
         if set(feed) != set(self.input_names):
-            raise OrtError(f"{self.path.name}: expected inputs {self.input_names}, "
+            raise OrtError(f"{self.name}: expected inputs {self.input_names}, "
                            f"got {sorted(feed)}")
         try:
             outputs = self.session.run(self.output_names, {k: np.asarray(v) for k, v in feed.items()})
         except Exception as e:
-            raise OrtError(f"{self.path.name}: onnxruntime failed ({brief(e)})") from e
+            raise OrtError(f"{self.name}: onnxruntime failed ({brief(e)})") from e
         return dict(zip(self.output_names, outputs, strict=True))
 
 
-def run_onnx(path, inputs: np.ndarray, batch_size=256, **runner_kwargs) -> dict:
-    """Run a single-input model over `inputs` in batches; outputs concatenated along axis 0."""
+def run_onnx(model, inputs: np.ndarray, batch_size=256, **runner_kwargs) -> dict:
+    """Run a single-input model (a path or serialized bytes) over `inputs` in batches; outputs
+    concatenated along axis 0. `runner_kwargs` go to OrtRunner (threads, graph_optimization, ...)."""
     inputs = np.asarray(inputs)
+    name = model_name(model)
     if len(inputs) == 0 or batch_size < 1:
-        raise OrtError(f"{Path(path).name}: run_onnx needs at least one input row and "
+        raise OrtError(f"{name}: run_onnx needs at least one input row and "
                        f"batch_size ≥ 1 (got {len(inputs)} rows, batch_size {batch_size})")
-    with OrtRunner(path, **runner_kwargs) as runner:
+    with OrtRunner(model, **runner_kwargs) as runner:
         if len(runner.input_names) != 1:
-            raise OrtError(f"{Path(path).name}: run_onnx needs a single-input model, "
+            raise OrtError(f"{name}: run_onnx needs a single-input model, "
                            f"this one has {runner.input_names}")
         (input_name,) = runner.input_names
         chunks = [runner.infer({input_name: inputs[i:i + batch_size]})
                   for i in range(0, len(inputs), batch_size)]
-    return {name: np.concatenate([c[name] for c in chunks]) for name in runner.output_names}
+    return {key: np.concatenate([c[key] for c in chunks]) for key in runner.output_names}
 
 
 def ort_tensorrt_provider_options(trt_major: int, *, cache_dir, fp16=False, int8=False,

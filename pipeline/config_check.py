@@ -21,11 +21,12 @@ MAX_PRUNE_STEPS = 1000
 def newest_loadable_opset(limit: int) -> int | None:
     """The newest ai.onnx opset <= ``limit`` that this onnxruntime loads: a model of a newer opset
     exports, then fails in the first stage that runs it. None when onnx/onnxruntime are missing."""
+    from edgerun.ort import OrtError, OrtRunner, onnxruntime
     try:
         import onnx
-        import onnxruntime as ort
         from onnx import TensorProto, helper
-    except ImportError:
+        onnxruntime()
+    except (ImportError, OrtError):
         return None
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", io[:1], io[1:])
@@ -33,9 +34,9 @@ def newest_loadable_opset(limit: int) -> int | None:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = min(model.ir_version, 10)
         try:
-            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            OrtRunner(model.SerializeToString())   # the project's session: CPU, from bytes
             return opset
-        except Exception:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+        except OrtError:  # onnxruntime's own Fail/InvalidGraph, wrapped
             continue
     return None
 

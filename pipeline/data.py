@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgerun.io import sha256_file
+from edgerun.pixels import normalise
 from edgerun.readers import load_image_folder, load_mnist
 from pipeline.errors import PipelineError
 
@@ -174,11 +175,9 @@ def load_split(kind: str, root: str, split: str, *, size=(28, 28), channels=1, s
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 NCHW → float32, scaled to [0, 1] then standardised per channel."""
-    x = images.astype(np.float32) / 255.0
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return (x - m) / s
+    """uint8 NCHW → float32, scaled to [0, 1] then standardised per channel: edgerun.pixels.normalise,
+    the bundle's runtime's own arithmetic (kept under this name for the pipeline's many callers)."""
+    return normalise(images, mean, std)
 
 
 class Data:

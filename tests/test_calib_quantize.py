@@ -372,10 +372,9 @@ def test_accuracy_control_checks_labels(mnist_model, tmp_path):
 def test_layer_choice_scores_the_logits_output_of_an_encoder(tmp_path):
     """An encoder returns (tokens, logits): the per-layer choice must score the logits, not the tokens."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from calib.layers import _top1
+    from calib.layers import _session, _top1
     nodes = [helper.make_node("Identity", ["input"], ["tokens"]), helper.make_node("Neg", ["input"], ["logits"])]
     graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3])],
                               [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["b", 3]),
@@ -384,5 +383,7 @@ def test_layer_choice_scores_the_logits_output_of_an_encoder(tmp_path):
     model.ir_version = 9
     onnx.save(model, str(tmp_path / "enc.onnx"))
     x = np.array([[3, 1, 2], [1, 3, 2]], dtype=np.float32)   # argmax of the logits (negated): 1 and 0
-    session = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
-    assert _top1(session, x, np.array([1, 0])) == 1.0
+    runner = _session(tmp_path / "enc.onnx", 2)   # the runner the choice opens: its thread settings kept
+    assert _top1(runner, x, np.array([1, 0])) == 1.0
+    opts = runner.session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)

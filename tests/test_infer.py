@@ -283,6 +283,26 @@ def test_engine_is_picked_only_when_tensorrt_is_here(bundle, monkeypatch):
     assert infer.pick_model(bundle, m, None) == "model.engine"
 
 
+def test_the_runtime_feeds_the_model_the_training_input_to_the_bit(bundle):
+    """One normaliser (edgerun.pixels): the runtime's input for every uint8 value, on 1 and 3
+    channels, is the pipeline's training input bit for bit, and the old float32 arithmetic
+    (x / 255 - mean) / std; multiplying by float32(1/255) instead flips the last bit of many."""
+    from edgerun import infer, pixels
+    from edgerun.bundle import load_manifest
+    from pipeline.data import normalize
+
+    x = np.arange(256, dtype=np.uint8).reshape(16, 1, 4, 4)
+    old = (x.astype(np.float32) / 255.0 - np.float32(0.5)) / np.float32(0.25)
+    got = infer.normalise(x, load_manifest(bundle))
+    assert got.dtype == np.float32 and got.tobytes() == old.tobytes() == normalize(x, (0.5,), (0.25,)).tobytes()
+    assert ((x.astype(np.float32) * np.float32(1 / 255) - 0.5) / 0.25 != old).any()   # why it divides
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 3, 5, 5), dtype=np.uint8)
+    rgb[0, :, :, :] = np.arange(75).reshape(3, 5, 5) * 3 + 30
+    ref = (rgb.astype(np.float32) / 255.0 - np.float32(mean).reshape(1, 3, 1, 1)) / np.float32(std).reshape(1, 3, 1, 1)
+    assert pixels.normalise(rgb, mean, std, json.loads(json.dumps(1 / 255))).tobytes() == ref.tobytes()
+
+
 # ---------------------------------------------------------------- the command line
 
 def test_usage_errors_exit_1_and_version(capsys):

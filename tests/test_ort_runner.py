@@ -134,3 +134,50 @@ def test_runtime_modules_import_no_build_code():
             " & {m.split('.')[0] for m in sys.modules}\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def layer_norm_bytes(width=64) -> bytes:
+    """LayerNorm written out op by op: onnxruntime's graph optimisations fuse it into one
+    LayerNormalization kernel, whose float32 sums round differently from the written-out ops."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["p"]), helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+             helper.make_node("Add", ["ng", "b"], ["y"])]
+    inits = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+             helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-5]),
+             helper.make_tensor("g", TensorProto.FLOAT, [width], rng.standard_normal(width).astype(np.float32)),
+             helper.make_tensor("b", TensorProto.FLOAT, [width], rng.standard_normal(width).astype(np.float32))]
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", width]) for name in ("x", "y")]
+    graph = helper.make_graph(nodes, "layer_norm", io[:1], io[1:], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def test_session_options_reach_onnxruntime_and_take_effect():
+    """graph_optimization=False runs the ops as written (calib.int8form's unfused arithmetic relies on it):
+    bit for bit a raw ORT_DISABLE_ALL session, and not the fused kernel's rounding; True is onnxruntime's
+    default. Threads reach the session too; a model given as bytes is named as such in errors."""
+    import onnxruntime as ort
+    model = layer_norm_bytes()
+    x = (np.random.default_rng(4).standard_normal((64, 64)) * 3 + 1).astype(np.float32)
+
+    def raw(level):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    unfused, fused = raw(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), raw(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert (unfused != fused).any()       # the fusion is visible in the last bits: the check below can tell
+    off, on = run_onnx(model, x, graph_optimization=False)["y"], run_onnx(model, x, batch_size=16)["y"]
+    assert off.tobytes() == unfused.tobytes() and on.tobytes() == fused.tobytes()
+
+    with OrtRunner(model, threads=2, inter_threads=1, graph_optimization=False) as runner:
+        opts = runner.session.get_session_options()
+        assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+        with pytest.raises(OrtError, match=r"^the in-memory model: expected inputs \['x'\]"):
+            runner.infer({"input": x})
+    with pytest.raises(OrtError, match=r"^the in-memory model: onnxruntime cannot load it \(") as err:
+        OrtRunner(b"not a model")
+    assert err.value.__cause__ is not None   # onnxruntime's own error, for callers that quote it

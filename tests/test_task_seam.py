@@ -6,10 +6,11 @@ read `top1` or tested for an output by name, this run would fail or show the wro
 """
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, one_line
 
 import pipeline
 from pipeline import tasks
+from pipeline.errors import PipelineError
 from pipeline.tasks import Task
 
 FAST = [*SMALL, "prune.target=macs", "prune.macs=0.1", "quantize.keep_fp32=none"]
@@ -61,7 +62,8 @@ def test_a_task_from_the_test_folder_runs_through_every_stage(tmp_path, toy):
 
 
 def test_early_stopping_is_refused_for_a_task_the_trainer_cannot_evaluate(tmp_path, toy):
-    result = pipeline.run("configs/cpu.toml", [*FAST, "task.kind=logit_mae", "finetune.early_stop=true"],
-                          run_name="toy", runs=tmp_path, log=lambda m: None, until="finetune")
-    assert not result.passed
-    assert "finetune.early_stop: the trainer stops early on held-out top-1 only; task 'logit_mae'" in result.message
+    with pytest.raises(PipelineError) as e:
+        pipeline.run("configs/cpu.toml", [*FAST, "task.kind=logit_mae", "finetune.early_stop=true"],
+                     run_name="toy", runs=tmp_path, log=lambda m: None, until="finetune")
+    assert one_line(e.value).startswith("finetune.early_stop: the trainer stops early on held-out top-1 only; "
+                                        "task 'logit_mae' gates on logit_mae")

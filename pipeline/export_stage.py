@@ -8,24 +8,27 @@ from pipeline import gate as gates
 from pipeline import modelio
 from pipeline.records import Artifact
 from pipeline.runner import Context, Output
-from pipeline.stage_io import load_baseline, load_pruned_model, model_keys, task_of, teacher_outputs
+from pipeline.stage_io import (
+    SHIPPED_EXPORT_KEYS,
+    load_baseline,
+    load_pruned_model,
+    model_keys,
+    shipped_exporter,
+    task_of,
+    teacher_outputs,
+)
 from pipeline.tasks import named
 
 
 def export_keys(cfg):
-    return [*model_keys(cfg), "export.opset", "export.example_batch", "export.slim", "export.fp16",
-            "profile.baseline_onnx"]
+    return [*model_keys(cfg), *SHIPPED_EXPORT_KEYS, "export.fp16", "profile.baseline_onnx"]
 
 
 def export_onnx(ctx: Context) -> Output:
     from export.fp16 import to_fp16
-    from export.onnx_export import export_onnx as to_onnx
     from export.parity import compare_outputs
     cfg, data, e = ctx.cfg, ctx.data, ctx.cfg.export
-
-    def write(model, path):
-        return to_onnx(model, modelio.example_input(cfg.data, e.example_batch), path, opset=e.opset,
-                       output_names=modelio.output_names(model), slim=e.slim, example_batch=e.example_batch)
+    write = shipped_exporter(cfg)
     model = load_pruned_model(ctx, "finetune")
     onnx_path = ctx.out / "model.onnx"
     info = write(model, onnx_path)

@@ -336,4 +336,5 @@ def _latency_search(model, example_input, common, *, batch, threads, backend, bl
     return latency.search(groups, build_variant=build_variant, export=lambda m, p: export_for_timing(m, x, p),
                           x=x.numpy(), block=block or simd_block(), speedup=speedup, latency_ms=latency_ms,
                           backend=backend, threads=threads, opener=opener, verify_processes=verify_processes,
-                          skipped=tuple(skipped), log=log, goal_mode=o.goal, budget_s=o.budget_s, backoff=o.backoff)
+                          skipped=tuple(skipped), log=log, goal_mode=o.goal, budget_s=o.budget_s, backoff=o.backoff,
+                          export_shipped=o.export)

@@ -88,6 +88,7 @@ class SearchOptions:
     goal: str = "require"             # require | best
     budget_s: float = 0.0             # 0 = no time budget
     backoff: int = 0                  # wider rungs after the pick
+    export: Callable | None = None    # the shipped file's exporter: verification times its graphs (None: the search's)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class LatencySearch:
     budget_s: float = 0.0
     budget_spent: bool = False
     remeasured: int = 0               # table entries timed again because both neighbours disagreed
+    verified_export: str = "search"   # whose graphs the verification timed: "shipped" or the search's own
     tables: tuple[Table, ...] = field(default=(), repr=False)
 
     def summary(self) -> dict:
@@ -164,12 +166,14 @@ def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], obj
            latency_ms: float = 0.0, backend: str = "onnxruntime-cpu", threads: int = 1, opener: Opener | None = None,
            verify_processes: int = 3, clock=None, skipped: tuple[str, ...] = (),
            log: Callable[[str], object] | None = None, goal_mode: str = "require", budget_s: float = 0.0,
-           backoff: int = 0) -> LatencySearch:
+           backoff: int = 0, export_shipped: Callable[[object, Path], Path] | None = None) -> LatencySearch:
     """Widths per group that meet ``speedup`` (x, vs the unpruned model) or ``latency_ms`` at x's batch.
 
     ``build_variant(widths)`` returns the model with those groups narrowed (others unpruned);
-    ``export(model, path)`` writes its ONNX. ``goal_mode`` "require": a goal not met raises
-    PipelineError; "best": the fastest verified pick ships (``goal_met`` False, with a note).
+    ``export(model, path)`` writes the ONNX the tables time; ``export_shipped`` (default ``export``) the one
+    every verification times, so the speed recorded is that of the graph that ships. ``goal_mode``
+    "require": a goal not met raises PipelineError; "best": the fastest verified pick ships (``goal_met``
+    False, with a note).
     ``budget_s`` > 0 bounds the search's time; ``backoff`` wider rungs follow the pick in ``ladder``."""
     _check_request(groups, speedup, latency_ms, goal_mode, backoff)
     opener = opener or (cpu_opener(threads) if backend == "onnxruntime-cpu" else None)
@@ -181,7 +185,7 @@ def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], obj
     full = {g.name: g.channels for g in groups}
     st = _State(pick=dict(full))
     with tempfile.TemporaryDirectory(prefix="prune_latency_") as tmp:
-        timer = Timer(build_variant, export, opener, x, Path(tmp), clock)
+        timer = Timer(build_variant, export, opener, x, Path(tmp), clock, shipped=export_shipped)
         _rounds(st, timer, groups, full, block, budget, speedup, latency_ms, backend, x, log)
         notes = []
         if st.history:
@@ -220,7 +224,8 @@ def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], obj
         table_size=sum(len(t.widths) for t in st.tables), seconds=round(time.perf_counter() - t0, 1),
         skipped_groups=tuple(skipped), load_average=_load_now(), goal_mode=goal_mode, goal_met=met,
         notes=tuple(notes), ladder=tuple(ladder), load=budget.load_summary(), budget_s=float(budget_s),
-        budget_spent=budget.exhausted, remeasured=timer.remeasured, tables=tuple(st.tables))
+        budget_spent=budget.exhausted, remeasured=timer.remeasured, tables=tuple(st.tables),
+        verified_export="shipped" if export_shipped else "search")
 
 
 def _check_request(groups, speedup, latency_ms, goal_mode, backoff) -> None:

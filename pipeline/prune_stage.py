@@ -15,7 +15,16 @@ from pipeline.data import resolve_root
 from pipeline.errors import PipelineError
 from pipeline.finetune_stage import FINETUNE_TRAIN_KEYS, finetune_model
 from pipeline.runner import Context, Output
-from pipeline.stage_io import load_baseline, model_keys, pruned_counts, replaying, task_of, teacher_outputs
+from pipeline.stage_io import (
+    SHIPPED_EXPORT_KEYS,
+    load_baseline,
+    model_keys,
+    pruned_counts,
+    replaying,
+    shipped_exporter,
+    task_of,
+    teacher_outputs,
+)
 
 _LATENCY_KEYS = ("prune.latency_batch", "prune.latency_threads", "prune.goal", "prune.search_budget_s",
                  "prune.backoff")
@@ -32,6 +41,8 @@ def prune_keys(cfg):
         keys += ["prune.round_to", "prune.head_ratio", *PRUNE_TARGET_KEYS[p.target]]
         if p.round_to == 0 or p.target in ("latency_ms", "speedup"):   # auto rounding / which runtime to time on
             keys.append("run.target")
+        if p.target in ("latency_ms", "speedup"):   # verification times the shipped exporter's graphs
+            keys += SHIPPED_EXPORT_KEYS
     if p.iterative_steps > 1:
         keys.append("finetune.between_steps_epochs")
         if cfg.finetune.between_steps_epochs > 0:
@@ -74,8 +85,10 @@ def prune(ctx: Context) -> Output:
         target_args["head_ratio"] = p.head_ratio
         round_to = resolve_round_to(p.round_to, cfg.run.target if p.round_to == 0 else "")
         if p.target in LATENCY_TARGETS:
+            shipped = shipped_exporter(cfg)   # verified speeds are those of the graph the export stage writes
             target_args.update(latency_runtime=latency_backend(cfg.run.target), log=ctx.log,
-                               search=SearchOptions(goal=p.goal, budget_s=p.search_budget_s, backoff=p.backoff))
+                               search=SearchOptions(goal=p.goal, budget_s=p.search_budget_s, backoff=p.backoff,
+                                 export=lambda m, path: (shipped(m, path), path)[1]))
     between = None
     if p.iterative_steps > 1 and cfg.finetune.between_steps_epochs > 0:
         teacher = load_baseline(ctx)

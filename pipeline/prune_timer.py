@@ -114,27 +114,32 @@ class Budget:
 class Timer:
     """Exports variants, opens them on the runtime and compares them; counts what it measured."""
 
-    def __init__(self, build_variant, export, opener: Opener, x: np.ndarray, workdir: Path, clock):
+    def __init__(self, build_variant, export, opener: Opener, x: np.ndarray, workdir: Path, clock, shipped=None):
+        """``export`` writes what the tables time (fast); ``shipped`` (default: ``export``) is the exporter
+        of the file that ships: verification times its graphs, so a verified speed is the shipped graph's."""
         self.build_variant, self.export, self.opener, self.x = build_variant, export, opener, x
+        self.shipped = shipped or export
         self.workdir, self.clock, self.measurements, self.remeasured, self._paths = workdir, clock, 0, 0, {}
 
-    def path_of(self, widths: dict[str, int]) -> Path:
-        """The variant's ONNX, exported once per distinct widths (the reference recurs in every table)."""
-        key = tuple(sorted(widths.items()))
+    def path_of(self, widths: dict[str, int], shipped: bool = False) -> Path:
+        """The variant's ONNX, exported once per distinct widths and exporter (the reference recurs in every table)."""
+        shipped = shipped and self.shipped is not self.export   # one exporter: one file per widths
+        key = (shipped, tuple(sorted(widths.items())))
         if key not in self._paths:
             path = self.workdir / f"variant_{len(self._paths) + 1}.onnx"
-            self._paths[key] = self.export(self.build_variant(widths), path)
+            self._paths[key] = (self.shipped if shipped else self.export)(self.build_variant(widths), path)
         return self._paths[key]
 
-    def _open(self, widths: dict[str, int]):
+    def _open(self, widths: dict[str, int], shipped: bool = False):
         self.measurements += 1
-        return self.opener(self.path_of(widths))
+        return self.opener(self.path_of(widths, shipped))
 
-    def compare(self, variants: dict[str, dict[str, int]], reference: str, *, block_ms: float, rounds: int):
+    def compare(self, variants: dict[str, dict[str, int]], reference: str, *, block_ms: float, rounds: int,
+                shipped: bool = False):
         sessions = {}
         try:
             for name, widths in variants.items():
-                sessions[name] = self._open(widths)
+                sessions[name] = self._open(widths, shipped)
             runs = {n: (lambda s=s: s.run(self.x)) for n, s in sessions.items()}
             kwargs = {"clock": self.clock} if self.clock is not None else {}
             return compare(runs, reference=reference, block_ms=block_ms, rounds=rounds, **kwargs)
@@ -142,10 +147,10 @@ class Timer:
             for s in sessions.values():
                 s.close()
 
-    def against_unpruned(self, full: dict[str, int], widths: dict[str, int]):
+    def against_unpruned(self, full: dict[str, int], widths: dict[str, int], shipped: bool = False):
         """``widths`` timed against the unpruned model with the protocol's blocks, in this process."""
         return self.compare({"unpruned": full, "pick": widths}, "unpruned", block_ms=CHECK_BLOCK_MS,
-                            rounds=CHECK_ROUNDS).ratio("pick")
+                            rounds=CHECK_ROUNDS, shipped=shipped).ratio("pick")
 
     def table_ratios(self, name: str, pick: dict[str, int], widths: tuple[int, ...]) -> tuple[dict[int, float], float]:
         """Median time ratio over ``pick`` of ``pick`` with group ``name`` at each width; entries that
@@ -191,15 +196,15 @@ class Final:
 
 
 def verify(timer: Timer, full, pick, backend, threads, x, processes) -> Final:
-    """The pick against the unpruned model with the protocol: in fresh processes on onnxruntime CPU
-    (their spread says whether it reproduces), else in this process."""
+    """The pick against the unpruned model with the protocol, both as the shipped exporter writes them: in
+    fresh processes on onnxruntime CPU (their spread says whether it reproduces), else in this process."""
     if backend == "onnxruntime-cpu" and processes > 0 and timer.clock is None:
         from edgerun.timing import Spec, SpecItem, repeat_in_processes
-        a, b = timer.path_of(full), timer.path_of(pick)
+        a, b = timer.path_of(full, shipped=True), timer.path_of(pick, shipped=True)
         spec = Spec(items=(SpecItem("unpruned", str(a), backend), SpecItem("pick", str(b), backend)),
                     reference="unpruned", batches=(int(x.shape[0]),), input_shape=tuple(x.shape[1:]),
                     threads=threads, block_ms=CHECK_BLOCK_MS, rounds=CHECK_ROUNDS)
         p = repeat_in_processes(spec, processes)[0].pair("pick")
         return Final(p.median, p.p10, p.p90, p.processes, p.spread, p.p50_ms, p.to_p50_ms)
-    r = timer.against_unpruned(full, pick)
+    r = timer.against_unpruned(full, pick, shipped=True)
     return Final(r.median, r.p10, r.p90, 1, 1.0, r.p50_ms, r.to_p50_ms)

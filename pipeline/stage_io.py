@@ -43,6 +43,21 @@ def teacher_outputs(ctx: Context) -> dict | None:
     return {k: np.load(ctx.path("baseline", f"test_{k}.npy")) for k in keeps} if keeps else None
 
 
+SHIPPED_EXPORT_KEYS = ("export.opset", "export.example_batch", "export.slim")   # what shipped_exporter reads
+
+
+def shipped_exporter(cfg):
+    """``(model, path) -> info``: the one exporter of the file that ships (export.onnx_export with the export
+    section's settings). The export stage writes model.onnx with it; the latency search verifies with it."""
+    from export.onnx_export import export_onnx
+    e = cfg.export
+
+    def write(model, path):
+        return export_onnx(model, modelio.example_input(cfg.data, e.example_batch), path, opset=e.opset,
+                           output_names=modelio.output_names(model), slim=e.slim, example_batch=e.example_batch)
+    return write
+
+
 def np_write(path, save, *args, **kwargs) -> None:
     """numpy's savers through the one atomic writer (given a path, they would append .npy/.npz to it)."""
     def write(tmp):

@@ -279,6 +279,24 @@ def test_a_pick_the_verification_does_not_confirm_is_not_shipped():
                   clock=rt.clock)
 
 
+def test_verification_times_the_graphs_of_the_shipped_exporter():
+    """The tables may time a fast exporter's graphs; the speed recorded is the shipped exporter's graph's."""
+    extra = 2e-4   # the shipped graph carries a fixed cost the fast one lacks: its speedup is lower
+
+    def shipped(widths, path):
+        Path(path).write_text(json.dumps({**widths, "shipped": True}))
+        return Path(path)
+    rt = FakeRuntime(lambda w: cnn_cost(w) + (extra if w.get("shipped") else 0.0))
+    r = _search(rt, _cnn_groups(), speedup=2.5, goal_mode="best", export_shipped=shipped)
+    verified = [w for w in rt.opened if w.get("shipped")]
+    assert verified and all(w.get("shipped") for w in rt.opened[-2:])   # the last pair opened is the check
+    assert {"c1": 16, "c2": 32, "shipped": True} in verified
+    full = cnn_cost({"c1": 16, "c2": 32}) + extra
+    assert r.measured_speedup == pytest.approx(full / (cnn_cost(r.widths) + extra), rel=1e-3)
+    assert r.summary()["verified_export"] == "shipped"
+    assert _search(FakeRuntime(cnn_cost), _cnn_groups(), speedup=2.5).summary()["verified_export"] == "search"
+
+
 # ---------------------------------------------------------------- auto rounding and the stage's keys
 def test_auto_round_to_per_target_and_cpu_flags():
     assert resolve_round_to(0, "cpu", frozenset({"avx2", "avx512f"})) == 16

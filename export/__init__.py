@@ -9,4 +9,6 @@ loads none of torch, onnxruntime or tensorrt; trt_options and trt_build never im
 """
 from export.errors import ExportError
 
+MIN_OPSET = 18   # torch.onnx's dynamo exporter has no lower implementations: it writes 18 for anything below
+
 __all__ = ["ExportError"]

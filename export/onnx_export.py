@@ -30,9 +30,9 @@ import numpy as np
 import onnx
 
 from edgerun.io import atomic_write
+from export import MIN_OPSET
 from export.errors import ExportError, brief
 
-MIN_OPSET = 18  # the dynamo exporter has no lower implementations: it writes 18 for anything below
 BATCH_DIM = "batch"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from export import MIN_OPSET
 from pipeline.data import check_root
 from pipeline.errors import PipelineError
 
-MIN_OPSET = 18   # torch.onnx's dynamo exporter cannot write older opsets
 MAX_INPUT_BYTES = 2 << 30   # one float32 input batch; more is a typo, not a workload for this pipeline
 MAX_THREADS = 1024          # more intra-op threads than any CPU this runs on has cores
 NAME_MAX = 255              # bytes in one folder name (Linux, macOS)

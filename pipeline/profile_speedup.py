@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from edgerun.sessions import GPU_BACKENDS  # noqa: F401 - one list, in the runtime; profile and report read it here
 from edgerun.timing import PairRatio, Repeated
 from pipeline.records import ROLES
 
 ROLE_ORDER = ROLES
 BACKEND_ORDER = ("torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda", "onnxruntime-tensorrt",
                  "tensorrt")
-GPU_BACKENDS = ("torch-cuda", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
 
 # Which artifact each one should beat (same backend, same batch).
 PARENT = {"pruned-torch": "baseline-torch", "onnx-fp32": "baseline-onnx", "onnx-fp16": "onnx-fp32",

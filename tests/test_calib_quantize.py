@@ -389,6 +389,63 @@ def test_bad_scores_and_drops_raise_one_line_before_anything_is_quantized(mnist_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_nncf_validation_scores_the_rows_it_is_given_and_negates_a_lower_is_better_score(mnist_model):
+    """NNCF validates subsets and ranks layers by per-sample values, always taking higher as better."""
+    from calib.quantize import _validation_fn
+
+    val_x, _ = mnist_model["val"]
+    model = onnx.load(mnist_model["path"])
+    seen = []
+
+    def error(outputs, rows):   # lower is better: the mean of logit 0 over the rows, plus their positions
+        seen.append(rows.tolist())
+        return float(outputs["logits"][:, 0].mean() + rows.sum())
+
+    validate = _validation_fn("input", 256, "onnxruntime", False, error, higher_is_better=False)
+    value, each = validate(model, [(val_x[5], 5), (val_x[2], 2)])
+    logits = _logits(mnist_model["path"], val_x[[5, 2]])
+    assert value == pytest.approx(-(logits[:, 0].mean() + 7), rel=1e-5)
+    assert each == pytest.approx([-(logits[0, 0] + 5), -(logits[1, 0] + 2)], rel=1e-5)
+    assert seen == [[5, 2], [5], [2]]
+    up_value, up_each = _validation_fn("input", 256, "onnxruntime", False, error, True)(model, [(val_x[5], 5)])
+    assert up_value == pytest.approx(logits[0, 0] + 5, rel=1e-5) and up_each == [up_value]
+
+
+def test_a_lower_is_better_score_picks_and_refuses_variants_by_its_own_drop(mnist_model, tmp_path):
+    """Not top-1: the mean absolute error of the logits against the FP32 model's, lower is better, max_drop
+    in its own units. Ignoring the direction would make every INT8 error a gain, within any drop."""
+    from calib import choose_quantized_layers
+
+    val_x = mnist_model["val"][0][:300]
+    reference = _logits(mnist_model["path"], val_x)
+
+    def mae(outputs):
+        return float(np.abs(outputs["logits"] - reference).mean())
+
+    stem = single_input_channel_convs(mnist_model["path"])
+    candidates = {"all_int8": (), "stem_fp32": stem}
+    kwargs = dict(candidates=candidates, rounds=3, block_ms=2, higher_is_better=False)
+    loose = choose_quantized_layers(mnist_model["path"], tmp_path / "a.onnx", mnist_model["calib"][:64], val_x, mae,
+                                    max_drop=1e9, **kwargs)
+    assert loose.fp32_score == pytest.approx(0.0, abs=1e-6)
+    errors = {v.name: v.score for v in loose.variants}
+    assert all(e > 1e-4 for e in errors.values()) and errors["all_int8"] != errors["stem_fp32"]
+    for v in loose.variants:
+        assert v.within_drop and v.drop == pytest.approx(v.score - loose.fp32_score)   # the error grew: a drop
+
+    strict = choose_quantized_layers(mnist_model["path"], tmp_path / "b.onnx", mnist_model["calib"][:64], val_x, mae,
+                                     max_drop=0.0, **kwargs)
+    assert not any(v.within_drop for v in strict.variants)
+    assert strict.chosen == "fp32" and strict.path is None and not (tmp_path / "b.onnx").exists()
+
+    between = sum(errors.values()) / 2   # the closer variant is within, the other is not
+    mid = choose_quantized_layers(mnist_model["path"], tmp_path / "c.onnx", mnist_model["calib"][:64], val_x, mae,
+                                  max_drop=between, **kwargs)
+    closer = min(errors, key=errors.get)
+    assert {v.name: v.within_drop for v in mid.variants} == {name: name == closer for name in errors}
+    assert mid.chosen in ("fp32", closer)
+
+
 def test_layer_choice_gives_the_score_every_output_of_an_encoder(tmp_path):
     """An encoder returns (tokens, logits): the score sees both, by name, over every batch of 256, and a
     classifier's task scores the logits, not the tokens."""

@@ -16,10 +16,12 @@ nncf is imported inside the functions: it takes seconds.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -218,11 +220,29 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: 
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _top1_fn(name: str, batch: int, target: str, int32_bias: bool):
-    """NNCF's validation_fn: (model_proto, items of (x, label)) -> (top-1, per-item 0/1)."""
+def _run_batched(runner, name: str, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """Every output of ``runner`` on ``x`` in batches of ``batch``, concatenated by name."""
+    parts = [runner.infer({name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return {out: np.concatenate([p[out] for p in parts]) for out in runner.output_names}
+
+
+def _score_value(value, what: str) -> float:
+    """A score's return as a float, or a one-line CalibError saying what came back instead."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise CalibError(f"score: expected a float for {what}, got {type(value).__name__} {str(value)[:60]!r}")
+    return float(value)
+
+
+def _validation_fn(name: str, batch: int, target: str, int32_bias: bool, score, higher_is_better: bool):
+    """NNCF's validation_fn: (model_proto, items of (x, row in val_inputs)) -> (metric, per-item metrics).
+
+    NNCF's metric grows with accuracy (its drop is initial - current), so a lower-is-better score is negated.
+    """
     import copy
 
     from edgerun.ort import OrtRunner
+
+    sign = 1.0 if higher_is_better else -1.0
 
     def validate(model, items):
         if target == "tensorrt" or int32_bias:
@@ -232,18 +252,32 @@ def _top1_fn(name: str, batch: int, target: str, int32_bias: bool):
                 qdq.rewrite_uint8_to_int8(model)
             else:
                 qdq.quantize_gemm_bias(model)
+        items = list(items)
+        x = np.stack([item[0] for item in items])
+        rows = np.array([item[1] for item in items], dtype=np.int64)
         with OrtRunner(model.SerializeToString()) as runner:
-            first = runner.output_names[0]
-            items = list(items)
-            x = np.stack([item[0] for item in items])
-            y = np.array([item[1] for item in items])
-            pred = np.concatenate([runner.infer({name: x[i:i + batch]})[first].argmax(axis=1)
-                                   for i in range(0, len(x), batch)])
-        correct = (pred == y).astype(np.float64)
+            outputs = _run_batched(runner, name, x, batch)
+        value = sign * _score_value(score(outputs, rows), "the validation outputs")
+        if len(rows) == 1:
+            return value, [value]
         # Per-item values spare NNCF from calling this once per item to rank layers.
-        return float(correct.mean()), correct.tolist()
+        each = [sign * _score_value(score({k: v[i:i + 1] for k, v in outputs.items()}, rows[i:i + 1]),
+                                    "one sample's outputs") for i in range(len(rows))]
+        return value, each
 
     return validate
+
+
+def _fp32_score(model, val: np.ndarray, name: str, batch: int, score) -> float:
+    """The FP32 model's score on the whole validation set: a finite float, or a one-line CalibError."""
+    from edgerun.ort import OrtRunner
+
+    with OrtRunner(model.SerializeToString()) as runner:
+        outputs = _run_batched(runner, name, val, batch)
+    value = _score_value(score(outputs, np.arange(len(val))), "the FP32 model's outputs")
+    if not math.isfinite(value):
+        raise CalibError(f"score: expected a finite float for the FP32 model's outputs, got {value}")
+    return value
 
 
 def _quantized_ops(model) -> list[str]:
@@ -255,45 +289,54 @@ def _quantized_ops(model) -> list[str]:
 
 def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.PathLike,
                                         calib_inputs: np.ndarray, val_inputs: np.ndarray,
-                                        val_labels: np.ndarray, *, target: str = "onnxruntime",
-                                        max_drop: float = 0.003, model_type: str | None = None,
+                                        score: Callable[[dict[str, np.ndarray], np.ndarray], float], *,
+                                        max_drop: float, higher_is_better: bool = True,
+                                        target: str = "onnxruntime", model_type: str | None = None,
                                         keep_fp32: tuple[str, ...] = (), int32_bias: bool | None = None,
                                         reduce_range: bool | None = None) -> dict:
-    """``quantize_onnx`` plus NNCF's accuracy control: layers go back to float until top-1 on
-    (``val_inputs``, ``val_labels``) drops by at most ``max_drop`` (a fraction: 0.003 = 0.3 pt).
+    """``quantize_onnx`` plus NNCF's accuracy control: layers go back to float until the score on
+    ``val_inputs`` is at most ``max_drop`` worse than the FP32 model's (in the score's units, plus 1e-9
+    of float slack as choose_quantized_layers and the gates allow; lower is worse unless
+    ``higher_is_better`` is False).
 
-    The model's first output must be the logits. Returns quantize_onnx's dict plus "n_val" and
-    "reverted" (the ops that read a quantized tensor after plain quantization and no longer do).
+    ``score(outputs, rows)``: ``outputs`` every output of a model on ``val_inputs[rows]`` (``{name:
+    array}``, concatenated by name), ``rows`` their positions in ``val_inputs`` (an int array, so that
+    the caller can find their labels); it returns one float. NNCF scores subsets of the validation set
+    and single samples (to rank the layers it reverts), so the score must accept any ``rows``. A
+    classifier's caller passes top-1 on ``labels[rows]``, e.g. as a fraction with ``max_drop=0.003``
+    (0.3 pt). The FP32 model's score on the whole set must be a finite float (checked first).
+    Returns quantize_onnx's dict plus "n_val" and "reverted" (the ops that read a quantized tensor
+    after plain quantization and no longer do).
     """
     t0 = time.perf_counter()
     _check_target(target, model_type)
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < 1:
-        raise CalibError(f"max_drop must be a fraction in [0, 1), got {max_drop!r}")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < math.inf:
+        raise CalibError(f"max_drop must be a number >= 0 in the score's units, got {max_drop!r}")
+    if not callable(score):
+        raise CalibError(f"score: expected a callable on a model's outputs, got {type(score).__name__}")
     model = qdq.load_onnx(src)
     name, dims, dtype = _model_input(model, src, None)
     calib = _check_samples(calib_inputs, "calib_inputs", src, name, dims, dtype)
     val = _check_samples(val_inputs, "val_inputs", src, name, dims, dtype)
     keep_fp32, int32_bias = _check_options(model, src, target, keep_fp32, int32_bias)
     reduce, form = int8form.weight_form(target, reduce_range)
-    labels = np.asarray(val_labels)
-    if labels.shape != (len(val),) or not np.issubdtype(labels.dtype, np.integer):
-        raise CalibError(f"val_labels: expected {len(val)} integer labels for {src}, "
-                         f"got {labels.dtype} {list(labels.shape)}")
+    batch = 1 if dims[0] == 1 else VAL_BATCH
+    _fp32_score(model, val, name, batch, score)
 
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     calib_set = nncf.Dataset(calib, lambda x: {name: x[None]})
-    val_set = nncf.Dataset(list(zip(val, labels.tolist(), strict=True)), lambda item: {name: item[0][None]})
-    batch = 1 if dims[0] == 1 else VAL_BATCH
+    # Each item carries its row in val_inputs: NNCF validates subsets, and the score needs to know which.
+    val_set = nncf.Dataset(list(zip(val, range(len(val)), strict=True)), lambda item: {name: item[0][None]})
     with tempfile.TemporaryDirectory() as tmp:
         # NNCF saves the fully quantized model here before reverting layers: the "before" to diff against.
         restorer = AdvancedAccuracyRestorerParameters(intermediate_model_dir=tmp)
         options = _nncf_options(target, model_type, keep_fp32, reduce)
         options["advanced_quantization_parameters"] = options.pop("advanced_parameters")
         quantized = nncf.quantize_with_accuracy_control(
-            model, calib_set, val_set, _top1_fn(name, batch, target, int32_bias),
-            max_drop=float(max_drop), drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+            model, calib_set, val_set, _validation_fn(name, batch, target, int32_bias, score, higher_is_better),
+            max_drop=float(max_drop) + 1e-9, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
             advanced_accuracy_restorer_parameters=restorer, **options)
         before = _quantized_ops(qdq.load_onnx(Path(tmp) / "intermediate_model.onnx"))
     after = set(_quantized_ops(quantized))

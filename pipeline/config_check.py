@@ -183,7 +183,7 @@ def _check_quantize(q, bad) -> None:
         bad("quantize.calib_size must be > 0")
     if not 0 <= q.min_agreement <= 100 or not 0 < q.min_cosine <= 1:
         bad("quantize.min_agreement must be in [0, 100] and quantize.min_cosine in (0, 1]")
-    # The stage hands max_drop to calib as a fraction, which must stay below 1 (100 pt).
+    # In the task's units (top-1 points for a classifier): a drop of 100 pt or more would accept anything.
     if not 0 <= q.max_drop < 100 or q.choose_val_size < 1 or q.choose_batch < 1:
         bad(f"quantize.max_drop must be in [0, 100) pt (got {q.max_drop}), quantize.choose_val_size and "
             f"quantize.choose_batch >= 1 (got {q.choose_val_size}, {q.choose_batch})")

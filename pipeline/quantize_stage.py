@@ -37,6 +37,14 @@ def _val_slice(ctx: Context, n: int):
     return data.x_train[-n:], data.train.labels[-n:]
 
 
+def _task_score(task, labels):
+    """calib's score: the task's gated metric (its own units: top-1 in percent for a classifier) of outputs
+    on the validation rows ``rows`` (all of them by default; NNCF's accuracy control scores subsets)."""
+    def score(outputs, rows=None):
+        return task.metrics(outputs, labels if rows is None else labels[rows])[task.metric]
+    return score
+
+
 def candidates(src) -> dict[str, tuple[str, ...]]:
     """Named sets of nodes to keep in FP32: calib's defaults, the convs that read the image, and both ends."""
     from calib import qdq
@@ -63,26 +71,29 @@ def _choose(ctx: Context, src, dst, images) -> dict:
                             f"got {q.choose_val_size} and {q.choose_batch}")
     x_val, y_val = _val_slice(ctx, q.choose_val_size)
     threads = ctx.cfg.profile.threads or ctx.cfg.run.threads
-    choice = choose_quantized_layers(src, dst, ctx.data.norm(images), x_val, y_val, target="onnxruntime",
-                                     max_drop=q.max_drop / 100.0, candidates=candidates(src), threads=threads,
+    task = task_of(ctx)
+    # The task's own units (percent top-1), as quantize.max_drop and the gate: no conversion to fractions.
+    choice = choose_quantized_layers(src, dst, ctx.data.norm(images), x_val, _task_score(task, y_val),
+                                     max_drop=q.max_drop, higher_is_better=task.higher_is_better,
+                                     target="onnxruntime", candidates=candidates(src), threads=threads,
                                      batch=q.choose_batch, work_dir=ctx.out)
     variants = {v.name: v for v in choice.variants}
     if choice.path is None:
         # No variant pays: write the fastest within the drop (else the most accurate), labelled as such.
         fit = sorted((v for v in choice.variants if v.within_drop), key=lambda v: v.ratio)
-        written = fit[0] if fit else max(choice.variants, key=lambda v: v.top1)
+        written = fit[0] if fit else min(choice.variants, key=lambda v: v.drop)
     else:
         written = variants[choice.chosen]
     info = quantize_onnx(src, dst, ctx.data.norm(images), target="onnxruntime", keep_fp32=written.keep_fp32)
     info["layer_choice"] = {
         "mode": "auto", "chosen": choice.chosen, "written": written.name, "pays": choice.path is not None,
         "keep_fp32": list(written.keep_fp32), "measured": choice.measured,
-        "fp32_val_top1": round(choice.fp32_top1 * 100, 4), "fp32_p50_ms": round(choice.fp32_p50_ms, 4),
+        f"fp32_val_{task.metric}": round(choice.fp32_score, 4), "fp32_p50_ms": round(choice.fp32_p50_ms, 4),
         "val": f"last {len(y_val)} images of the train split (never the test split)",
-        "candidates": [{"name": v.name, "keep_fp32": list(v.keep_fp32), "val_top1": round(v.top1 * 100, 4),
-                        "drop_pt": v.drop_pt, "ratio_vs_fp32": round(v.ratio, 4), "ratio_p10": round(v.ratio_p10, 4),
-                        "ratio_p90": round(v.ratio_p90, 4), "p50_ms": round(v.p50_ms, 4),
-                        "within_drop": v.within_drop} for v in choice.variants]}
+        "candidates": [{"name": v.name, "keep_fp32": list(v.keep_fp32), f"val_{task.metric}": round(v.score, 4),
+                        "drop_pt": round(v.drop, 3), "ratio_vs_fp32": round(v.ratio, 4),
+                        "ratio_p10": round(v.ratio_p10, 4), "ratio_p90": round(v.ratio_p90, 4),
+                        "p50_ms": round(v.p50_ms, 4), "within_drop": v.within_drop} for v in choice.variants]}
     return info
 
 
@@ -92,8 +103,10 @@ def _quantize(ctx: Context, src, dst, images, target: str) -> dict:
     model_type = q.model_type or None
     if q.accuracy_control:
         x_val, y_val = _val_slice(ctx, 1000)
-        return quantize_onnx_with_accuracy_control(src, dst, data.norm(images), x_val, y_val, target=target,
-                                                   max_drop=q.max_drop / 100.0, model_type=model_type)
+        task = task_of(ctx)
+        return quantize_onnx_with_accuracy_control(src, dst, data.norm(images), x_val, _task_score(task, y_val),
+                                                   max_drop=q.max_drop, higher_is_better=task.higher_is_better,
+                                                   target=target, model_type=model_type)
     if target == "tensorrt":   # fully quantized whatever keep_fp32 says (module docstring)
         return quantize_onnx(src, dst, data.norm(images), target=target, model_type=model_type)
     if q.keep_fp32 == "auto":

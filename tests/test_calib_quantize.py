@@ -36,6 +36,11 @@ def _top1(path, x, y):
     return float((s.run(None, {"input": x})[0].argmax(1) == y).mean())
 
 
+def top1_score(labels):
+    """calib's score for a classifier: top-1 (a fraction) of the logits on ``labels[rows]``."""
+    return lambda outputs, rows=slice(None): float((outputs["logits"].argmax(1) == labels[rows]).mean())
+
+
 @pytest.fixture(scope="module")
 def mnist_model(tmp_path_factory):
     """A two-conv CNN trained 300 steps on 6,000 MNIST training images, exported with a dynamic batch."""
@@ -120,8 +125,8 @@ def test_accuracy_control_reverts_layers_when_calibration_is_bad(mnist_model, tm
     fp32_val, plain_val = _top1(mnist_model["path"], val_x, val_y), _top1(plain["path"], val_x, val_y)
     assert fp32_val - plain_val > 0.05
 
-    info = quantize_onnx_with_accuracy_control(mnist_model["path"], tmp_path / "ac.onnx", bad, val_x, val_y,
-                                               target="tensorrt", max_drop=0.003)
+    info = quantize_onnx_with_accuracy_control(mnist_model["path"], tmp_path / "ac.onnx", bad, val_x,
+                                               top1_score(val_y), target="tensorrt", max_drop=0.003)
     assert info["n_val"] == 1000 and info["n_calib"] == 256
     assert info["reverted"] and set(info["reverted"]) <= {n.name for n in onnx.load(info["path"]).graph.node}
     assert info["qdq"]["nodes"] < plain["qdq"]["nodes"]
@@ -228,13 +233,15 @@ def test_choose_quantized_layers_picks_the_fastest_variant_within_the_drop(mnist
     val_x, val_y = mnist_model["val"]
     dst = tmp_path / "chosen.onnx"
     stem = single_input_channel_convs(mnist_model["path"])
-    choice = choose_quantized_layers(mnist_model["path"], dst, mnist_model["calib"][:64], val_x[:500], val_y[:500],
+    choice = choose_quantized_layers(mnist_model["path"], dst, mnist_model["calib"][:64], val_x[:500],
+                                     top1_score(val_y[:500]), max_drop=0.003,
                                      candidates={"all_int8": (), "stem_fp32": stem}, rounds=5, block_ms=5)
     assert [v.name for v in choice.variants] == ["all_int8", "stem_fp32"]
     assert choice.variants[1].keep_fp32 == stem and "interleaved rounds" in choice.measured
     for v in choice.variants:
         assert v.ratio > 0 and v.ratio_p10 <= v.ratio <= v.ratio_p90 and v.p50_ms > 0
-        assert v.within_drop == (v.drop_pt <= 0.3 + 1e-9)
+        assert v.drop == pytest.approx(choice.fp32_score - v.score) and 0 <= v.score <= 1
+        assert v.within_drop == (v.drop <= 0.003 + 1e-9)
     fit = [v for v in choice.variants if v.within_drop and v.ratio < 1]
     if fit:  # INT8 paid on this machine: the fastest such variant is chosen and written
         best = min(fit, key=lambda v: v.ratio)
@@ -243,8 +250,8 @@ def test_choose_quantized_layers_picks_the_fastest_variant_within_the_drop(mnist
         assert choice.chosen == "fp32" and choice.path is None and not dst.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["chosen.onnx"] if fit else [])
     with pytest.raises(CalibError, match="keep_fp32: .* has no node named 'nope'"):
-        choose_quantized_layers(mnist_model["path"], dst, mnist_model["calib"][:8], val_x[:8], val_y[:8],
-                                candidates={"bad": ("nope",)})
+        choose_quantized_layers(mnist_model["path"], dst, mnist_model["calib"][:8], val_x[:8], top1_score(val_y[:8]),
+                                max_drop=0.003, candidates={"bad": ("nope",)})
 
 
 class _TinyViT(torch.nn.Module):
@@ -358,23 +365,95 @@ def test_bad_inputs_raise_one_line_and_write_nothing(mnist_model, tmp_path, case
     assert not out.exists()
 
 
-def test_accuracy_control_checks_labels(mnist_model, tmp_path):
+def test_bad_scores_and_drops_raise_one_line_before_anything_is_quantized(mnist_model, tmp_path):
+    """The score replaces the labels: what it returns for the FP32 model is checked first (one line each)."""
+    from calib import choose_quantized_layers
+
     val_x, val_y = mnist_model["val"]
-    with pytest.raises(CalibError, match="val_labels: expected 1000 integer labels"):
-        quantize_onnx_with_accuracy_control(mnist_model["path"], tmp_path / "x.onnx", mnist_model["calib"],
-                                            val_x, val_y[:10])
-    with pytest.raises(CalibError, match="max_drop must be a fraction"):
-        quantize_onnx_with_accuracy_control(mnist_model["path"], tmp_path / "x.onnx", mnist_model["calib"],
-                                            val_x, val_y, max_drop=3)
+    src, calib, out = mnist_model["path"], mnist_model["calib"][:8], tmp_path / "x.onnx"
+    for score, match in [(lambda outputs, rows=None: "high", "score: expected a float for the FP32 model's "
+                                                             "outputs, got str 'high'"),
+                         (lambda outputs, rows=None: float("nan"), "score: expected a finite float for the FP32 "
+                                                                   "model's outputs, got nan"),
+                         ("top1", "score: expected a callable on a model's outputs, got str")]:
+        with pytest.raises(CalibError, match=match) as e:
+            quantize_onnx_with_accuracy_control(src, out, calib, val_x, score, max_drop=0.003)
+        assert "\n" not in str(e.value)
+        with pytest.raises(CalibError, match=match):
+            choose_quantized_layers(src, out, calib, val_x[:8], score, max_drop=0.003)
+    for drop in (-1, float("nan"), True):
+        with pytest.raises(CalibError, match="max_drop must be a number >= 0 in the score's units"):
+            quantize_onnx_with_accuracy_control(src, out, calib, val_x, top1_score(val_y), max_drop=drop)
+        with pytest.raises(CalibError, match="max_drop must be a number >= 0 in the score's units"):
+            choose_quantized_layers(src, out, calib, val_x[:8], top1_score(val_y[:8]), max_drop=drop)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_layer_choice_scores_the_logits_output_of_an_encoder(tmp_path):
-    """An encoder returns (tokens, logits): the per-layer choice must score the logits, not the tokens."""
+def test_nncf_validation_scores_the_rows_it_is_given_and_negates_a_lower_is_better_score(mnist_model):
+    """NNCF validates subsets and ranks layers by per-sample values, always taking higher as better."""
+    from calib.quantize import _validation_fn
+
+    val_x, _ = mnist_model["val"]
+    model = onnx.load(mnist_model["path"])
+    seen = []
+
+    def error(outputs, rows):   # lower is better: the mean of logit 0 over the rows, plus their positions
+        seen.append(rows.tolist())
+        return float(outputs["logits"][:, 0].mean() + rows.sum())
+
+    validate = _validation_fn("input", 256, "onnxruntime", False, error, higher_is_better=False)
+    value, each = validate(model, [(val_x[5], 5), (val_x[2], 2)])
+    logits = _logits(mnist_model["path"], val_x[[5, 2]])
+    assert value == pytest.approx(-(logits[:, 0].mean() + 7), rel=1e-5)
+    assert each == pytest.approx([-(logits[0, 0] + 5), -(logits[1, 0] + 2)], rel=1e-5)
+    assert seen == [[5, 2], [5], [2]]
+    up_value, up_each = _validation_fn("input", 256, "onnxruntime", False, error, True)(model, [(val_x[5], 5)])
+    assert up_value == pytest.approx(logits[0, 0] + 5, rel=1e-5) and up_each == [up_value]
+
+
+def test_a_lower_is_better_score_picks_and_refuses_variants_by_its_own_drop(mnist_model, tmp_path):
+    """Not top-1: the mean absolute error of the logits against the FP32 model's, lower is better, max_drop
+    in its own units. Ignoring the direction would make every INT8 error a gain, within any drop."""
+    from calib import choose_quantized_layers
+
+    val_x = mnist_model["val"][0][:300]
+    reference = _logits(mnist_model["path"], val_x)
+
+    def mae(outputs):
+        return float(np.abs(outputs["logits"] - reference).mean())
+
+    stem = single_input_channel_convs(mnist_model["path"])
+    candidates = {"all_int8": (), "stem_fp32": stem}
+    kwargs = dict(candidates=candidates, rounds=3, block_ms=2, higher_is_better=False)
+    loose = choose_quantized_layers(mnist_model["path"], tmp_path / "a.onnx", mnist_model["calib"][:64], val_x, mae,
+                                    max_drop=1e9, **kwargs)
+    assert loose.fp32_score == pytest.approx(0.0, abs=1e-6)
+    errors = {v.name: v.score for v in loose.variants}
+    assert all(e > 1e-4 for e in errors.values()) and errors["all_int8"] != errors["stem_fp32"]
+    for v in loose.variants:
+        assert v.within_drop and v.drop == pytest.approx(v.score - loose.fp32_score)   # the error grew: a drop
+
+    strict = choose_quantized_layers(mnist_model["path"], tmp_path / "b.onnx", mnist_model["calib"][:64], val_x, mae,
+                                     max_drop=0.0, **kwargs)
+    assert not any(v.within_drop for v in strict.variants)
+    assert strict.chosen == "fp32" and strict.path is None and not (tmp_path / "b.onnx").exists()
+
+    between = sum(errors.values()) / 2   # the closer variant is within, the other is not
+    mid = choose_quantized_layers(mnist_model["path"], tmp_path / "c.onnx", mnist_model["calib"][:64], val_x, mae,
+                                  max_drop=between, **kwargs)
+    closer = min(errors, key=errors.get)
+    assert {v.name: v.within_drop for v in mid.variants} == {name: name == closer for name in errors}
+    assert mid.chosen in ("fp32", closer)
+
+
+def test_layer_choice_gives_the_score_every_output_of_an_encoder(tmp_path):
+    """An encoder returns (tokens, logits): the score sees both, by name, over every batch of 256, and a
+    classifier's task scores the logits, not the tokens."""
     import onnx
     from onnx import TensorProto, helper
 
-    from calib.layers import _session, _top1
+    from calib.layers import _outputs, _session
+    from pipeline.tasks import Classify
     nodes = [helper.make_node("Identity", ["input"], ["tokens"]), helper.make_node("Neg", ["input"], ["logits"])]
     graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 3])],
                               [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["b", 3]),
@@ -382,8 +461,13 @@ def test_layer_choice_scores_the_logits_output_of_an_encoder(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, str(tmp_path / "enc.onnx"))
-    x = np.array([[3, 1, 2], [1, 3, 2]], dtype=np.float32)   # argmax of the logits (negated): 1 and 0
+    x = np.random.default_rng(0).standard_normal((600, 3)).astype(np.float32)   # three batches of 256
     runner = _session(tmp_path / "enc.onnx", 2)   # the runner the choice opens: its thread settings kept
-    assert _top1(runner, x, np.array([1, 0])) == 1.0
+    outputs = _outputs(runner, x)
+    assert sorted(outputs) == ["logits", "tokens"]
+    np.testing.assert_array_equal(outputs["tokens"], x)
+    np.testing.assert_array_equal(outputs["logits"], -x)
+    assert Classify().metrics(outputs, (-x).argmax(1))["top1"] == 100.0
+    assert Classify().metrics(outputs, x.argmax(1))["top1"] == 0.0   # the tokens' argmax: never the logits'
     opts = runner.session.get_session_options()
     assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)

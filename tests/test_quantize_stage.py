@@ -78,6 +78,11 @@ def test_auto_picks_the_fastest_measured_variant(runs, fake_clock):
     stem = next(c["keep_fp32"] for c in choice["candidates"] if c["name"] == "stem_fp32")
     assert fp32_nodes(path) == set(stem) and rec.metrics["keep_fp32"] == stem
     assert "train split" in choice["val"]
+    # The task's figures under the keys they had: top-1 in percent, drops in points, rounded as before.
+    assert 0 <= choice["fp32_val_top1"] <= 100
+    for c in choice["candidates"]:
+        assert 0 <= c["val_top1"] <= 100 and c["within_drop"] is True   # quantize.max_drop=20 pt
+        assert c["drop_pt"] == round(choice["fp32_val_top1"] - c["val_top1"], 3)
 
 
 def test_auto_says_when_no_variant_pays(runs, fake_clock):

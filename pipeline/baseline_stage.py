@@ -31,6 +31,8 @@ def baseline(ctx: Context) -> Output:
     torch.manual_seed(cfg.run.seed)  # the initial weights too, so a rerun trains the same model
     model = modelio.build(cfg.model, cfg.data)
     probe_model(model, cfg.data.channels, tuple(cfg.data.size), cfg.model.num_classes)  # before any training
+    # resolved before any training, from the names torch_outputs gives the outputs below: the task trains it
+    task = resolve(cfg.task.kind, modelio.output_names(model))
     notices = []
     if cfg.model.weights:
         loaded = modelio.load_state(model, resolve_root(cfg.model.weights), unsafe_pickle=cfg.model.unsafe_pickle,
@@ -45,11 +47,10 @@ def baseline(ctx: Context) -> Output:
                 f"on {len(data.train.labels)} images")
         info = train(model, None, data.x_train, data.train.labels, epochs=cfg.baseline.epochs, lr=cfg.baseline.lr,
                      batch_size=cfg.baseline.batch_size, seed=cfg.run.seed, schedule=cfg.baseline.schedule,
-                     progress="baseline")
+                     progress="baseline", task=task)
         trained = {"epochs": cfg.baseline.epochs, "losses": info["losses"]}
     modelio.save_weights(model, ctx.out / "model.pt")
     outs = modelio.torch_outputs(model, data.x_test)
-    task = resolve(cfg.task.kind, outs)
     for name in task.keeps:   # what later stages compare against (an encoder's tokens)
         np_write(ctx.out / f"test_{name}.npy", np.save, outs[name])
     metrics = {"task": task.kind, **task.metrics(outs, data.test.labels)}

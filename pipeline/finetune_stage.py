@@ -63,7 +63,7 @@ def finetune_model(ctx: Context, student, teacher, *, epochs: float, early_stop:
     kwargs = dict(epochs=epochs, lr=f.lr, batch_size=f.batch_size, kd_temperature=f.kd_temperature,
                   kd_weight=f.kd_weight, schedule=f.schedule, optimizer=f.optimizer, seed=ctx.cfg.run.seed,
                   early_stop_top1=target, val=val, device=f.device, token_weight=f.token_weight,
-                  progress="fine-tune")
+                  progress="fine-tune", task=task)
     if f.nproc > 1:
         return train_ddp(student, teacher, x, y, nproc=f.nproc, **kwargs)
     return train(student, teacher, x, y, **kwargs)

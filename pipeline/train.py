@@ -2,18 +2,20 @@
 
     info = train(student, teacher, x_train, y_train, epochs=2, lr=3e-3, kd_weight=0.7)
 
-Loss: ``kd_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - kd_weight) * CE(student, y)``
-(``teacher=None`` → plain cross-entropy). Models may return ``(tokens, logits)``: classification reads
-the logits (``logits_of``); ``token_weight`` > 0 adds ``token_weight * (1 - cosine)``
-between the student's and the teacher's first outputs (mean over tokens).
+The loss, what is kept of the teacher and the figures watched are the ``task``'s (pipeline/tasks, `Task`'s
+training hooks; default: classification). A classifier's loss is
+``kd_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - kd_weight) * CE(student, y)``
+(``teacher=None`` → plain cross-entropy) on the logits (``logits_of``: models may return ``(tokens, logits)``);
+the encode task adds ``token_weight * (1 - cosine)`` between the student's and the teacher's tokens.
 
 Early stopping: with ``early_stop_top1`` and ``val=(x_val, y_val)`` the student is evaluated every
-``eval_every_steps`` steps and training stops once its top-1 on ``val`` reaches the threshold. ``val``
-must be a held-out slice of the TRAINING data (see :func:`split_train_val`), never the test set: the
-test set is what the pipeline's gates report, and stopping on it would leak.
+``eval_every_steps`` steps (the task's ``held_out``: top-1 for a classifier) and training stops once that
+reaches the threshold. ``val`` must be a held-out slice of the TRAINING data (see :func:`split_train_val`),
+never the test set: the test set is what the pipeline's gates report, and stopping on it would leak.
 
-``epochs`` may be fractional (0.5 = half an epoch of steps). Everything is seeded. The teacher's
-logits are computed once up front (the data is not augmented, so they are the same every epoch).
+``epochs`` may be fractional (0.5 = half an epoch of steps). Everything is seeded. What the task keeps of the
+teacher (a classifier's logits) is computed once up front (the data is not augmented, so it is the same every
+epoch); a task that needs more (an encoder's tokens) has the teacher run beside the student every step.
 
 ``train_ddp`` runs the same loop in ``nproc`` processes with DistributedDataParallel (gloo on the
 CPU, nccl when there is one GPU per process); every process takes its own 1/nproc of each epoch's
@@ -32,16 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
+from pipeline.tasks import Classify, Task
 
-
-def logits_of(output):
-    """Models may return logits or (tokens, logits): classification always reads the last."""
-    return output[-1] if isinstance(output, (tuple, list)) else output
-
+# re-exported: tests, benchmarks and prune_tp import them from here
+from pipeline.tasks.logits import evaluate_top1, kd_loss, logits_of  # noqa: F401
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 OPTIMIZERS = ("adam", "sgd")
@@ -64,30 +63,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-@torch.no_grad()
-def evaluate_top1(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1000, device="cpu") -> float:
-    """Top-1 in percent; leaves the model in the mode it found it in."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        out = logits_of(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)))
-        correct += int((out.argmax(1).cpu() == torch.from_numpy(np.asarray(y[i:i + batch_size]))).sum())
-    model.train(was_training)
-    return 100.0 * correct / max(1, len(x))
-
-
-def kd_loss(student_logits, teacher_logits, labels, temperature: float, weight: float):
-    """Hinton distillation: weight·T²·KL(teacher/T ‖ student/T) + (1−weight)·CE."""
-    ce = F.cross_entropy(student_logits, labels)
-    if teacher_logits is None or weight <= 0:
-        return ce
-    t = float(temperature)
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                  reduction="batchmean", log_target=True)
-    return weight * t * t * kl + (1.0 - weight) * ce
-
-
 def _check_args(x, y, epochs, schedule, optimizer, kd_weight, early_stop_top1, val, batch_size):
     if schedule not in SCHEDULES:
         raise PipelineError(f"finetune.schedule: unknown {schedule!r}; expected one of {', '.join(SCHEDULES)}")
@@ -105,22 +80,16 @@ def _check_args(x, y, epochs, schedule, optimizer, kd_weight, early_stop_top1, v
         raise PipelineError("finetune.early_stop_top1 needs val=(x_val, y_val): a held-out slice of the training data")
 
 
-def _teacher_outputs(teacher, x, device, batch_size=1000):
+def _teacher_outputs(teacher, x, device, batch_size=1000, task: Task | None = None):
+    """What ``task`` keeps of the teacher's output for every image of ``x`` (a classifier's logits)."""
+    task = task if task is not None else Classify()
     teacher.eval().to(device)
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)
-            outs.append(logits_of(teacher(xb)).float().cpu())
+            outs.append(task.teacher_cache(teacher(xb)))
     return torch.cat(outs)
-
-
-def _token_term(s_out, t_out):
-    s_tok, t_tok = s_out[0], t_out[0]
-    if s_tok.shape != t_tok.shape:  # pruned embedding: compare what can be compared
-        raise PipelineError(f"finetune.token_weight: student tokens {tuple(s_tok.shape)} and teacher tokens "
-                            f"{tuple(t_tok.shape)} differ; token distillation needs the same token width")
-    return (1.0 - F.cosine_similarity(s_tok.float(), t_tok.float(), dim=-1)).mean()
 
 
 def _optimizer(model, optimizer, schedule, *, lr, weight_decay, total_steps):
@@ -140,11 +109,11 @@ def _optimizer(model, optimizer, schedule, *, lr, weight_decay, total_steps):
     return opt, sched
 
 
-def _teacher(teacher, x, device, *, kd_weight, token_weight, teacher_logits):
-    """(teacher, online, logits): online = run the teacher per batch; else its logits for every image of
-    ``x`` (given or computed here), or None when nothing is distilled."""
+def _teacher(teacher, x, device, task, *, kd_weight, token_weight, teacher_logits):
+    """(teacher, online, kept): online = run the teacher per batch; else what the task keeps of its output
+    for every image of ``x`` (given as ``teacher_logits`` or computed here), or None when nothing is distilled."""
     use_teacher = teacher is not None and (kd_weight > 0 or token_weight > 0)
-    online_teacher = use_teacher and token_weight > 0  # tokens are too big to cache: run the teacher per batch
+    online_teacher = use_teacher and task.teacher_per_batch(kd_weight=kd_weight, token_weight=token_weight)
     t_logits = None
     if teacher_logits is not None and kd_weight > 0 and not online_teacher:
         if len(teacher_logits) != len(x):
@@ -153,13 +122,26 @@ def _teacher(teacher, x, device, *, kd_weight, token_weight, teacher_logits):
     elif use_teacher:
         teacher = teacher.to(device).eval()  # always run under no_grad: its parameters are left as they are
         if not online_teacher:
-            t_logits = _teacher_outputs(teacher, x, device)
+            t_logits = _teacher_outputs(teacher, x, device, task=task)
     return teacher, online_teacher, t_logits
+
+
+def _batch_loss(task, model, teacher, xb, yb, kept, *, online, kd_temperature, kd_weight, token_weight):
+    """(the student's output, the task's loss) for one batch; ``kept``: the cached teacher rows of the batch."""
+    out = model(xb)
+    if online:
+        with torch.no_grad():
+            t_out = teacher(xb)
+    else:
+        t_out = kept
+        kd_weight = kd_weight if kept is not None else 0.0
+    return out, task.train_loss(out, yb, t_out, temperature=kd_temperature, kd_weight=kd_weight,
+                                token_weight=token_weight)
 
 
 def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperature, kd_weight, token_weight,
                 schedule, optimizer, weight_decay, early_stop_top1, val, eval_every_steps, seed, device,
-                progress, rank=0, world=1, dist=None, teacher_logits=None):
+                progress, task, rank=0, world=1, dist=None, teacher_logits=None):
     """The one training loop, used in-process and by every DDP rank (``dist`` is torch.distributed)."""
     torch.manual_seed(seed)
     model = student  # possibly a DDP wrapper
@@ -169,8 +151,8 @@ def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperatur
     steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
     total_steps = max(1, int(math.ceil(float(epochs) * steps_per_epoch)))
     opt, sched = _optimizer(model, optimizer, schedule, lr=lr, weight_decay=weight_decay, total_steps=total_steps)
-    teacher, online_teacher, t_logits = _teacher(teacher, x, device, kd_weight=kd_weight, token_weight=token_weight,
-                                                 teacher_logits=teacher_logits)
+    teacher, online_teacher, t_logits = _teacher(teacher, x, device, task, kd_weight=kd_weight,
+                                                 token_weight=token_weight, teacher_logits=teacher_logits)
 
     xt = torch.from_numpy(np.ascontiguousarray(x))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -192,16 +174,9 @@ def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperatur
                     break
                 idx = perm[b * batch_size:(b + 1) * batch_size]
                 xb, yb = xt[idx].to(device, non_blocking=True), yt[idx].to(device, non_blocking=True)
-                out = model(xb)
-                logits = logits_of(out)
-                if online_teacher:
-                    with torch.no_grad():
-                        t_out = teacher(xb)
-                    loss = kd_loss(logits, logits_of(t_out), yb, kd_temperature, kd_weight)
-                    loss = loss + token_weight * _token_term(out, t_out)
-                else:
-                    tl = t_logits[idx].to(device) if t_logits is not None else None
-                    loss = kd_loss(logits, tl, yb, kd_temperature, kd_weight if tl is not None else 0.0)
+                kept = t_logits[idx].to(device) if t_logits is not None else None   # None when online
+                out, loss = _batch_loss(task, model, teacher, xb, yb, kept, online=online_teacher,
+                                        kd_temperature=kd_temperature, kd_weight=kd_weight, token_weight=token_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -212,12 +187,13 @@ def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperatur
                 epoch_loss += lv
                 epoch_steps += 1
                 run_loss = lv if step == 1 else 0.98 * run_loss + 0.02 * lv
-                run_correct += int((logits.detach().argmax(1) == yb).sum())
-                run_seen += len(yb)
+                right, counted = task.train_hits(out, yb)
+                run_correct += right
+                run_seen += counted
                 if early_stop_top1 is not None and eval_every_steps and step % eval_every_steps == 0:
                     stop = torch.zeros(1)
                     if rank == 0:
-                        last_val = evaluate_top1(core, val[0], val[1], device=device)
+                        last_val = task.held_out(core, val[0], val[1], device=device)
                         val_history.append((step, last_val))
                         stop[0] = float(last_val >= early_stop_top1)
                     if dist is not None:
@@ -249,12 +225,14 @@ def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_
              kd_weight: float = 0.7, token_weight: float = 0.0, schedule: str = "onecycle",
              optimizer: str = "adam", weight_decay: float = 0.0, early_stop_top1: float | None = None,
              val: tuple[np.ndarray, np.ndarray] | None = None, eval_every_steps: int = 100, seed: int = 0,
-             device: str = "auto", progress: str | None = "train", teacher_logits: np.ndarray | None = None) -> dict:
+             device: str = "auto", progress: str | None = "train", teacher_logits: np.ndarray | None = None,
+             task: Task | None = None) -> dict:
     """Train ``student`` in place (``x_train``: normalized float32 NCHW). Returns
     {"epochs_run", "steps", "seconds", "stopped_early", "losses" (mean per epoch), ...}.
 
-    ``teacher_logits`` (optional, [N, classes]): the teacher's logits for ``x_train``, computed once by
-    the caller (e.g. a benchmark that fine-tunes many students from one teacher) instead of here."""
+    ``teacher_logits`` (optional, [N, classes]): what ``task`` keeps of the teacher's output for ``x_train``
+    (a classifier's logits), computed once by the caller (e.g. a benchmark that fine-tunes many students from
+    one teacher) instead of here. ``task``: what is minimised and watched (default: classification)."""
     _check_args(x_train, y_train, epochs, schedule, optimizer, kd_weight, early_stop_top1, val, batch_size)
     dev = pick_device(device)
     student.to(dev)
@@ -265,7 +243,8 @@ def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_
                            kd_temperature=kd_temperature, kd_weight=kd_weight, token_weight=token_weight,
                            schedule=schedule, optimizer=optimizer, weight_decay=weight_decay,
                            early_stop_top1=early_stop_top1, val=val, eval_every_steps=eval_every_steps,
-                           seed=seed, device=dev, progress=progress, teacher_logits=teacher_logits)
+                           seed=seed, device=dev, progress=progress, teacher_logits=teacher_logits,
+                           task=task if task is not None else Classify())
     finally:
         torch.set_num_threads(before)   # process-wide: the stages after this one time with their own threads
     return {**info, "threads": threads}
@@ -312,10 +291,11 @@ def _ddp_worker(rank: int, world: int, tmp: str, backend: str, student, teacher,
 
 
 def train_ddp(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_train: np.ndarray, *,
-              nproc: int = 2, backend: str | None = None, **kwargs) -> dict:
+              nproc: int = 2, backend: str | None = None, task: Task | None = None, **kwargs) -> dict:
     """:func:`train` in ``nproc`` processes (torch.multiprocessing spawn, file:// rendezvous) with
     DistributedDataParallel; rank 0's weights are loaded back into ``student``. ``backend``: gloo on the
-    CPU, nccl when CUDA has >= nproc GPUs (default picks). Returns rank 0's info plus ``world_size``."""
+    CPU, nccl when CUDA has >= nproc GPUs (default picks); ``task`` travels to every rank, so it must pickle
+    (a module-level class). Returns rank 0's info plus ``world_size``."""
     import torch.multiprocessing as mp
 
     epochs = kwargs.get("epochs", 1.0)
@@ -334,7 +314,7 @@ def train_ddp(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise PipelineError(f"train_ddp: unknown arguments {sorted(unknown)}")
-    cfg = {**defaults, **kwargs}
+    cfg = {**defaults, **kwargs, "task": task if task is not None else Classify()}
     with tempfile.TemporaryDirectory(prefix="train_ddp_") as tmp:
         np.save(Path(tmp) / "x.npy", np.ascontiguousarray(x_train, dtype=np.float32))
         np.save(Path(tmp) / "y.npy", np.asarray(y_train, dtype=np.int64))

@@ -67,3 +67,33 @@ def test_early_stopping_is_refused_for_a_task_the_trainer_cannot_evaluate(tmp_pa
                      run_name="toy", runs=tmp_path, log=lambda m: None, until="finetune")
     assert one_line(e.value).startswith("finetune.early_stop: the trainer stops early on held-out top-1 only; "
                                         "task 'logit_mae' gates on logit_mae")
+
+
+class LogitMSE(LogitMAE):
+    """Brings its own training loss: the student's logits regress onto the teacher's, the labels unused."""
+    kind = metric = "logit_mse"
+
+    def train_loss(self, student_out, labels, teacher_out, *, temperature, kd_weight, token_weight):
+        import torch.nn.functional as F
+        return F.mse_loss(student_out, teacher_out)   # teacher_out: the logits teacher_cache kept
+
+
+def test_a_task_brings_its_own_training_loss():
+    import torch
+
+    from pipeline.train import train
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(16, 5), torch.nn.Linear(16, 5)
+    x = np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32)
+    y = np.zeros(256, dtype=np.int64)   # every label class 0: cross-entropy would pull away from the teacher
+
+    def mse():
+        with torch.no_grad():
+            return float(((student(torch.from_numpy(x)) - teacher(torch.from_numpy(x))) ** 2).mean())
+    before = mse()
+    info = train(student, teacher, x, y, epochs=4, lr=3e-2, batch_size=32, kd_weight=0.01, schedule="constant",
+                 progress=None, device="cpu", task=LogitMSE())
+    after = mse()
+    assert info["losses"][-1] < info["losses"][0] / 4   # what it reports is its own loss, falling
+    assert info["losses"][0] == pytest.approx(before, rel=0.5)   # the figure is the MSE, not a cross-entropy
+    assert after < before / 10   # the student moved onto the teacher

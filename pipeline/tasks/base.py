@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline import gate as gates
 from pipeline.records import Check
+from pipeline.tasks.logits import kd_loss, logits_of
 
 
 class Task:
@@ -68,5 +69,40 @@ class Task:
 
     def early_stop_target(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> float | None:
         """What the trainer's early stopping must reach on a held-out slice, given the teacher's outputs
-        there: the trainer evaluates held-out top-1 (pipeline/train.py), so only a classifier has one."""
+        there, in the units of `held_out` (higher is better); None: this task cannot stop early, so the
+        fine-tune refuses `early_stop` rather than train blind."""
         return None
+
+    # ---- training (pipeline/train.py) ----------------------------------------------------------------------
+    # The loop is the same for every task; what it minimises, keeps of the teacher and watches is the task's.
+    # These defaults are a classifier's (cross-entropy and distillation on the last output): every model the
+    # library builds ends with logits, so a task that owns only its metrics still trains. A task whose model
+    # answers otherwise (a decoder's [B, T, V] next-token logits) overrides all four; with early stopping, also
+    # `held_out` and `early_stop_target`. Outputs are torch's: a tensor or a tuple, as the model returns them.
+
+    def train_loss(self, student_out, labels, teacher_out, *, temperature: float, kd_weight: float,
+                   token_weight: float):
+        """The scalar one step minimises. ``teacher_out`` is the teacher's output for the batch when
+        `teacher_per_batch`, else the rows `teacher_cache` kept of it; None trains on the labels alone."""
+        teacher_logits = None if teacher_out is None else logits_of(teacher_out)
+        return kd_loss(logits_of(student_out), teacher_logits, labels, temperature, kd_weight)
+
+    def teacher_per_batch(self, *, kd_weight: float, token_weight: float) -> bool:
+        """Whether the loss needs what is too big to keep for the whole run (tokens, a decoder's vocabulary
+        per position), so the teacher runs beside the student every step instead of once up front."""
+        return False
+
+    def teacher_cache(self, teacher_out):
+        """What of the teacher's output for a batch is kept for the run (one row per sample, float32 on the
+        CPU): the same every epoch, as the data is not augmented."""
+        return logits_of(teacher_out).float().cpu()
+
+    def train_hits(self, student_out, labels) -> tuple[int, int]:
+        """(right, counted) in a batch, summed over the run into the progress line's accuracy and the
+        trainer's ``train_top1`` (a decoder counts positions, not samples)."""
+        return int((logits_of(student_out).detach().argmax(1) == labels).sum()), len(labels)
+
+    def held_out(self, model, x: np.ndarray, y: np.ndarray, *, device="cpu") -> float:
+        """The student's figure on the held-out slice that early stopping compares (``>=``) with
+        `early_stop_target`; leaves the model in the mode it found it in."""
+        raise NotImplementedError(f"task {self.kind!r} has no held-out figure to stop early on")

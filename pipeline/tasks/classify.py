@@ -1,4 +1,6 @@
-"""Classification: top-1 against the labels, agreement of predicted classes, chance as the baseline's floor."""
+"""Classification: top-1 against the labels, agreement of predicted classes, chance as the baseline's floor;
+in training, cross-entropy with Hinton distillation on the logits (pipeline/tasks/logits.py, Task's defaults)
+and early stopping on held-out top-1."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +9,7 @@ import numpy as np
 
 from pipeline import gate as gates
 from pipeline.tasks.base import Task
+from pipeline.tasks.logits import evaluate_top1
 
 
 def logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -47,3 +50,8 @@ class Classify(Task):
 
     def early_stop_target(self, outputs, labels):
         return self.metrics(outputs, labels)["top1"]
+
+    # Training: the loss, the teacher's cached logits and the running top-1 are Task's defaults (a classifier's);
+    # early stopping on held-out top-1 is the classifier's alone, as early_stop_target is.
+    def held_out(self, model, x, y, *, device="cpu"):
+        return evaluate_top1(model, x, y, device=device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import gate as gates
+from pipeline.errors import PipelineError
 from pipeline.tasks.classify import Classify
 
 
@@ -14,6 +15,16 @@ def token_fidelity(tokens: np.ndarray, reference: np.ndarray) -> dict:
     b = reference.reshape(len(reference), -1).astype(np.float64)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     return {"token_cos_mean": round(float(cos.mean()), 6), "token_cos_p1": round(float(np.percentile(cos, 1)), 6)}
+
+
+def token_term(student_out, teacher_out):
+    """Mean over tokens of (1 - cosine) between the first outputs (the projected tokens)."""
+    import torch.nn.functional as F
+    s_tok, t_tok = student_out[0], teacher_out[0]
+    if s_tok.shape != t_tok.shape:  # pruned embedding: compare what can be compared
+        raise PipelineError(f"finetune.token_weight: student tokens {tuple(s_tok.shape)} and teacher tokens "
+                            f"{tuple(t_tok.shape)} differ; token distillation needs the same token width")
+    return (1.0 - F.cosine_similarity(s_tok.float(), t_tok.float(), dim=-1)).mean()
 
 
 class Encode(Classify):
@@ -37,3 +48,13 @@ class Encode(Classify):
             return []
         return [gates.limit_check("token_cos_mean_vs_fp32", metrics["token_cos_vs_fp32"]["token_cos_mean"],
                                   min_cosine, at_least=True)]
+
+    def train_loss(self, student_out, labels, teacher_out, *, temperature, kd_weight, token_weight):
+        loss = super().train_loss(student_out, labels, teacher_out, temperature=temperature, kd_weight=kd_weight,
+                                  token_weight=token_weight)
+        if token_weight <= 0 or not isinstance(teacher_out, (tuple, list)):
+            return loss   # no teacher, or only its cached logits (it was given as logits alone): no tokens
+        return loss + token_weight * token_term(student_out, teacher_out)
+
+    def teacher_per_batch(self, *, kd_weight, token_weight):
+        return token_weight > 0   # [N, tokens, width] for a whole training set is too big to keep

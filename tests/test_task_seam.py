@@ -97,3 +97,11 @@ def test_a_task_brings_its_own_training_loss():
     assert info["losses"][-1] < info["losses"][0] / 4   # what it reports is its own loss, falling
     assert info["losses"][0] == pytest.approx(before, rel=0.5)   # the figure is the MSE, not a cross-entropy
     assert after < before / 10   # the student moved onto the teacher
+
+
+def test_token_weight_is_refused_for_a_task_without_tokens(tmp_path):
+    with pytest.raises(PipelineError) as e:
+        pipeline.run("configs/cpu.toml", [*FAST, "finetune.token_weight=0.5"], run_name="tw", runs=tmp_path,
+                     log=lambda m: None, until="finetune")
+    assert one_line(e.value) == ("finetune.token_weight = 0.5: task 'classify' has no tokens to distil "
+                                 "(an encoder's tokens output); set it to 0")

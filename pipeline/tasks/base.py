@@ -20,6 +20,7 @@ class Task:
     higher_is_better = True
     label, unit, drop_unit = "", "", ""   # how messages say it: "top-1", " %", " pt"
     keeps: tuple[str, ...] = ()   # outputs of the unpruned model kept for later fidelity checks
+    token_distillation = False    # whether finetune.token_weight means anything for this task
 
     def shown(self, metrics: dict) -> dict:
         """What the report shows of an artifact's metrics (Artifact fields): the top-1 of a classifier,

@@ -30,6 +30,7 @@ def token_term(student_out, teacher_out):
 class Encode(Classify):
     kind = "encode"
     keeps = ("tokens",)
+    token_distillation = True
 
     def claims(self, output_names):
         return "tokens" in output_names

@@ -180,6 +180,7 @@ def _user_module():
 
 # ------------------------------------------------------------------ the whole pipeline
 
+@pytest.mark.e2e   # the whole pipeline (~20 s): `make test-e2e`, which CI runs after `make test`
 def test_byo_model_and_imagefolder_run_the_whole_pipeline(byo, tmp_path):
     result = _run(_toml(byo, tmp_path), tmp_path / "runs")
     assert result.passed, result.message

@@ -13,7 +13,8 @@ from pipeline import tasks
 from pipeline.errors import PipelineError
 from pipeline.tasks import Task
 
-FAST = [*SMALL, "prune.target=macs", "prune.macs=0.1", "quantize.keep_fp32=none"]
+# one ratio prune (no MAC bisection) and one INT8 form: what is tested here is the task, not the search
+FAST = [*SMALL, "prune.target=ratio", "prune.ratio=0.5", "quantize.keep_fp32=none"]
 
 
 class LogitMAE(Task):
@@ -41,10 +42,26 @@ def toy():
     tasks.unregister(task.kind)
 
 
-def test_a_task_from_the_test_folder_runs_through_every_stage(tmp_path, toy):
-    result = pipeline.run("configs/cpu.toml", [*FAST, "task.kind=logit_mae", "finetune.max_drop=50",
-                                               "export.max_drop=0.01", "quantize.max_drop=5", "prune.max_drop=100"],
-                          run_name="toy", runs=tmp_path, log=lambda m: None)
+TOY = [*FAST, "task.kind=logit_mae", "finetune.max_drop=50", "export.max_drop=0.01", "quantize.max_drop=5",
+       "prune.max_drop=100"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory, toy):
+    runs = tmp_path_factory.mktemp("runs")
+    return runs, pipeline.run("configs/cpu.toml", TOY, run_name="toy", runs=runs, log=lambda m: None)
+
+
+def refused(runs, *extra):
+    """A run of the toy config with ``extra`` (its baseline and prune come from the store) refused at fine-tune."""
+    with pytest.raises(PipelineError) as e:
+        pipeline.run("configs/cpu.toml", [*TOY, *extra], run_name="refused", runs=runs, log=lambda m: None,
+                     until="finetune")
+    return one_line(e.value)
+
+
+def test_a_task_from_the_test_folder_runs_through_every_stage(toy_run):
+    tmp_path, result = toy_run
     assert result.passed, result.message
     by = {r.name: r for r in result.records}
     assert {n: r.status for n, r in by.items() if r.status != "ran"} == {"engine": "skipped"}   # no TensorRT here
@@ -61,12 +78,9 @@ def test_a_task_from_the_test_folder_runs_through_every_stage(tmp_path, toy):
     assert q.drop == pytest.approx(by["quantize"].metrics["logit_mae"] - by["quantize"].metrics["fp32_logit_mae"])
 
 
-def test_early_stopping_is_refused_for_a_task_the_trainer_cannot_evaluate(tmp_path, toy):
-    with pytest.raises(PipelineError) as e:
-        pipeline.run("configs/cpu.toml", [*FAST, "task.kind=logit_mae", "finetune.early_stop=true"],
-                     run_name="toy", runs=tmp_path, log=lambda m: None, until="finetune")
-    assert one_line(e.value).startswith("finetune.early_stop: the trainer stops early on held-out top-1 only; "
-                                        "task 'logit_mae' gates on logit_mae")
+def test_early_stopping_is_refused_for_a_task_the_trainer_cannot_evaluate(toy_run):
+    assert refused(toy_run[0], "finetune.early_stop=true").startswith(
+        "finetune.early_stop: the trainer stops early on held-out top-1 only; task 'logit_mae' gates on logit_mae")
 
 
 class LogitMSE(LogitMAE):
@@ -99,9 +113,7 @@ def test_a_task_brings_its_own_training_loss():
     assert after < before / 10   # the student moved onto the teacher
 
 
-def test_token_weight_is_refused_for_a_task_without_tokens(tmp_path):
-    with pytest.raises(PipelineError) as e:
-        pipeline.run("configs/cpu.toml", [*FAST, "finetune.token_weight=0.5"], run_name="tw", runs=tmp_path,
-                     log=lambda m: None, until="finetune")
-    assert one_line(e.value) == ("finetune.token_weight = 0.5: task 'classify' has no tokens to distil "
-                                 "(an encoder's tokens output); set it to 0")
+def test_token_weight_is_refused_for_a_task_without_tokens(toy_run):
+    assert refused(toy_run[0], "finetune.token_weight=0.5") == (
+        "finetune.token_weight = 0.5: task 'logit_mae' has no tokens to distil (an encoder's tokens output); "
+        "set it to 0")

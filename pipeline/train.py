@@ -252,9 +252,9 @@ def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_
 
 def training_threads() -> int:
     """Intra-op threads for training: all usable cores but one, at least one. OpenMP threads that
-    outnumber the cores left free by other processes spin at their barriers, and a step of the
-    default CNN then takes an order of magnitude longer (benchmarks/cold_start.md); one core left over
-    costs little where there are many and keeps a shared 2-core machine from that cliff."""
+    outnumber the cores left free by other processes spin at their barriers, and a step then takes
+    longer than on one thread (benchmarks/cold_start.md); one core left over costs little where there
+    are many and keeps a shared 2-core machine from that cliff, at some speed on a quiet one."""
     from edgerun.machine import usable_cores
     return max(1, usable_cores() - 1)
 

@@ -175,3 +175,22 @@ def give_back(groups: list[Group], tables: list[Table], pick: dict[str, int], ra
             pick, ratio = trial, got
             steps.append((pick, ratio))
     return steps
+
+
+def least_widening(groups: list[Group], tables: list[Table], pick: dict[str, int],
+                   ratio: float) -> dict[str, int] | None:
+    """``pick`` with one group one table width wider: the widening predicted to add the least time (ties: the
+    most importance regained). The back-off's step where every widening overshoots the time it asks for (a
+    coarse table: 4 -> 6 channels is 1.4x), so that each rung is still wider than the last; None if none is."""
+    by_name = {g.name: g for g in groups}
+    best = None
+    for t in tables:
+        r, n = t.ratio_of(), t.group
+        for w, rw in r.items():
+            if w <= pick[n] or pick[n] not in r:
+                continue
+            key = (ratio * rw / r[pick[n]], -by_name[n].lost(w, pick[n]), n)
+            if best is None or key < best[0]:
+                best = (key, n, w)
+    return None if best is None else {**pick, best[1]: best[2]}
+

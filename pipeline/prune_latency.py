@@ -43,7 +43,17 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.prune_greedy import OVERSHOOT, Group, Table, give_back, greedy, is_head_group, predict, table_widths
+from pipeline.prune_greedy import (
+    OVERSHOOT,
+    Group,
+    Table,
+    give_back,
+    greedy,
+    is_head_group,
+    least_widening,
+    predict,
+    table_widths,
+)
 from pipeline.prune_timer import Budget, Final, Opener, Timer, cpu_opener, verify
 
 MAX_ROUNDS = 4         # table rebuilds around the pick when the measured ratio misses (or overshoots) the goal
@@ -338,8 +348,11 @@ def _backoff(timer: Timer, groups, full, block, first: Rung, ratio: float, goal:
         if budget.out():
             break
         steps = give_back(groups, tables, pick, ratio, ratio / BACKOFF_STEP, measured, None, budget.out)
-        if not steps:
-            break
+        if not steps:   # every widening overshoots the step asked for: a rung must still be wider than the last
+            wider = least_widening(groups, tables, pick, ratio)
+            if wider is None:
+                break
+            steps = [(wider, measured(wider))]
         pick, ratio = steps[-1]
         final = verify(timer, full, pick, backend, threads, x, processes)
         rungs.append(_rung(pick, final, goal))

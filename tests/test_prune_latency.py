@@ -405,6 +405,22 @@ def test_the_back_off_ladder_holds_wider_verified_picks_each_slower_than_the_las
                    speedup=3.0).ladder == (r.ladder[0],)   # backoff = 0: the pick alone
 
 
+def test_the_ladder_still_widens_where_every_widening_overshoots_its_step():
+    """A coarse table (one group: 4 -> 6 channels is 1.4x the time, more than the 1.18x a rung asks for): each
+    rung takes the least widening instead of ending the ladder. (A default deploy under load once shipped no
+    second rung this way and failed its gate by 0.01 pt.)"""
+    def linear(w):
+        return 1e-5 * (1 + w["a"])
+    rt = FakeRuntime(linear)
+    r = _search(rt, [_group("a", 16, np.linspace(1, 2, 16))], x=np.zeros((1, 1), np.float32), block=8,
+                speedup=3.0, backoff=2)
+    widths = [g.widths["a"] for g in r.ladder]
+    assert len(r.ladder) == 3 and widths == sorted(set(widths)), widths   # three rungs, each wider
+    for before, after in zip(r.ladder, r.ladder[1:], strict=False):
+        assert before.speedup / after.speedup > 1 / pl.BACKOFF_STEP   # more than the step asked: the least one
+        assert after.speedup == pytest.approx(linear({"a": 16}) / linear(after.widths), rel=1e-3)
+
+
 def test_the_time_budget_stops_the_search_and_ships_the_best_verified_pick():
     groups = [_group(f"g{i}", 16, np.linspace(1, 2, 16)) for i in range(6)]
 

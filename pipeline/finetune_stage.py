@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 
@@ -80,6 +81,7 @@ class _Tried:
     info: dict
     metrics: dict
     passed: bool
+    drop: float      # the task metric's drop against the baseline, in the gate's direction
 
 
 def finetune(ctx: Context) -> Output:
@@ -91,7 +93,7 @@ def finetune(ctx: Context) -> Output:
     if has_ladder(cfg) and cfg.finetune.gate != "off":
         max_drop = cfg.finetune.max_drop
     task = task_of(ctx)
-    score, better = task.metric, (1 if task.higher_is_better else -1)
+    score, kept = task.metric, teacher_outputs(ctx)
     reference = ctx.record("baseline").metrics[score]
     teacher, tried, chosen = load_baseline(ctx), [], None
     for k, rung in enumerate(ladder):
@@ -100,17 +102,19 @@ def finetune(ctx: Context) -> Output:
             ctx.log(f"  fine-tune pick {k + 1}/{len(ladder)}: widths {rung['widths']}, verified {rung['speedup']}x")
         info = finetune_model(ctx, student, teacher, epochs=cfg.finetune.epochs, early_stop=cfg.finetune.early_stop)
         metrics = {"task": task.kind, **task.metrics(modelio.torch_outputs(student, data.x_test), data.test.labels,
-                                                     teacher_outputs(ctx))}
-        drop = (reference - metrics[score]) * better
-        t = _Tried(k, rung["folder"], student, info, metrics, max_drop is None or drop <= max_drop + 1e-9)
+                                                     kept)}
+        # the gate's own check (direction, tolerance); no limit where the first pick ships
+        check = task.drop_check(metrics[score], reference, math.inf if max_drop is None else max_drop)
+        t = _Tried(k, rung["folder"], student, info, metrics, check.passed, check.drop)
         tried.append(t)
         if t.passed:
             chosen = t
             break
         more = "backing off to a wider pick" if k + 1 < len(ladder) else "no wider pick left"
-        ctx.log(f"  {task.show(metrics[score])} misses the gate (drop {drop:.2f} > {max_drop}{task.drop_unit}): {more}")
+        ctx.log(f"  {task.show(metrics[score])} misses the gate (drop {t.drop:.2f} > {max_drop}{task.drop_unit}): "
+                f"{more}")
         tried[k] = dataclasses.replace(t, student=None)   # only the chosen one is kept in memory
-        if chosen is None or (metrics[score] - chosen.metrics[score]) * better > 0:
+        if chosen is None or t.drop < chosen.drop:
             chosen = dataclasses.replace(t, student=student)
     folder = ctx.path("prune", chosen.folder)
     history = json.loads((folder / "pruning_history.json").read_text())["history"]

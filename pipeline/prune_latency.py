@@ -176,12 +176,12 @@ def search(groups: list[Group], *, build_variant: Callable[[dict[str, int]], obj
            latency_ms: float = 0.0, backend: str = "onnxruntime-cpu", threads: int = 1, opener: Opener | None = None,
            verify_processes: int = 3, clock=None, skipped: tuple[str, ...] = (),
            log: Callable[[str], object] | None = None, goal_mode: str = "require", budget_s: float = 0.0,
-           backoff: int = 0, export_shipped: Callable[[object, Path], Path] | None = None) -> LatencySearch:
+           backoff: int = 0, export_shipped: Callable[[object, Path], object] | None = None) -> LatencySearch:
     """Widths per group that meet ``speedup`` (x, vs the unpruned model) or ``latency_ms`` at x's batch.
 
     ``build_variant(widths)`` returns the model with those groups narrowed (others unpruned);
-    ``export(model, path)`` writes the ONNX the tables time; ``export_shipped`` (default ``export``) the one
-    every verification times, so the speed recorded is that of the graph that ships. ``goal_mode``
+    ``export(model, path)`` writes, to ``path``, the ONNX the tables time; ``export_shipped`` (default
+    ``export``) the one every verification times, so the speed recorded is that of the graph that ships. ``goal_mode``
     "require": a goal not met raises PipelineError; "best": the fastest verified pick ships (``goal_met``
     False, with a note).
     ``budget_s`` > 0 bounds the search's time; ``backoff`` wider rungs follow the pick in ``ladder``."""

@@ -88,7 +88,7 @@ def prune(ctx: Context) -> Output:
             shipped = shipped_exporter(cfg)   # verified speeds are those of the graph the export stage writes
             target_args.update(latency_runtime=latency_backend(cfg.run.target), log=ctx.log,
                                search=SearchOptions(goal=p.goal, budget_s=p.search_budget_s, backoff=p.backoff,
-                                 export=lambda m, path: (shipped(m, path), path)[1]))
+                                                    export=shipped))
     between = None
     if p.iterative_steps > 1 and cfg.finetune.between_steps_epochs > 0:
         teacher = load_baseline(ctx)

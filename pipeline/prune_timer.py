@@ -127,7 +127,8 @@ class Timer:
         key = (shipped, tuple(sorted(widths.items())))
         if key not in self._paths:
             path = self.workdir / f"variant_{len(self._paths) + 1}.onnx"
-            self._paths[key] = (self.shipped if shipped else self.export)(self.build_variant(widths), path)
+            (self.shipped if shipped else self.export)(self.build_variant(widths), path)   # writes ``path``
+            self._paths[key] = path
         return self._paths[key]
 
     def _open(self, widths: dict[str, int], shipped: bool = False):

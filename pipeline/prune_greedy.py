@@ -193,4 +193,3 @@ def least_widening(groups: list[Group], tables: list[Table], pick: dict[str, int
             if best is None or key < best[0]:
                 best = (key, n, w)
     return None if best is None else {**pick, best[1]: best[2]}
-

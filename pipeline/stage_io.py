@@ -88,8 +88,6 @@ def replaying(cfg) -> bool:
     return bool(widths or record)
 
 
-
-
 def has_ladder(cfg) -> bool:
     """Whether the prune stage may hand the fine-tune stage more than one pick to try."""
     p = cfg.prune

@@ -1,5 +1,5 @@
 """The task seam: one object per task kind owns what differs between model families (metrics, gates,
-what the unpruned model must keep for comparison, the loss that ranks channels). Stages ask the task.
+what the unpruned model must keep for comparison, the training loss). Stages and the trainer ask the task.
 
 `register` adds a task from outside the library (a test's toy task, a user's own).
 """

@@ -1,4 +1,4 @@
-"""What a task owns: the one object the stages, the trainer and the pruner ask instead of testing for
+"""What a task owns: the one object the stages, the trainer and calib's scores ask instead of testing for
 `top1` or `tokens` (docs/architecture.md, "How to add a task").
 
 A task sees model outputs as ``{name: array}`` (torch outputs in training), the labels, and what the

@@ -24,7 +24,7 @@ import numpy as np
 
 from calib import qdq
 from calib.errors import CalibError
-from calib.quantize import _run_batched, _score_value, quantize_onnx, single_input_channel_convs
+from calib.quantize import _fp32_value, _score_value, quantize_onnx, single_input_channel_convs
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def _session(path, threads: int):
 
 def _outputs(runner, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every output of ``runner`` on ``x``, run in batches of 256, concatenated by name."""
-    return _run_batched(runner, runner.input_names[0], x, 256)
+    from edgerun.ort import infer_batched
+    return infer_batched(runner, x, 256)
 
 
 def choose_quantized_layers(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: np.ndarray,
@@ -112,9 +113,7 @@ def choose_quantized_layers(src: str | os.PathLike, dst: str | os.PathLike, cali
     if not candidates:
         raise CalibError("candidates: expected at least one variant (name -> keep_fp32 node names)")
     sessions = {"fp32": _session(src, threads)}
-    scores = {"fp32": _score_value(score(_outputs(sessions["fp32"], x_val)), "the FP32 model's outputs")}
-    if not math.isfinite(scores["fp32"]):
-        raise CalibError(f"score: expected a finite float for the FP32 model's outputs, got {scores['fp32']}")
+    scores = {"fp32": _fp32_value(score(_outputs(sessions["fp32"], x_val)))}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         paths = {}
         for name, keep in candidates.items():

@@ -220,12 +220,6 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib_inputs: 
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _run_batched(runner, name: str, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-    """Every output of ``runner`` on ``x`` in batches of ``batch``, concatenated by name."""
-    parts = [runner.infer({name: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return {out: np.concatenate([p[out] for p in parts]) for out in runner.output_names}
-
-
 def _score_value(value, what: str) -> float:
     """A score's return as a float, or a one-line CalibError saying what came back instead."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -233,14 +227,22 @@ def _score_value(value, what: str) -> float:
     return float(value)
 
 
-def _validation_fn(name: str, batch: int, target: str, int32_bias: bool, score, higher_is_better: bool):
+def _fp32_value(value) -> float:
+    """The FP32 model's score: a finite float (what every variant's drop is measured from), else one line."""
+    value = _score_value(value, "the FP32 model's outputs")
+    if not math.isfinite(value):
+        raise CalibError(f"score: expected a finite float for the FP32 model's outputs, got {value}")
+    return value
+
+
+def _validation_fn(batch: int, target: str, int32_bias: bool, score, higher_is_better: bool):
     """NNCF's validation_fn: (model_proto, items of (x, row in val_inputs)) -> (metric, per-item metrics).
 
     NNCF's metric grows with accuracy (its drop is initial - current), so a lower-is-better score is negated.
     """
     import copy
 
-    from edgerun.ort import OrtRunner
+    from edgerun.ort import run_onnx
 
     sign = 1.0 if higher_is_better else -1.0
 
@@ -255,8 +257,7 @@ def _validation_fn(name: str, batch: int, target: str, int32_bias: bool, score, 
         items = list(items)
         x = np.stack([item[0] for item in items])
         rows = np.array([item[1] for item in items], dtype=np.int64)
-        with OrtRunner(model.SerializeToString()) as runner:
-            outputs = _run_batched(runner, name, x, batch)
+        outputs = run_onnx(model.SerializeToString(), x, batch_size=batch)
         value = sign * _score_value(score(outputs, rows), "the validation outputs")
         if len(rows) == 1:
             return value, [value]
@@ -268,16 +269,11 @@ def _validation_fn(name: str, batch: int, target: str, int32_bias: bool, score, 
     return validate
 
 
-def _fp32_score(model, val: np.ndarray, name: str, batch: int, score) -> float:
+def _fp32_score(model, val: np.ndarray, batch: int, score) -> float:
     """The FP32 model's score on the whole validation set: a finite float, or a one-line CalibError."""
-    from edgerun.ort import OrtRunner
+    from edgerun.ort import run_onnx
 
-    with OrtRunner(model.SerializeToString()) as runner:
-        outputs = _run_batched(runner, name, val, batch)
-    value = _score_value(score(outputs, np.arange(len(val))), "the FP32 model's outputs")
-    if not math.isfinite(value):
-        raise CalibError(f"score: expected a finite float for the FP32 model's outputs, got {value}")
-    return value
+    return _fp32_value(score(run_onnx(model.SerializeToString(), val, batch_size=batch), np.arange(len(val))))
 
 
 def _quantized_ops(model) -> list[str]:
@@ -321,7 +317,7 @@ def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.Pa
     keep_fp32, int32_bias = _check_options(model, src, target, keep_fp32, int32_bias)
     reduce, form = int8form.weight_form(target, reduce_range)
     batch = 1 if dims[0] == 1 else VAL_BATCH
-    _fp32_score(model, val, name, batch, score)
+    _fp32_score(model, val, batch, score)
 
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
@@ -335,7 +331,7 @@ def quantize_onnx_with_accuracy_control(src: str | os.PathLike, dst: str | os.Pa
         options = _nncf_options(target, model_type, keep_fp32, reduce)
         options["advanced_quantization_parameters"] = options.pop("advanced_parameters")
         quantized = nncf.quantize_with_accuracy_control(
-            model, calib_set, val_set, _validation_fn(name, batch, target, int32_bias, score, higher_is_better),
+            model, calib_set, val_set, _validation_fn(batch, target, int32_bias, score, higher_is_better),
             max_drop=float(max_drop) + 1e-9, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
             advanced_accuracy_restorer_parameters=restorer, **options)
         before = _quantized_ops(qdq.load_onnx(Path(tmp) / "intermediate_model.onnx"))

@@ -111,9 +111,13 @@ def run_onnx(model, inputs: np.ndarray, batch_size=256, **runner_kwargs) -> dict
         if len(runner.input_names) != 1:
             raise OrtError(f"{name}: run_onnx needs a single-input model, "
                            f"this one has {runner.input_names}")
-        (input_name,) = runner.input_names
-        chunks = [runner.infer({input_name: inputs[i:i + batch_size]})
-                  for i in range(0, len(inputs), batch_size)]
+        return infer_batched(runner, inputs, batch_size)
+
+
+def infer_batched(runner: OrtRunner, inputs: np.ndarray, batch_size: int) -> dict:
+    """Every output of an open single-input ``runner`` over ``inputs`` in batches, concatenated by name."""
+    (input_name,) = runner.input_names
+    chunks = [runner.infer({input_name: inputs[i:i + batch_size]}) for i in range(0, len(inputs), batch_size)]
     return {key: np.concatenate([c[key] for c in chunks]) for key in runner.output_names}
 
 

@@ -401,13 +401,13 @@ def test_nncf_validation_scores_the_rows_it_is_given_and_negates_a_lower_is_bett
         seen.append(rows.tolist())
         return float(outputs["logits"][:, 0].mean() + rows.sum())
 
-    validate = _validation_fn("input", 256, "onnxruntime", False, error, higher_is_better=False)
+    validate = _validation_fn(256, "onnxruntime", False, error, higher_is_better=False)
     value, each = validate(model, [(val_x[5], 5), (val_x[2], 2)])
     logits = _logits(mnist_model["path"], val_x[[5, 2]])
     assert value == pytest.approx(-(logits[:, 0].mean() + 7), rel=1e-5)
     assert each == pytest.approx([-(logits[0, 0] + 5), -(logits[1, 0] + 2)], rel=1e-5)
     assert seen == [[5, 2], [5], [2]]
-    up_value, up_each = _validation_fn("input", 256, "onnxruntime", False, error, True)(model, [(val_x[5], 5)])
+    up_value, up_each = _validation_fn(256, "onnxruntime", False, error, True)(model, [(val_x[5], 5)])
     assert up_value == pytest.approx(logits[0, 0] + 5, rel=1e-5) and up_each == [up_value]
 
 

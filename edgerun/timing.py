@@ -262,6 +262,8 @@ class Spec:
     warmup: int = 3
     seed: int = 0
     dtype: str = "float32"           # the model input's element type
+    workload: str = "batch"          # batch: run(batch of inputs); prefill | decode: a decoder (edgerun.decode_timing)
+    tokens: int = 0                  # prefill: prompt tokens; decode: tokens already cached
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -385,6 +387,8 @@ def _run_workers(spec: Spec, n: int, timeout_s: float, python: str) -> list[dict
 
 def worker(spec: Spec) -> dict[int, Comparison]:
     """Opens every item once, then compares them at each batch (what ``python -m edgerun.timing`` runs)."""
+    if spec.workload != "batch":
+        return {1: _decoder_worker(spec)}
     from edgerun.sessions import open_session
     rng = np.random.default_rng(spec.seed)
     sessions = {i.name: open_session(i.path, i.backend, threads=spec.threads, batches=spec.batches,
@@ -400,6 +404,19 @@ def worker(spec: Spec) -> dict[int, Comparison]:
     finally:
         for s in sessions.values():
             s.close()
+
+
+def _decoder_worker(spec: Spec) -> Comparison:
+    """A decoder's prefill or decode step, every item on onnxruntime's CPU (batch 1)."""
+    from edgerun.decode_timing import open_decoder_runs
+    if spec.batches != (1,) or any(i.backend != "onnxruntime-cpu" for i in spec.items):
+        raise TimingError("decoder timing runs at batch 1 on onnxruntime-cpu only")
+    runs, close = open_decoder_runs({i.name: i.path for i in spec.items}, spec.workload, spec.tokens, spec.threads)
+    try:
+        return compare(runs, reference=spec.reference, block_ms=spec.block_ms, rounds=spec.rounds,
+                       warmup=spec.warmup)
+    finally:
+        close()
 
 
 def main(argv: list[str] | None = None) -> int:

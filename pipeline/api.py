@@ -90,9 +90,9 @@ def _stderr(message: str) -> None:
 def ignored_keys(cfg: Config, explicit: frozenset[str]) -> list[str]:
     """Keys the config file or --set gave that no stage reads with this configuration."""
     from pipeline.contract import expand
-    from pipeline.stages import STAGES
+    from pipeline.stages import stages_for
     read = set(ALWAYS_READ)
-    for s in STAGES:
+    for s in stages_for(cfg):
         read |= set(s.keys(cfg)) | set(expand(cfg, s.gate_config))
     return sorted(k for k in explicit if k not in read)
 
@@ -130,9 +130,11 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     _check_arguments("run", config=config, overrides=overrides, run_name=run_name, runs=runs, start=start,
                      until=until, force=force, log=log)
     from pipeline.data import Data
+    from pipeline.llm import is_decoder
+    from pipeline.llm.lm import TextData
     from pipeline.report import write_report
     from pipeline.runner import Runner, run_lock
-    from pipeline.stages import STAGES
+    from pipeline.stages import stages_for
     cfg, ignored = _load(config, overrides, run_name)
     warnings = [_warning(k) for k in ignored]
     for w in warnings:
@@ -140,9 +142,10 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     if cfg.run.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads))
     run_dir = Path(runs) / cfg.run.name
-    data = Data(cfg)
-    runner = Runner(cfg, STAGES, run_dir, data, data_identity=data.identity, store=Path(runs) / ".store", log=log)
-    order = [s.name for s in STAGES]
+    data = TextData(cfg) if is_decoder(cfg) else Data(cfg)
+    stages = stages_for(cfg)
+    runner = Runner(cfg, stages, run_dir, data, data_identity=data.identity, store=Path(runs) / ".store", log=log)
+    order = [s.name for s in stages]
     log(f"run {run_dir}")
 
     def report(outcome: dict) -> None:

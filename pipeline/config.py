@@ -30,12 +30,13 @@ class RunCfg:
 
 @dataclass(frozen=True)
 class TaskCfg:
-    kind: str = "auto"          # classify | encode | auto (encode for a model with a "tokens" output, else classify)
+    kind: str = "auto"          # classify | encode | generate | auto (generate for a decoder: model.name = "decoder"
+    #                             or model.pretrained; encode for a model with a "tokens" output; else classify)
 
 
 @dataclass(frozen=True)
 class DataCfg:
-    kind: str = "mnist"         # mnist | imagefolder
+    kind: str = "mnist"         # mnist | imagefolder | text-task (the decoders' embedded task) | jsonl
     root: str = "data/mnist"    # relative to the project folder unless absolute
     channels: int = 1
     size: tuple[int, int] = (28, 28)
@@ -56,6 +57,7 @@ class ModelCfg:
     unsafe_pickle: bool = False
     weights_strict: bool = True  # false: load what fits, report missing / unexpected / reshaped keys
     num_classes: int = 10
+    pretrained: str = ""        # a Hugging Face decoder folder (config.json, safetensors, tokenizer.json), offline
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,24 @@ class PackageCfg:
 
 
 @dataclass(frozen=True)
+class DecoderCfg:
+    """What only the decoder stages read (task.kind = "generate"; pipeline/llm/)."""
+    max_new_tokens: int = 8       # greedy answer length cap when scoring exact-match
+    eval_prompts: int = 0         # held-out prompts scored (0 = the whole test split)
+    limits: str = "auto"          # kernel shape limits the pruner keeps to: auto (from run.target) | ort-cpu |
+    #                               trt-desktop | jetson-orin (edgerun/llm_limits.json)
+    int4_group: int = 128         # INT4 block size; every pruned width is a multiple of it
+    awq: bool = True              # NNCF AWQ and scale estimation from the task's prompts
+    calib_prompts: int = 32       # prompts the INT4 compression's data-aware steps see
+    trt_form: bool = True         # also write the TensorRT-valid INT4 form (blocked symmetric DequantizeLinear)
+    min_agreement: float = 97.0   # gate: teacher-forced next-token agreement with the unpruned model (%)
+    max_perplexity_ratio: float = 0.0  # gate: perplexity at most this times the unpruned model's (0 = unchecked)
+    min_parity: float = 99.0      # export gate: % of held-out prompts whose ONNX greedy answer equals torch's
+    prefill_tokens: int = 32      # profile: time to first token for a prompt of this many tokens
+    decode_past: int = 32         # profile and search: decode time per token with this many tokens cached
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     task: TaskCfg = field(default_factory=TaskCfg)
@@ -187,6 +207,7 @@ class Config:
     engine: EngineCfg = field(default_factory=EngineCfg)
     profile: ProfileCfg = field(default_factory=ProfileCfg)
     package: PackageCfg = field(default_factory=PackageCfg)
+    decoder: DecoderCfg = field(default_factory=DecoderCfg)
 
     def section(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))
@@ -197,7 +218,8 @@ class Config:
 
 CHOICES = {
     "run.target": ("cpu", "desktop-gpu", "jetson-orin"),
-    "data.kind": ("mnist", "imagefolder"),
+    "data.kind": ("mnist", "imagefolder", "text-task", "jsonl"),
+    "decoder.limits": ("auto", "ort-cpu", "trt-desktop", "jetson-orin"),
     "prune.target": ("ratio", "macs", "latency_ms", "speedup"),
     "prune.importance": ("l1", "l2", "taylor", "bn_scale", "lamp", "random"),
     "prune.goal": ("require", "best"),

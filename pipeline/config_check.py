@@ -47,6 +47,7 @@ def check(cfg, path: Path) -> None:
     def bad(msg):
         raise PipelineError(f"{path}: config: {msg}")
     _check_task(cfg.task.kind, bad)
+    _check_decoder(cfg, bad)
     _check_data(cfg.data, bad)
     if cfg.model.num_classes < 2:
         bad(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
@@ -77,6 +78,41 @@ def _check_task(kind: str, bad) -> None:
     from pipeline.tasks import kinds  # a task registered before loading (a test's, a user's) counts too
     if kind != "auto" and kind not in kinds():
         bad(f"task.kind must be auto or one of {', '.join(kinds())}, got {kind!r}")
+
+
+TEXT_DATA = ("text-task", "jsonl")
+
+
+def _check_decoder(cfg, bad) -> None:
+    """A decoder (task.kind = generate, or auto with model.name = "decoder" or model.pretrained) and its data."""
+    from pipeline.llm import is_decoder
+    d, decoder = cfg.decoder, is_decoder(cfg)
+    if decoder != (cfg.data.kind in TEXT_DATA):
+        bad(f"data.kind = {cfg.data.kind!r} with task.kind = {cfg.task.kind!r} and model.name = {cfg.model.name!r}: "
+            f"a decoder reads text ({' or '.join(TEXT_DATA)}), every other model images")
+    if not decoder:
+        return
+    if cfg.data.kind == "jsonl" and not cfg.data.root:
+        bad("data.root: a jsonl dataset needs a .jsonl file or a folder holding train.jsonl and test.jsonl")
+    if cfg.model.weights:
+        bad("model.weights: a decoder starts from model.pretrained (a Hugging Face folder), not a state_dict")
+    if not cfg.model.pretrained and cfg.model.name != "decoder":
+        bad(f"model.name = {cfg.model.name!r}: a decoder is model.name = \"decoder\" or model.pretrained = DIR")
+    if cfg.prune.target not in ("ratio", "speedup"):
+        bad(f"prune.target = {cfg.prune.target!r}: a decoder prunes by ratio or speedup (decode time)")
+    g = d.int4_group
+    if g < 16 or g & (g - 1):
+        bad(f"decoder.int4_group must be a power of two >= 16 (onnxruntime's MatMulNBits), got {g}")
+    for key in ("max_new_tokens", "calib_prompts", "prefill_tokens", "decode_past"):
+        if getattr(d, key) < 1:
+            bad(f"decoder.{key} must be >= 1, got {getattr(d, key)}")
+    if d.eval_prompts < 0:
+        bad(f"decoder.eval_prompts must be >= 0 (0 = the whole test split), got {d.eval_prompts}")
+    for key in ("min_agreement", "min_parity"):
+        if not 0 <= getattr(d, key) <= 100:
+            bad(f"decoder.{key} is a percentage in [0, 100], got {getattr(d, key)}")
+    if d.max_perplexity_ratio < 0:
+        bad(f"decoder.max_perplexity_ratio must be >= 0 (0 = unchecked), got {d.max_perplexity_ratio}")
 
 
 def _check_data(d, bad) -> None:

@@ -13,6 +13,15 @@ from pipeline.baseline_stage import baseline, baseline_gate, baseline_keys
 from pipeline.engine_stage import engine, engine_environment, engine_keys
 from pipeline.export_stage import export_gate, export_keys, export_onnx
 from pipeline.finetune_stage import finetune, finetune_gate, finetune_keys
+from pipeline.llm import baseline as llm_baseline
+from pipeline.llm import engine as llm_engine
+from pipeline.llm import export as llm_export
+from pipeline.llm import finetune as llm_finetune
+from pipeline.llm import is_decoder
+from pipeline.llm import package as llm_package
+from pipeline.llm import profile as llm_profile
+from pipeline.llm import prune as llm_prune
+from pipeline.llm import quantize as llm_quantize
 from pipeline.package import package_environment, package_keys, package_stage
 from pipeline.profile_stage import profile, profile_environment, profile_keys
 from pipeline.prune_stage import prune, prune_keys
@@ -44,3 +53,32 @@ STAGES = [
           ("baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile"), uses_data=True,
           folder="deploy", environment=package_environment),
 ]
+
+# ---------------------------------------------------------------- the same stages for a decoder (task.kind = generate)
+# Same names, order and folders; what each does for a decoder lives in pipeline/llm/ (docs/architecture.md).
+
+LLM_GATE = ("decoder.min_agreement", "decoder.max_perplexity_ratio")
+DECODER_STAGES = [
+    Stage("baseline", 1, llm_baseline.baseline, llm_baseline.baseline_keys, uses_data=True,
+          gate=llm_baseline.baseline_gate, gate_config=("baseline.gate", "baseline.min_top1")),
+    Stage("prune", 1, llm_prune.prune, llm_prune.prune_keys, ("baseline",), uses_data=True,
+          gate=llm_finetune.quality_gate("prune", "baseline"), gate_config=("prune.gate", "prune.max_drop", *LLM_GATE)),
+    Stage("finetune", 1, llm_finetune.finetune, llm_finetune.finetune_keys, ("baseline", "prune"), uses_data=True,
+          gate=llm_finetune.quality_gate("finetune", "baseline"),
+          gate_config=("finetune.gate", "finetune.max_drop", *LLM_GATE)),
+    Stage("export_onnx", 1, llm_export.export_onnx, llm_export.export_keys, ("baseline", "finetune"), uses_data=True,
+          gate=llm_export.export_gate, gate_config=("export.gate", "export.max_drop", "decoder.min_parity")),
+    Stage("quantize", 1, llm_quantize.quantize, llm_quantize.quantize_keys, ("baseline", "finetune", "export_onnx"),
+          uses_data=True, gate=llm_quantize.quantize_gate,
+          gate_config=("quantize.gate", "quantize.max_drop", *LLM_GATE), environment=quantize_environment),
+    Stage("engine", 1, llm_engine.engine, llm_engine.engine_keys, ()),
+    Stage("profile", 1, llm_profile.profile, llm_profile.profile_keys, ("export_onnx", "quantize"),
+          environment=profile_environment),
+    Stage("package", 1, llm_package.package_stage, llm_package.package_keys,
+          ("baseline", "prune", "finetune", "export_onnx", "quantize", "profile"), uses_data=True, folder="deploy",
+          environment=llm_package.package_environment),
+]
+
+
+def stages_for(cfg) -> list:
+    return DECODER_STAGES if is_decoder(cfg) else STAGES

@@ -9,9 +9,10 @@ from pipeline.errors import PipelineError
 from pipeline.tasks.base import Task
 from pipeline.tasks.classify import Classify
 from pipeline.tasks.encode import Encode
+from pipeline.tasks.generate import Generate
 
 # "auto" asks these in order: the most specific first, classification (which claims any model) last.
-_ORDER: list[Task] = [Encode(), Classify()]
+_ORDER: list[Task] = [Generate(), Encode(), Classify()]
 
 
 def register(task: Task) -> Task:
@@ -24,7 +25,7 @@ def register(task: Task) -> Task:
 
 def unregister(kind: str) -> None:
     """Remove a task added with `register` (the built-in ones stay)."""
-    if kind in ("classify", "encode"):
+    if kind in ("classify", "encode", "generate"):
         raise PipelineError(f"task: {kind!r} is built in and cannot be removed")
     _ORDER[:] = [t for t in _ORDER if t.kind != kind]
 
@@ -49,4 +50,4 @@ def named(kind: str) -> Task:
     raise PipelineError(f"task.kind: unknown {kind!r}; expected auto or one of {', '.join(kinds())}")
 
 
-__all__ = ["Task", "Classify", "Encode", "register", "unregister", "resolve", "named", "kinds"]
+__all__ = ["Task", "Classify", "Encode", "Generate", "register", "unregister", "resolve", "named", "kinds"]

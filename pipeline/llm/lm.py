@@ -1,0 +1,186 @@
+"""The decoder's workload and its measurements: the text data a run reads, the model folder every stage hands on,
+and the task's figures of a torch model or an ONNX file (exact-match of greedy answers, next-token agreement with
+the unpruned model, perplexity on the answers).
+
+Every figure of an ONNX file is measured with the runtime's own generation loop (edgerun.generate), the one the
+bundle ships, so the gates judge what the device will run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+MODEL_DIR = "model"              # a stage's Hugging Face folder (config.json, model.safetensors, tokenizer.json)
+TEST_NEXT = "test_next.npy"      # the unpruned model's teacher-forced next tokens on the test rows
+TEXT_TASK_VERSION = 1            # bump when pipeline.textdata.number_task changes what it generates
+
+
+class TextData:
+    """The run's prompts and answers, read once per process and only when a stage reads them."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @cached_property
+    def _splits(self) -> tuple[list[dict], list[dict]]:
+        from pipeline.data import resolve_root
+        from pipeline.textdata import number_task, read_jsonl
+        d = self.cfg.data
+        if d.kind == "text-task":
+            train, test = number_task(seed=self.cfg.run.seed, n_train=d.train_subset or 20000,
+                                      n_test=d.test_subset or 600)
+        else:
+            train, test = read_jsonl(resolve_root(d.root))
+            train, test = train[:d.train_subset or None], test[:d.test_subset or None]
+        return train, test
+
+    @property
+    def train(self) -> list[dict]:
+        return self._splits[0]
+
+    @property
+    def test(self) -> list[dict]:
+        n = self.cfg.decoder.eval_prompts
+        return self._splits[1][:n or None]
+
+    @property
+    def has_answers(self) -> bool:
+        return all("answer" in r for r in self.train + self.test)
+
+    def identity(self) -> str:
+        """The embedded task: its generator's version (its arguments, the seed and the subsets, are data keys in
+        every fingerprint already); a jsonl: its files' content."""
+        from pipeline.data import resolve_root
+        d, h = self.cfg.data, hashlib.sha256()
+        if d.kind == "text-task":
+            h.update(json.dumps(["number_task", TEXT_TASK_VERSION]).encode())
+            return h.hexdigest()
+        root = resolve_root(d.root)
+        files = [root] if root.is_file() else sorted(p for p in root.glob("*.jsonl") if p.is_file())
+        if not files:
+            raise PipelineError(f"data.root: {root} is not a .jsonl file nor a folder holding train.jsonl and "
+                                "test.jsonl")
+        from edgerun.io import sha256_file
+        for p in files:
+            h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the model folder every stage hands on
+
+def load_model(folder: Path):
+    """(model, tokenizer) of a stage's model folder."""
+    from pipeline.models.decoder import load_pretrained
+    return load_pretrained(folder)
+
+
+def save_model(model, tok, folder: Path) -> Path:
+    from pipeline.models.decoder import save_decoder
+    return save_decoder(model, tok, folder)
+
+
+def weight_bytes(model) -> int:
+    from pipeline.models.decoder import weight_bytes as wb
+    return wb(model)
+
+
+def specials(tok) -> dict:
+    from pipeline.textdata import special_ids
+    return special_ids(tok)
+
+
+def token_rows(tok, records: list[dict]):
+    """(input_ids, labels) as int64 arrays [N, T], right-padded: what the trainer and teacher forcing read."""
+    from pipeline.textdata import encode
+    batch = encode(tok, records)
+    return batch["input_ids"].numpy(), batch["labels"].numpy()
+
+
+def prompt_ids(tok, records: list[dict]) -> list[list[int]]:
+    """<s> + prompt, as the runtime's generate encodes a prompt."""
+    bos = specials(tok)["bos"]
+    return [[bos, *tok.encode(r["prompt"], add_special_tokens=False).ids] for r in records]
+
+
+# ---------------------------------------------------------------- measurements
+
+def next_tokens(logits: np.ndarray) -> np.ndarray:
+    """Greedy next token per position, [N, T - 1] (position t predicts token t + 1)."""
+    return logits[:, :-1].argmax(-1).astype(np.int32)
+
+
+def _agreement(next_ids: np.ndarray, teacher_next: np.ndarray, labels: np.ndarray) -> float:
+    from pipeline.textdata import IGNORE
+    keep = labels[:, 1:] != IGNORE
+    return round(100.0 * float((next_ids[keep] == teacher_next[keep]).mean()), 4) if keep.any() else 0.0
+
+
+def _perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
+    import torch
+
+    from pipeline.lm_loss import perplexity
+    return round(perplexity(torch.from_numpy(logits), torch.from_numpy(labels)), 4)
+
+
+def _exact_match(answers: list[str], records: list[dict], reference: list[str] | None) -> float:
+    from edgerun.generate import exact_match
+    wanted = [r["answer"] for r in records] if reference is None else reference
+    return round(100.0 * sum(exact_match(a, w) for a, w in zip(answers, wanted, strict=True)) / len(wanted), 4)
+
+
+def torch_logits(model, input_ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    import torch
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(input_ids), batch_size):
+            out.append(model(torch.from_numpy(input_ids[i:i + batch_size])).logits.float().numpy())
+    return np.concatenate(out)
+
+
+def onnx_logits(path: Path, input_ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Teacher-forced logits of a decoder file: the whole rows at once, nothing cached (right padding needs no
+    mask beyond causality: a pad only follows what it could change)."""
+    from edgerun.decode_timing import past_shapes
+    from edgerun.ort import OrtRunner
+    with OrtRunner(path) as r:
+        empty = {n: np.zeros((0, h, 0, d), np.float32) for n, (h, d) in past_shapes(r.session.get_inputs()).items()}
+        out = []
+        for i in range(0, len(input_ids), batch_size):
+            ids = input_ids[i:i + batch_size]
+            b, t = ids.shape
+            feed = {"input_ids": ids, "attention_mask": np.ones((b, t), np.int64),
+                    "position_ids": np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
+                    **{n: np.zeros((b, *v.shape[1:]), np.float32) for n, v in empty.items()}}
+            out.append(r.infer(feed)["logits"])
+    return np.concatenate(out)
+
+
+def torch_answers(model, tok, records: list[dict], max_new_tokens: int) -> list[str]:
+    from pipeline.lm_loss import generate_answers
+    return generate_answers(model, tok, [r["prompt"] for r in records], max_new_tokens=max_new_tokens)
+
+
+def onnx_answers(path: Path, tok, records: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy answers of a decoder file with the runtime's own loop (the bundle's generate)."""
+    from edgerun.generate import DecoderSession, greedy_batch
+    sp = specials(tok)
+    session = DecoderSession(path)
+    new = greedy_batch(session, prompt_ids(tok, records), max_new_tokens=max_new_tokens, eos_token_id=sp["eos"],
+                       pad_token_id=sp["pad"])
+    return [tok.decode([i for i in ids if i != sp["eos"]], skip_special_tokens=True) for ids in new]
+
+
+def measure(logits: np.ndarray, answers: list[str], records: list[dict], labels: np.ndarray,
+            teacher_next: np.ndarray, reference_answers: list[str] | None) -> dict:
+    """The task's figures (GenerateMetrics fields) from a model's teacher-forced logits and greedy answers."""
+    from pipeline.tasks.generate import GenerateMetrics
+    return GenerateMetrics(exact_match=_exact_match(answers, records, reference_answers),
+                           next_token_agreement=_agreement(next_tokens(logits), teacher_next, labels),
+                           perplexity=_perplexity(logits, labels), prompts=len(records)).to_json()

@@ -1,0 +1,53 @@
+"""The decoder's profile stage: time to first token (a prefill of decoder.prefill_tokens) and decode time per
+token (decoder.decode_past cached) at batch 1 on onnxruntime CPU, for every decoder file of the run against the
+unpruned FP32 file, with the timing protocol of the CNNs (interleaved rounds, fresh processes, spread; see
+edgerun/timing.py); file sizes beside them. Peak memory is not measured yet."""
+from __future__ import annotations
+
+from edgerun.io import write_json
+from pipeline.runner import Context, Output
+
+PROFILE_FILE = "profile.json"
+ORDER = ("baseline-onnx", "onnx-fp32", "baseline-int4", "onnx-int4")   # the INT4 TensorRT form is not timed here
+
+
+def profile_keys(cfg):
+    return ["decoder.prefill_tokens", "decoder.decode_past", "profile.processes", "profile.rounds",
+            "profile.threads", "profile.block_ms", "run.threads"]
+
+
+def profile(ctx: Context) -> Output:
+    from edgerun.timing import Spec, SpecItem, repeat_in_processes
+    cfg, p = ctx.cfg, ctx.cfg.profile
+    files = {}
+    for stage in ("export_onnx", "quantize"):
+        rec = ctx.record(stage)
+        for art in rec.artifacts if rec.status != "skipped" else ():
+            if art.role in ORDER:
+                files[art.role] = (ctx.path(stage, art.file), art.label)
+    if "baseline-onnx" not in files:
+        return Output(status="skipped", reason="no unpruned ONNX to compare with (profile.baseline_onnx = false)")
+    names = [r for r in ORDER if r in files]
+    items = tuple(SpecItem(r, str(files[r][0]), "onnxruntime-cpu") for r in names)
+    rows = {r: {"label": files[r][1], "size_bytes": files[r][0].stat().st_size} for r in names}
+    timings = {}
+    for workload, tokens in (("prefill", cfg.decoder.prefill_tokens), ("decode", cfg.decoder.decode_past)):
+        spec = Spec(items, reference="baseline-onnx", batches=(1,), input_shape=(), block_ms=p.block_ms,
+                    threads=p.threads or cfg.run.threads, rounds=p.rounds, workload=workload, tokens=tokens)
+        ctx.log(f"  timing {workload} ({tokens} tokens) of {len(items)} files in {p.processes} processes")
+        (rep,) = repeat_in_processes(spec, p.processes, log=ctx.log)
+        timings[workload] = rep.to_json()
+        for r in names:
+            pair = rep.pair(r)
+            rows[r][workload] = {"ms": round(pair.p50_ms, 4), "speedup": round(1 / pair.median, 3),
+                                 "p10_p90": [round(1 / pair.p90, 3), round(1 / pair.p10, 3)],
+                                 "reproducible": pair.reproducible}
+    for r in names:
+        rows[r]["ttft_ms"] = rows[r]["prefill"]["ms"]
+        rows[r]["decode_tokens_per_s"] = round(1000.0 / rows[r]["decode"]["ms"], 2)
+        rows[r]["size_ratio"] = round(rows["baseline-onnx"]["size_bytes"] / rows[r]["size_bytes"], 3)
+    metrics = {"rows": rows, "prefill_tokens": cfg.decoder.prefill_tokens, "decode_past": cfg.decoder.decode_past,
+               "batch": 1, "backend": "onnxruntime-cpu", "threads": p.threads or cfg.run.threads,
+               "timings": timings}
+    write_json(ctx.out / PROFILE_FILE, metrics)
+    return Output(metrics=metrics)

@@ -176,6 +176,7 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
 
     import nncf
 
+    reference = model.SerializeToString()   # before NNCF: AWQ may rescale weights of the model it is given
     backup_mode = nncf.BackupMode.INT8_SYM if backup == "int8" else nncf.BackupMode.NONE
     options = {"dataset": nncf.Dataset(feeds), "subset_size": len(feeds)} if feeds else {}
     try:
@@ -189,7 +190,7 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
     problems = check_int4_form(compressed, form, group_size=group_size)
     if problems:
         raise CalibError(f"{where}: not a valid {form!r} INT4 form: {problems[0]} ({len(problems)} problem(s))")
-    max_abs = _probe(model, compressed, probe, where)
+    max_abs = _probe(reference, compressed, probe, where)
 
     import onnx
 
@@ -211,7 +212,7 @@ def _import_ms_domain(model) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _probe(reference, compressed, feed: dict, where: str) -> float | None:
+def _probe(reference: bytes, compressed, feed: dict, where: str) -> float:
     """One inference of both models: CalibError if the compressed one fails or is not finite; the
     largest |difference| of the first output (logits) otherwise."""
     from edgerun.ort import OrtError, OrtRunner, onnxruntime
@@ -226,7 +227,7 @@ def _probe(reference, compressed, feed: dict, where: str) -> float | None:
     bad = [k for k, v in out.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
         raise CalibError(f"{where}: the INT4 model's first inference gives non-finite {', '.join(bad)}")
-    ref = OrtRunner(reference.SerializeToString()).infer(feed)[first]
+    ref = OrtRunner(reference).infer(feed)[first]
     return round(float(np.abs(out[first].astype(np.float64) - ref).max()), 6)
 
 

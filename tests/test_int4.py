@@ -8,7 +8,7 @@ present.{i}.key|value)."""
 import numpy as np
 import onnx
 import pytest
-from conftest import one_line
+from conftest import conv_onnx, one_line
 from onnx import TensorProto, helper
 
 from calib.errors import CalibError
@@ -210,6 +210,11 @@ def test_refusals_are_one_line_and_write_nothing(decoder, tmp_path):
     one_line(e.value)
     with pytest.raises(CalibError, match="INT4 form must be one of"):
         check_int4_form(decoder, "openvino")
+    # Without data, only the decoder layout can be fed for the one inference that proves the result runs.
+    cnn = conv_onnx(tmp_path / "cnn.onnx", 16)
+    with pytest.raises(CalibError, match=r"not the decoder layout .*pass dataset=") as e:
+        compress_int4(cnn, out, form="ort", awq=False, scale_estimation=False)
+    one_line(e.value)
     assert not out.exists()
 
 

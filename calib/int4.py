@@ -152,7 +152,7 @@ def _group_size_error(e: Exception, group_size: int, src) -> CalibError:
 
 def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, form: str, group_size: int = 128,
                   dataset=None, awq: bool = True, scale_estimation: bool = True, ratio: float = 1.0,
-                  backup: str = "int8") -> dict:
+                  backup: str = "int8", accuracy_level: int = 0) -> dict:
     """Symmetric INT4 weights (groups of ``group_size`` along in_features) of the ONNX decoder ``onnx_in``,
     written to ``onnx_out`` in ``form`` "ort" (MatMulNBits) or "trt" (blocked DequantizeLinear, opset >= 21).
 
@@ -166,6 +166,8 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
     """
     t0 = time.perf_counter()
     _check_args(form, group_size, ratio, backup)
+    if accuracy_level and (form != "ort" or accuracy_level not in ACCURACY_LEVELS):
+        raise CalibError(f"accuracy_level {accuracy_level!r}: only the 'ort' form has one, in {ACCURACY_LEVELS}")
     model = qdq.load_onnx(onnx_in)
     feeds = _feeds(dataset, bool(awq or scale_estimation), model, onnx_in)
     probe = feeds[0] if feeds else _decoder_feed(model)
@@ -186,6 +188,8 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
     except nncf.InvalidGroupSizeError as e:
         raise _group_size_error(e, group_size, onnx_in) from None
     _import_ms_domain(compressed)
+    if accuracy_level:
+        _set_accuracy_level(compressed, accuracy_level)
     where = f"{onnx_out} (not written)"
     problems = check_int4_form(compressed, form, group_size=group_size)
     if problems:
@@ -199,8 +203,23 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
             "matmuls": _weight_kinds(compressed), "bytes_before": Path(onnx_in).stat().st_size,
             "bytes_after": Path(onnx_out).stat().st_size,
             "options": {"awq": bool(awq), "scale_estimation": bool(scale_estimation), "ratio": float(ratio),
+                        "accuracy_level": int(accuracy_level),
                         "backup": backup, "n_data": len(feeds)},
             "probe": {"max_abs_logits": max_abs}, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits: 0 the default (float compute), 4 int8 activations
+
+
+def _set_accuracy_level(model, level: int) -> None:
+    """onnxruntime's MatMulNBits ``accuracy_level``: 4 lets the CPU compute with int8 activations (faster;
+    what it costs in accuracy is for the caller's gate to judge). Only the onnxruntime form has it."""
+    import onnx
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", int(level))])
 
 
 def _import_ms_domain(model) -> None:

@@ -186,6 +186,7 @@ class DecoderCfg:
     awq: bool = True              # NNCF AWQ and scale estimation from the task's prompts
     calib_prompts: int = 32       # prompts the INT4 compression's data-aware steps see
     trt_form: bool = True         # also write the TensorRT-valid INT4 form (blocked symmetric DequantizeLinear)
+    accuracy_level: int = 0       # onnxruntime's MatMulNBits compute: 0 float, 4 int8 activations (faster on CPU)
     min_agreement: float = 97.0   # gate: teacher-forced next-token agreement with the unpruned model (%)
     max_perplexity_ratio: float = 0.0  # gate: perplexity at most this times the unpruned model's (0 = unchecked)
     min_parity: float = 99.0      # export gate: % of held-out prompts whose ONNX greedy answer equals torch's

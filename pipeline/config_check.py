@@ -106,6 +106,8 @@ def _check_decoder(cfg, bad) -> None:
     for key in ("max_new_tokens", "calib_prompts", "prefill_tokens", "decode_past"):
         if getattr(d, key) < 1:
             bad(f"decoder.{key} must be >= 1, got {getattr(d, key)}")
+    if d.accuracy_level not in (0, 1, 2, 3, 4):
+        bad(f"decoder.accuracy_level must be 0..4 (onnxruntime's MatMulNBits), got {d.accuracy_level}")
     if d.eval_prompts < 0:
         bad(f"decoder.eval_prompts must be >= 0 (0 = the whole test split), got {d.eval_prompts}")
     for key in ("min_agreement", "min_parity"):

@@ -237,3 +237,18 @@ def test_ratio_and_float_backup(decoder, tmp_path):
     assert m["int8"] == 0 and m["embedding_int8"] == 0 and 0 < m["int4"] < 7 * LAYERS
     assert m["int4"] + m["kept"] == 7 * LAYERS + 1
     assert check_int4_form(tmp_path / "half.onnx", "trt", group_size=GROUP) == []
+
+
+def test_accuracy_level_is_written_on_every_matmulnbits_and_refused_for_the_trt_form(decoder, tmp_path):
+    path = tmp_path / "int8compute.onnx"
+    info = compress_int4(decoder, path, form="ort", group_size=GROUP, awq=False, scale_estimation=False,
+                         accuracy_level=4)
+    levels = [next((a.i for a in n.attribute if a.name == "accuracy_level"), None)
+              for n in onnx.load(path).graph.node if n.op_type == "MatMulNBits"]
+    assert levels and set(levels) == {4} and info["options"]["accuracy_level"] == 4
+    feed = _feed(1)
+    ref, got = _logits(decoder, feed), _logits(path, feed)
+    assert float((ref.argmax(-1) == got.argmax(-1)).mean()) >= 0.9   # int8 activations keep the greedy tokens
+    with pytest.raises(CalibError, match="only the 'ort' form has one") as e:
+        compress_int4(decoder, tmp_path / "x.onnx", form="trt", awq=False, scale_estimation=False, accuracy_level=4)
+    one_line(e.value)

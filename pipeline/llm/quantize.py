@@ -22,7 +22,7 @@ def quantize_keys(cfg):
     keys = ["quantize.enabled"]
     if not cfg.quantize.enabled:
         return keys
-    keys += ["decoder.int4_group", "decoder.awq", "decoder.trt_form", "decoder.max_new_tokens",
+    keys += ["decoder.int4_group", "decoder.awq", "decoder.trt_form", "decoder.accuracy_level", "decoder.max_new_tokens",
              "decoder.eval_prompts", "profile.baseline_onnx"]
     return [*keys, "decoder.calib_prompts"] if cfg.decoder.awq else keys
 
@@ -46,7 +46,7 @@ def quantize(ctx: Context) -> Output:
     src = ctx.path("export_onnx", "model.onnx")
     raw = calibration_feeds(tok, ctx.data.train, d.calib_prompts) if d.awq else None
     options = dict(group_size=d.int4_group, dataset=_with_past(src, raw), awq=d.awq, scale_estimation=d.awq)
-    info = compress_int4(src, ctx.out / ORT_FILE, form="ort", **options)
+    info = compress_int4(src, ctx.out / ORT_FILE, form="ort", accuracy_level=d.accuracy_level, **options)
     metrics, _ = measure_onnx(ctx, ctx.out / ORT_FILE, tok)
     metrics = {"task": "generate", **metrics, "size_bytes": (ctx.out / ORT_FILE).stat().st_size, "int4": info}
     artifacts = [Artifact("onnx-int4", "onnx", ORT_FILE, "int4", "ONNX INT4 (MatMulNBits)")]
@@ -57,7 +57,8 @@ def quantize(ctx: Context) -> Output:
         artifacts.append(Artifact("onnx-int4-trt", "onnx", TRT_FILE, "int4", "ONNX INT4 for TensorRT (blocked Q/DQ)"))
     if cfg.profile.baseline_onnx:
         base = ctx.path("export_onnx", BASELINE_ONNX)
-        compress_int4(base, ctx.out / BASELINE_INT4, form="ort", **{**options, "dataset": _with_past(base, raw)})
+        compress_int4(base, ctx.out / BASELINE_INT4, form="ort", accuracy_level=d.accuracy_level,
+                      **{**options, "dataset": _with_past(base, raw)})
         bm, _ = measure_onnx(ctx, ctx.out / BASELINE_INT4, tok)
         metrics["baseline_int4"] = bm
         artifacts.append(Artifact("baseline-int4", "onnx", BASELINE_INT4, "int4", "baseline ONNX INT4 (unpruned)"))

@@ -22,8 +22,8 @@ def quantize_keys(cfg):
     keys = ["quantize.enabled"]
     if not cfg.quantize.enabled:
         return keys
-    keys += ["decoder.int4_group", "decoder.awq", "decoder.trt_form", "decoder.accuracy_level", "decoder.max_new_tokens",
-             "decoder.eval_prompts", "profile.baseline_onnx"]
+    keys += ["decoder.int4_group", "decoder.awq", "decoder.trt_form", "decoder.accuracy_level",
+             "decoder.max_new_tokens", "decoder.eval_prompts", "profile.baseline_onnx"]
     return [*keys, "decoder.calib_prompts"] if cfg.decoder.awq else keys
 
 

@@ -1,0 +1,44 @@
+"""Tiny random decoders and a word-level tokenizer for the decoder tests (nothing downloaded)."""
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue", "big", "ran", "to", "home", "and", "is"]
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 48  # > the tokenizer's words: the model can emit ids the tokenizer has no word for (decoded as nothing)
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL)
+    return tok
+
+
+def model(family: str = "llama", seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+@functools.cache
+def exported(family: str = "llama", embeds: bool = False):
+    """(model, export info) for a tiny model exported once per test process."""
+    from export.decoder import export_decoder
+
+    m = model(family)
+    folder = Path(tempfile.mkdtemp(prefix=f"tiny_{family}_"))
+    return m, export_decoder(m, folder / "model.onnx", embeds=embeds)

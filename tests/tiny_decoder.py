@@ -42,3 +42,16 @@ def exported(family: str = "llama", embeds: bool = False):
     m = model(family)
     folder = Path(tempfile.mkdtemp(prefix=f"tiny_{family}_"))
     return m, export_decoder(m, folder / "model.onnx", embeds=embeds)
+
+
+@functools.cache
+def bundle(family: str = "llama") -> Path:
+    """A decoder bundle folder for the exported tiny model: genai_config.json, tokenizer files, model.onnx."""
+    from edgerun.genai import write_genai_config, write_tokenizer
+
+    _, info = exported(family)
+    folder = Path(info["path"]).parent
+    write_genai_config(folder, info, context_length=64, eos_token_id=EOS, bos_token_id=BOS, pad_token_id=PAD)
+    write_tokenizer(folder, tokenizer(), add_bos_token=True, context_length=64, bos_token="<s>", eos_token="</s>",
+                    pad_token="<pad>")
+    return folder

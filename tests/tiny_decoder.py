@@ -8,13 +8,14 @@ from pathlib import Path
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue", "big", "ran", "to", "home", "and", "is"]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD, BOS, EOS = 0, 1, 2
-VOCAB = 48  # > the tokenizer's words: the model can emit ids the tokenizer has no word for (decoded as nothing)
+VOCAB = 48  # the model's vocabulary: the tokenizer's specials and words, then filler words w19 ... w47
 
 
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    words = SPECIAL + WORDS
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(len(words), VOCAB)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIAL)

@@ -88,7 +88,11 @@ class DecoderBundle:
     add_bos: bool
 
     def tokenizer(self):
-        from tokenizers import Tokenizer
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise BundleError(f"the tokenizers library cannot be imported here ({brief(e)}): pip install tokenizers") \
+                from None
         try:
             return Tokenizer.from_file(str(self.tokenizer_path))
         except Exception as e:

@@ -20,6 +20,7 @@ VERBS = {
     "check": ("edgerun.check", "add_check_parser", "run_check"),
     "benchmark": ("edgerun.benchmark", "add_benchmark_parser", "run_benchmark"),
     "record": ("edgerun.trt", "add_record_parser", "run_record"),
+    "generate": ("edgerun.generate_cli", "add_generate_parser", "run_generate"),
 }
 RUN = "edgerun_run"  # the argparse attribute that holds the chosen verb's runner
 

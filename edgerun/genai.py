@@ -1,0 +1,151 @@
+"""A decoder bundle folder: ``genai_config.json`` + ``tokenizer.json`` + ``tokenizer_config.json`` + the ONNX
+file the config names. One file describes the model for both runtimes: onnxruntime-genai (0.18) reads
+``genai_config.json`` as its model builder writes it (onnxruntime_genai/models/builders/base.py,
+make_genai_config), and edgerun reads its eos/bos/pad ids, context length and file name from the same file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgerun.errors import EdgeError, brief
+from edgerun.io import atomic_write, write_json
+
+GENAI_CONFIG = "genai_config.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+class BundleError(EdgeError):
+    """A decoder bundle folder that is missing a file or has a config that cannot be read."""
+
+
+def write_genai_config(folder, info: dict, *, context_length: int, eos_token_id, bos_token_id: int,
+                       pad_token_id: int) -> Path:
+    """Write ``folder/genai_config.json`` for the ONNX file ``info`` describes (export.decoder.export_decoder's
+    return: path, model_type, num_layers, num_attention_heads, kv_heads, head_dim, hidden_size, vocab, embeds).
+
+    ``eos_token_id``: one id or a list (a chat model's end-of-turn too). Greedy search by default; the past
+    and present are separate buffers (the exported file concatenates, it does not write in place).
+    """
+    first = "inputs_embeds" if info.get("embeds") else "input_ids"
+    eos = [int(e) for e in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else int(eos_token_id)
+    config = {
+        "model": {
+            "bos_token_id": int(bos_token_id),
+            "context_length": int(context_length),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": Path(info["path"]).name,
+                "head_size": int(info["head_dim"]),
+                "hidden_size": int(info["hidden_size"]),
+                "inputs": {first: first, "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": int(info["num_attention_heads"]),
+                "num_hidden_layers": int(info["num_layers"]),
+                "num_key_value_heads": int(info["kv_heads"]),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": int(pad_token_id),
+            "type": info["model_type"],
+            "vocab_size": int(info["vocab"]),
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": int(context_length), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+    return write_json(Path(folder) / GENAI_CONFIG, config)
+
+
+def write_tokenizer(folder, tokenizer, *, add_bos_token: bool, context_length: int,
+                    bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None) -> None:
+    """Write ``tokenizer.json`` (a tokenizers.Tokenizer, or the path of a tokenizer.json) and the
+    ``tokenizer_config.json`` beside it that says whether a prompt starts with the bos token."""
+    folder = Path(folder)
+    text = Path(tokenizer).read_text() if isinstance(tokenizer, (str, Path)) else tokenizer.to_str()
+    atomic_write(folder / TOKENIZER, text)
+    config = {"add_bos_token": bool(add_bos_token), "add_eos_token": False, "model_max_length": int(context_length),
+              "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    config.update({k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token))
+                   if v is not None})
+    write_json(folder / TOKENIZER_CONFIG, config)
+
+
+@dataclass(frozen=True)
+class DecoderBundle:
+    """What edgerun needs of a bundle folder (read_bundle checks every file is there)."""
+    folder: Path
+    onnx: Path
+    tokenizer_path: Path
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    context_length: int
+    add_bos: bool
+
+    def tokenizer(self):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise BundleError(f"the tokenizers library cannot be imported here ({brief(e)}): pip install tokenizers") \
+                from None
+        try:
+            return Tokenizer.from_file(str(self.tokenizer_path))
+        except Exception as e:
+            raise BundleError(f"{self.tokenizer_path}: not a tokenizer.json the tokenizers library reads "
+                              f"({brief(e)})") from None
+
+    def encode(self, tokenizer, prompt: str) -> list[int]:
+        """A prompt's ids: the tokenizer's encoding (its post-processor's special tokens included), with the
+        bos id in front when tokenizer_config.json says add_bos_token and the encoding does not start with it."""
+        if not prompt.strip():
+            raise BundleError("the prompt is empty")
+        ids = tokenizer.encode(prompt).ids
+        if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        if not ids:
+            raise BundleError(f"the prompt {prompt[:40]!r} has no tokens")
+        return ids
+
+
+def read_bundle(folder) -> DecoderBundle:
+    """Read a decoder bundle folder; a missing file or a bad config is one line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such folder (a decoder bundle: {GENAI_CONFIG}, {TOKENIZER}, the ONNX file)")
+    config = _read_json(folder / GENAI_CONFIG)
+    try:
+        model = config["model"]
+        filename = model["decoder"]["filename"]
+        eos = model["eos_token_id"]
+        eos = [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+        context = int(model["context_length"])
+        bos = None if model.get("bos_token_id") is None else int(model["bos_token_id"])
+        pad = None if model.get("pad_token_id") is None else int(model["pad_token_id"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{folder / GENAI_CONFIG}: not an onnxruntime-genai config (model.decoder.filename, "
+                          f"model.eos_token_id, model.context_length: {brief(e)})") from None
+    onnx = (folder / filename).resolve()
+    if not onnx.is_relative_to(folder.resolve()) or not onnx.is_file():
+        raise BundleError(f"{folder / GENAI_CONFIG}: names {filename!r}, which is not a file in the bundle")
+    if not (folder / TOKENIZER).is_file():
+        raise BundleError(f"{folder}: no {TOKENIZER} in the bundle")
+    tok_config = _read_json(folder / TOKENIZER_CONFIG) if (folder / TOKENIZER_CONFIG).is_file() else {}
+    return DecoderBundle(folder, onnx, folder / TOKENIZER, bos, eos, pad, context,
+                         bool(tok_config.get("add_bos_token", False)))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: not readable JSON ({brief(e)})") from None
+    if not isinstance(value, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

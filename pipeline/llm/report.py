@@ -41,7 +41,8 @@ def to_markdown(section: dict) -> str:
     if p:
         lines += ["", f"## Decoder: speed (batch {p['batch']}, {p['backend']}, {p['threads'] or 'default'} "
                   f"thread(s); prefill of {p['prefill_tokens']} tokens, decode after {p['decode_past']} cached)", "",
-                  "| file | time to first token | vs unpruned (p10–p90) | decode | vs unpruned (p10–p90) | size ratio |",
+                  "| file | time to first token | vs unpruned (p10–p90) | decode | vs unpruned (p10–p90) "
+                  "| size ratio |",
                   "|---|---:|---:|---:|---:|---:|"]
         for role, r in p["rows"].items():
             lines.append(f"| {r['label'] or role} | {r['ttft_ms']:.3f} ms | {_ratio(r['prefill'])} | "

@@ -5,7 +5,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 
 .PHONY: deploy test test-all test-e2e baseline-checkpoint lint profile bench bench-prune bench-quant bench-vit bench-profile bench-coverage \
-	bench-latency bench-cold bench-default gpu-check clean venv
+	bench-latency bench-cold bench-default bench-llm gpu-check clean venv
 
 # Reinstall only when the dependency list or the pinned set changes: the stamp is older than them then.
 # Editable, so the checkout's code is what runs; `.venv/bin/edgepipe` is the console entry point.
@@ -72,6 +72,11 @@ bench-latency: .venv/.stamp
 
 bench-default: .venv/.stamp
 	$(PY) -m benchmarks.bench_default
+
+# The decoder (configs/llm-cpu.toml: training, pruning, distillation, INT4; tens of minutes on 2 cores) against
+# its targets and the peer recipes, side by side: benchmarks/llm.md.
+bench-llm: .venv/.stamp
+	$(PY) -m benchmarks.bench_llm
 
 bench-cold: .venv/.stamp
 	$(PY) -m benchmarks.bench_cold

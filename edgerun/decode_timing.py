@@ -41,7 +41,7 @@ def decoder_feed(inputs, workload: str, tokens: int, *, vocab: int = 2, seed: in
     if tokens < 1:
         raise DecoderFileError(f"decoder timing: tokens must be >= 1, got {tokens}")
     names = {i.name for i in inputs}
-    needed = {"input_ids", "attention_mask", "position_ids"}
+    needed = {"input_ids", "attention_mask"}   # position_ids where the file has it (genai's builder omits it)
     if not needed <= names:
         raise DecoderFileError(f"not a decoder with a KV cache: inputs {sorted(names)} lack "
                                f"{sorted(needed - names)}")
@@ -49,7 +49,7 @@ def decoder_feed(inputs, workload: str, tokens: int, *, vocab: int = 2, seed: in
     new, past = (tokens, 0) if workload == "prefill" else (1, tokens)
     feed = {"input_ids": rng.integers(0, max(vocab, 2), (1, new), dtype=np.int64),
             "attention_mask": np.ones((1, past + new), dtype=np.int64),
-            "position_ids": np.arange(past, past + new, dtype=np.int64)[None]}
+            **({"position_ids": np.arange(past, past + new, dtype=np.int64)[None]} if "position_ids" in names else {})}
     for name, (heads, dim) in past_shapes(inputs).items():
         feed[name] = rng.standard_normal((1, heads, past, dim), dtype=np.float32)
     return feed

@@ -55,11 +55,13 @@ class DecoderSession:
         self.runner = OrtRunner(path, threads=threads)
         self.name = self.runner.name
         inputs = {i.name: i for i in self.runner.session.get_inputs()}
-        required = {"input_ids", "attention_mask", "position_ids"}
+        # position_ids is optional: onnxruntime-genai's own builder writes files that derive them from the mask
+        required = {"input_ids", "attention_mask"}
         past = {m.groups(): i for n, i in inputs.items() if (m := PAST.match(n))}
         if not required <= set(inputs) or not past or "logits" not in self.runner.output_names:
             raise GenerateError(f"{self.name}: not a decoder with a KV cache (expected inputs input_ids, "
-                                f"attention_mask, position_ids, past_key_values.N.key|value and output logits; it has "
+                                f"attention_mask, [position_ids,] past_key_values.N.key|value and output logits; "
+                                f"it has "
                                 f"{', '.join(inputs)})")
         self.num_layers = len({int(i) for i, _ in past})
         key = past[("0", "key")] if ("0", "key") in past else next(iter(past.values()))
@@ -70,6 +72,7 @@ class DecoderSession:
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.dtype = ORT_TYPES.get(key.type, np.float32)
         self.vocab = self.runner.session.get_outputs()[0].shape[-1]
+        self.positions = "position_ids" in inputs
 
     def empty_past(self, batch: int) -> dict:
         shape = (batch, self.kv_heads, 0, self.head_dim)
@@ -80,7 +83,8 @@ class DecoderSession:
         """One run: (logits [batch, sequence, vocab], the next run's past)."""
         out = self.runner.infer({"input_ids": np.asarray(input_ids, np.int64),
                                  "attention_mask": np.asarray(attention_mask, np.int64),
-                                 "position_ids": np.asarray(position_ids, np.int64), **past})
+                                 **({"position_ids": np.asarray(position_ids, np.int64)} if self.positions else {}),
+                                 **past})
         present = {n.replace("present.", "past_key_values.", 1): v for n, v in out.items() if n.startswith("present.")}
         return out["logits"], present
 

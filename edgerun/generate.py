@@ -65,7 +65,7 @@ class DecoderSession:
                                 f"{', '.join(inputs)})")
         self.num_layers = len({int(i) for i, _ in past})
         key = past[("0", "key")] if ("0", "key") in past else next(iter(past.values()))
-        kv_heads, head_dim = key.shape[1], key.shape[3]
+        kv_heads, head_dim = _cache_dims(self.runner.path, key.shape)
         if not all(isinstance(d, int) for d in (kv_heads, head_dim)) or len(past) != 2 * self.num_layers:
             raise GenerateError(f"{self.name}: past_key_values inputs are not [batch, kv_heads, past, head_dim] for "
                                 f"every layer (found {len(past)} tensors, shape {key.shape})")
@@ -87,6 +87,21 @@ class DecoderSession:
                                  **past})
         present = {n.replace("present.", "past_key_values.", 1): v for n, v in out.items() if n.startswith("present.")}
         return out["logits"], present
+
+
+def _cache_dims(path, shape) -> tuple:
+    """(kv_heads, head_dim) of a past tensor; where the file leaves them symbolic (onnxruntime-genai's builder
+    names head_dim "kv_cache_dim"), from the genai_config.json beside it."""
+    kv_heads, head_dim = (shape[1], shape[3]) if len(shape) == 4 else (None, None)
+    if all(isinstance(d, int) for d in (kv_heads, head_dim)) or path is None:
+        return kv_heads, head_dim
+    import json
+    config = path.parent / "genai_config.json"
+    try:
+        decoder = json.loads(config.read_text())["model"]["decoder"]
+        return int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return kv_heads, head_dim
 
 
 def _eos_set(eos_token_id) -> set[int]:

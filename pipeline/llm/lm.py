@@ -147,20 +147,15 @@ def torch_logits(model, input_ids: np.ndarray, batch_size: int = 64) -> np.ndarr
 def onnx_logits(path: Path, input_ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Teacher-forced logits of a decoder file: the whole rows at once, nothing cached (right padding needs no
     mask beyond causality: a pad only follows what it could change)."""
-    from edgerun.decode_timing import past_shapes
-    from edgerun.ort import OrtRunner
-    with OrtRunner(path) as r:
-        positions = "position_ids" in r.input_names   # onnxruntime-genai's builder derives them from the mask
-        empty = {n: np.zeros((0, h, 0, d), np.float32) for n, (h, d) in past_shapes(r.session.get_inputs()).items()}
-        out = []
-        for i in range(0, len(input_ids), batch_size):
-            ids = input_ids[i:i + batch_size]
-            b, t = ids.shape
-            feed = {"input_ids": ids, "attention_mask": np.ones((b, t), np.int64),
-                    **{n: np.zeros((b, *v.shape[1:]), np.float32) for n, v in empty.items()}}
-            if positions:
-                feed["position_ids"] = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()
-            out.append(r.infer(feed)["logits"])
+    from edgerun.generate import DecoderSession
+    session = DecoderSession(path)
+    out = []
+    for i in range(0, len(input_ids), batch_size):
+        ids = input_ids[i:i + batch_size]
+        b, t = ids.shape
+        logits, _ = session.step(ids, np.ones((b, t), np.int64), np.broadcast_to(np.arange(t), (b, t)),
+                                 session.empty_past(b))
+        out.append(logits)
     return np.concatenate(out)
 
 

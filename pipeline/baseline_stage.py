@@ -54,10 +54,11 @@ def baseline(ctx: Context) -> Output:
     for name in task.keeps:   # what later stages compare against (an encoder's tokens)
         np_write(ctx.out / f"test_{name}.npy", np.save, outs[name])
     metrics = {"task": task.kind, **task.metrics(outs, data.test.labels)}
-    gap = modelio.train_eval_gap(model, data.x_train, data.train.labels)
+    gap = modelio.train_eval_gap(model, data.x_train, data.train.labels, task)
     if gap is not None and abs(gap) > TRAIN_EVAL_GAP:
-        notices.append(f"train-mode vs eval-mode top-1 differ by {gap:+.1f} pt: BatchNorm running statistics have "
-                       "not settled (raise BatchNorm momentum, train longer, or recompute the statistics)")
+        notices.append(f"train-mode vs eval-mode {task.label} differ by {gap:+.1f}{task.drop_unit}: BatchNorm "
+                       "running statistics have not settled (raise BatchNorm momentum, train longer, or recompute "
+                       "the statistics)")
     # The reference batch: a fixed, seeded slice of the test set that every parity check reuses.
     rng = np.random.default_rng(cfg.run.seed)
     idx = np.sort(rng.permutation(len(data.test.labels))[:cfg.data.reference_batch])

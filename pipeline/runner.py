@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 from edgerun.io import hash_json, refuse_link, write_json
 from edgerun.machine import library_versions
+from pipeline import tasks
 from pipeline.config import Config
 from pipeline.contract import ConfigView, expand, fingerprint_values
 from pipeline.errors import ContractError, GateFailed, PipelineError
@@ -372,8 +373,9 @@ def _summary(record: StageRecord) -> str:
         return f"skipped: {record.reason}"
     m = record.metrics
     parts = []
-    if "top1" in m:
-        parts.append(f"top1 {m['top1']:.2f} %")
+    task = tasks.of_metrics(m)
+    if task is not None and task.score(m) is not None:
+        parts.append(task.brief(m[task.metric]))
     if "macs" in m:
         parts.append(f"MACs {m['macs']:,}")
     if "size_bytes" in m:

@@ -4,6 +4,8 @@
 a mean absolute error of the unpruned model's (lower is better). If a stage, gate or the report still
 read `top1` or tested for an output by name, this run would fail or show the wrong figure.
 """
+import json
+
 import numpy as np
 import pytest
 from conftest import SMALL, one_line
@@ -76,6 +78,27 @@ def test_a_task_from_the_test_folder_runs_through_every_stage(toy_run):
     # lower is better: a drop is the error growing
     q = by["quantize"].gate.checks[0]
     assert q.drop == pytest.approx(by["quantize"].metrics["logit_mae"] - by["quantize"].metrics["fp32_logit_mae"])
+
+
+def test_the_report_and_the_manifest_speak_the_tasks_metric(toy_run):
+    runs, result = toy_run
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert (report["metric"]["name"], report["metric"]["label"], report["metric"]["higher_is_better"]) == (
+        "logit_mae", "logit MAE", False)
+    by = {r.name: r for r in result.records}
+    acc = report["summary"]["accuracy"]
+    assert acc["reference_logit_mae"] == 0.0 and acc["shipped_logit_mae"] == report["summary"]["shipped"]["logit_mae"]
+    assert acc["drop"] == pytest.approx(acc["shipped_logit_mae"], abs=1e-4)   # lower is better: the error grown is the drop
+    assert all(row["logit_mae"] is not None for row in report["latency"])
+    md = result.report.read_text()
+    assert "| logit MAE |" in md and f"against {by['baseline'].metrics['logit_mae']:.2f} for baseline" in md
+    assert "top-1" not in md and "top1" not in md
+    manifest = json.loads((runs / "toy/deploy/manifest.json").read_text())
+    assert manifest["metric"]["kind"] == "logit_mae" and manifest["metric"]["name"] == "logit_mae"
+    assert manifest["files"]["model.onnx"]["score"] == by["export_onnx"].metrics["logit_mae"]
+    # the FP16 side file records its own figure, measured on it alone
+    fp16 = by["export_onnx"].artifact("onnx-fp16")
+    assert fp16.score.metric == "logit_mae" and manifest["files"]["model_fp16.onnx"]["score"] == fp16.score.value
 
 
 def test_early_stopping_is_refused_for_a_task_the_trainer_cannot_evaluate(toy_run):

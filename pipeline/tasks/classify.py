@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from pipeline import gate as gates
 from pipeline.tasks.base import Task
 from pipeline.tasks.logits import evaluate_top1
-
-
-def logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The output named "logits", else the last one (a model returning a tuple ends with its logits)."""
-    return outputs.get("logits", list(outputs.values())[-1])
+from pipeline.tasks.logits import last_output as logits
 
 
 class Classify(Task):
     kind = "classify"
     metric = "top1"
     label, unit, drop_unit = "top-1", " %", " pt"
-
-    def shown(self, metrics):
-        return {"top1": metrics["top1"]}
+    bounds, min_span = (0.0, 100.0), 2.0   # a percent; the plots' axis at least 2 pt tall
 
     def claims(self, output_names):
         return True   # the fallback: any model whose last output is [batch, classes]

@@ -140,3 +140,25 @@ def test_token_weight_is_refused_for_a_task_without_tokens(toy_run):
     assert refused(toy_run[0], "finetune.token_weight=0.5") == (
         "finetune.token_weight = 0.5: task 'logit_mae' has no tokens to distil (an encoder's tokens output); "
         "set it to 0")
+
+
+def test_taylor_importance_differentiates_the_tasks_loss():
+    import torch
+
+    from pipeline.models.cnn import SimpleCNN
+    from pipeline.prune import prune_model
+    seen = []
+
+    class Regress(LogitMAE):
+        kind = metric = "regress"
+
+        def importance_loss(self, output, labels):
+            seen.append(labels.dtype)
+            return (output.float() - labels[:, None]).pow(2).mean()   # float targets: no cross-entropy could take them
+
+    torch.manual_seed(0)
+    model = SimpleCNN(image_size=8).eval()
+    batches = [(torch.randn(8, 1, 8, 8), torch.randn(8)) for _ in range(3)]
+    model, info = prune_model(model, torch.randn(1, 1, 8, 8), ratio=0.5, importance="taylor", taylor_batches=batches,
+                              taylor_loss=Regress().importance_loss)
+    assert seen == [torch.float32] * 3 and info["channels"]["features.0"] == 8

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline import gate as gates
 from pipeline.records import Check, Metric, Score
-from pipeline.tasks.logits import infer_answers, kd_loss, last_output, logits_of
+from pipeline.tasks.logits import importance_loss, infer_answers, kd_loss, last_output, logits_of
 
 
 class Task:
@@ -117,6 +117,11 @@ class Task:
         `teacher_per_batch`, else the rows `teacher_cache` kept of it; None trains on the labels alone."""
         teacher_logits = None if teacher_out is None else logits_of(teacher_out)
         return kd_loss(logits_of(student_out), teacher_logits, labels, temperature, kd_weight)
+
+    def importance_loss(self, output, labels):
+        """The scalar Taylor importance differentiates when pruning (pipeline/prune_tp.py): how much each
+        channel's removal would cost this task, on a batch of training data."""
+        return importance_loss(output, labels)
 
     def teacher_per_batch(self, *, kd_weight: float, token_weight: float) -> bool:
         """Whether the loss needs what is too big to keep for the whole run (tokens, a decoder's vocabulary

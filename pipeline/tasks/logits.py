@@ -23,6 +23,12 @@ def logits_of(output):
     return output[-1] if isinstance(output, (tuple, list)) else output
 
 
+def importance_loss(output, labels):
+    """Cross-entropy on the logits: what Taylor importance differentiates for a classifier."""
+    import torch.nn.functional as F
+    return F.cross_entropy(logits_of(output), labels)
+
+
 def kd_loss(student_logits, teacher_logits, labels, temperature: float, weight: float):
     """Hinton distillation: weight·T²·KL(teacher/T ‖ student/T) + (1−weight)·CE."""
     import torch.nn.functional as F

@@ -88,7 +88,7 @@ def test_the_report_and_the_manifest_speak_the_tasks_metric(toy_run):
     by = {r.name: r for r in result.records}
     acc = report["summary"]["accuracy"]
     assert acc["reference_logit_mae"] == 0.0 and acc["shipped_logit_mae"] == report["summary"]["shipped"]["logit_mae"]
-    assert acc["drop"] == pytest.approx(acc["shipped_logit_mae"], abs=1e-4)   # lower is better: the error grown is the drop
+    assert acc["drop"] == pytest.approx(acc["shipped_logit_mae"], abs=1e-4)   # lower is better: error grown
     assert all(row["logit_mae"] is not None for row in report["latency"])
     md = result.report.read_text()
     assert "| logit MAE |" in md and f"against {by['baseline'].metrics['logit_mae']:.2f} for baseline" in md

@@ -42,9 +42,10 @@ def resolve(kind: str, output_names) -> Task:
 
 
 def of_metrics(metrics: dict) -> Task | None:
-    """The task a stage measured with (its metrics' "task"); None for a stage that measured nothing."""
+    """The task a stage measured with (its metrics' "task"); None for a stage that measured nothing or with
+    a task not registered in this process (what reads figures shows none; a gate asks `named` and refuses)."""
     kind = metrics.get("task")
-    return named(kind) if isinstance(kind, str) else None
+    return next((t for t in _ORDER if t.kind == kind), None)
 
 
 def score_of(metrics: dict):

@@ -144,7 +144,7 @@ def finetune_gate(m, inputs, cfg):
     """The task metric's drop vs the baseline; under prune.goal = require, also the speed goal of the pick that
     passed."""
     f, task = cfg.finetune, named(m["task"])
-    checks = [task.drop_check(m[task.metric], inputs["baseline"].metrics[task.metric], f.max_drop)]
+    checks = [task.drop_check(task.value(m), task.value(inputs["baseline"].metrics), f.max_drop)]
     if cfg.prune.goal == "require" and m.get("rung_meets_goal") is False and m.get("goal_speedup"):
         check = gates.limit_check("verified speedup of the fastest pick within the accuracy gate",
                                   m["rung_speedup"], m["goal_speedup"], at_least=True)

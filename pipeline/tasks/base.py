@@ -7,11 +7,27 @@ accuracy gate compares, in the task's own units; `higher_is_better` says which w
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import numpy as np
 
 from pipeline import gate as gates
 from pipeline.records import Check, Metric, Score
 from pipeline.tasks.logits import importance_loss, infer_answers, kd_loss, last_output, logits_of
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A task's figures of one model, typed (a subclass per task: ClassifyMetrics, EncodeMetrics). Stage
+    metrics keep them as plain keys; ``from_json`` reads them back at that edge (keys it does not know,
+    a stage's own, stay there), ``to_json`` drops what was not measured."""
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, metrics: dict):
+        return cls(**{f.name: metrics[f.name] for f in fields(cls) if f.name in metrics})
 
 
 class Task:
@@ -24,12 +40,21 @@ class Task:
     min_span = 0.0                # the plots' axis for the metric is at least this tall
     keeps: tuple[str, ...] = ()   # outputs of the unpruned model kept for later fidelity checks
     token_distillation = False    # whether finetune.token_weight means anything for this task
+    figures: type[Figures] | None = None   # the typed form of metrics() (None: a task's plain dict)
 
     def describe(self) -> Metric:
         """How the report, the plots and the bundle's manifest name, write and rank this task's figure
         (report.json's and manifest.json's ``metric``, read there without the task registry)."""
         return Metric(self.kind, self.metric, self.label or self.metric, self.unit, self.drop_unit,
                       self.higher_is_better, self.decimals, self.bounds, self.min_span)
+
+    def value(self, metrics: dict, key: str = "") -> float:
+        """The task's figure a gate compares, from a stage's metrics: the typed field where the task has
+        typed figures, else the plain key (``key``: another form of it, ``fp32_<metric>``)."""
+        key = key or self.metric
+        if self.figures is not None and key == self.metric:
+            return getattr(self.figures.from_json(metrics), key)
+        return metrics[key]
 
     def score(self, metrics: dict) -> Score | None:
         """The task's figure in a stage's metrics (None: the stage measured none)."""

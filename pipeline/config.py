@@ -30,7 +30,7 @@ class RunCfg:
 
 @dataclass(frozen=True)
 class TaskCfg:
-    kind: str = "auto"          # classify | encode | auto (encode for a model with a "tokens" output, else classify)
+    kind: str = "auto"          # classify | encode | auto (the first task claiming the model's outputs)
 
 
 @dataclass(frozen=True)

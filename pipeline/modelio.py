@@ -95,7 +95,7 @@ def example_input(data_cfg, batch: int = 1):
 
 
 def output_names(model) -> tuple[str, ...]:
-    """A model may name its outputs (an encoder returns tokens and logits); else one 'logits'."""
+    """A model may name its outputs (an encoder returns its embeddings and logits); else one 'logits'."""
     return tuple(getattr(model, "output_names", ("logits",)))
 
 

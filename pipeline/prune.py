@@ -23,7 +23,7 @@ outputs (a classifier's last layer, a vision tower's projector), modules named i
 of a classifier head included, may shrink. Attention heads (pipeline.prune_attention): torch's
 ``nn.MultiheadAttention``, fused-``qkv`` and separate q/k/v modules keep whole heads under every target;
 ``head_ratio`` > 0 removes that share of every attention's heads (the least important ones) instead of
-narrowing them. Bare parameters (class tokens,
+narrowing them. Bare parameters (a class token,
 position embeddings, layer scales) follow torch-pruning's default dim unless ``unwrapped_parameters``
 says otherwise. Any failure is one line naming the part of the model that failed.
 

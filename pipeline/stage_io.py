@@ -38,7 +38,7 @@ def task_of(ctx: Context):
 
 
 def teacher_outputs(ctx: Context) -> dict | None:
-    """The unpruned model's test outputs that the task keeps for fidelity (an encoder's tokens); None if none."""
+    """The unpruned model's test outputs that the task keeps for fidelity (`Task.keeps`); None if none."""
     keeps = task_of(ctx).keeps
     return {k: np.load(ctx.path("baseline", f"test_{k}.npy")) for k in keeps} if keeps else None
 

@@ -40,6 +40,7 @@ class Task:
     min_span = 0.0                # the plots' axis for the metric is at least this tall
     keeps: tuple[str, ...] = ()   # outputs of the unpruned model kept for later fidelity checks
     token_distillation = False    # whether finetune.token_weight means anything for this task
+    NO_TOKEN_TERM = "has no tokens to distil (an encoder's tokens output)"   # why token_weight is refused
     figures: type[Figures] | None = None   # the typed form of metrics() (None: a task's plain dict)
 
     def describe(self) -> Metric:

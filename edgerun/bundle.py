@@ -22,15 +22,18 @@ from edgerun.errors import EdgeError
 from edgerun.io import sha256_file
 
 MANIFEST = "manifest.json"
-FORMAT = 3                     # 3: every file of the bundle is listed, the runtime and scripts included
+FORMAT = 4                     # 3: every file of the bundle is listed, the runtime and scripts included;
+#                                4: the task's figure is named (``metric``), a file's ``score`` is in it
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few kB
 MODEL_KINDS = ("onnx", "engine")
 MAX_INPUT_VALUES = 1 << 27  # C x H x W of one image: 3 x 6688 x 6688, far above any edge model
 # Every field the packager writes, with its JSON type: anything else is refused, not ignored.
 TOP_LEVEL = {"format": int, "model": dict, "input": dict, "labels": list, "target": str, "files": dict,
              "chosen": dict, "sample": dict, "preflight": dict, "engine_recipe": dict, "lineage": dict,
-             "libraries": dict, "verified": dict, "int8_form": dict}
-FILE_FIELDS = ("kind", "sha256", "precision", "label", "stage", "top1", "role")
+             "libraries": dict, "verified": dict, "int8_form": dict, "metric": dict}
+FILE_FIELDS = ("kind", "sha256", "precision", "label", "stage", "score", "role")
+# The task's figure, as the packager's task describes it (pipeline.records.Metric): text fields, a direction
+METRIC_TEXT = ("kind", "name", "label", "unit", "drop_unit")
 SAMPLE_FIELDS = ("images", "labels", "count", "n", "note")
 
 
@@ -66,8 +69,22 @@ class FileEntry:
     precision: str = ""
     label: str = ""
     stage: str = ""
-    top1: float | None = None
+    score: float | None = None    # the file's figure in the manifest's metric (a classifier's top-1)
     role: str = ""                # the pipeline's artifact role (onnx-fp32, onnx-int8, ...)
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """What the files' scores measure: the task that packaged the model (``kind``, "classify") and its
+    metric (its key ``name``, its ``label`` "top-1", ``unit``, which way is better)."""
+    kind: str
+    name: str
+    label: str = ""
+    unit: str = ""
+    higher_is_better: bool = True
+
+    def text(self, value: float) -> str:
+        return f"{self.label or self.name} {value:.2f}{self.unit}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,7 @@ class Manifest:
     sample: Sample | None
     preflight: Mapping | None     # the packager's pre-flight summary, kept as read
     int8_form: Mapping = field(default_factory=lambda: MappingProxyType({}))   # role -> {"weights", "reason", ...}
+    metric: TaskMetric | None = None   # the task's figure the files' scores are in
 
     def int8_risk(self, name: str) -> str | None:
         """A line for the user when ``name`` holds full-range int8 weights for onnxruntime and this CPU's
@@ -182,7 +200,7 @@ def load_manifest(bundle: str | Path) -> Manifest:
     int8 = doc.get("int8_form", {})
     manifest = Manifest(bundle, spec, labels, MappingProxyType(files), chosen, why, target,
                         _sample(check, doc.get("sample"), files), _preflight(check, doc.get("preflight")),
-                        MappingProxyType(int8 if isinstance(int8, dict) else {}))
+                        MappingProxyType(int8 if isinstance(int8, dict) else {}), _metric(check, doc.get("metric")))
     check.only(doc, TOP_LEVEL, "the manifest")
     for key in ("format", "model", "engine_recipe", "lineage", "libraries", "verified", "int8_form"):
         if key in doc:
@@ -290,12 +308,28 @@ def _files(check: _Checker, bundle: Path, obj: dict) -> dict[str, FileEntry]:
             if not isinstance(value, str) or (key == "kind" and not value):
                 check.fail(f"{where}.{key}", "a non-empty string" if key == "kind" else "a string", value)
             text[key] = value
-        top1 = entry.get("top1")
-        if top1 is not None:
-            top1 = check.number(top1, f"{where}.top1")
-        files[name] = FileEntry(name, text["kind"], digest, text["precision"], text["label"], text["stage"], top1,
+        score = entry.get("score")
+        if score is not None:
+            score = check.number(score, f"{where}.score")
+        files[name] = FileEntry(name, text["kind"], digest, text["precision"], text["label"], text["stage"], score,
                                 text["role"])
     return files
+
+
+def _metric(check: _Checker, obj) -> TaskMetric | None:
+    if obj is None:
+        return None
+    check.kind(obj, dict, "metric")
+    text = {}
+    for key in METRIC_TEXT:
+        value = obj.get(key, "")
+        if not isinstance(value, str) or (key in ("kind", "name") and not value):
+            check.fail(f"metric.{key}", "a non-empty string" if key in ("kind", "name") else "a string", value)
+        text[key] = value
+    better = obj.get("higher_is_better", True)
+    if not isinstance(better, bool):
+        check.fail("metric.higher_is_better", "true or false", better)
+    return TaskMetric(text["kind"], text["name"], text["label"], text["unit"], better)
 
 
 def _chosen(check: _Checker, obj, files: dict) -> tuple[str | None, str]:

@@ -42,7 +42,7 @@ def to_fp16(src, dst, keep_io_types=True) -> dict:
 def _give_outputs_their_own_tensor(model: onnx.ModelProto) -> None:
     # With keep_io_types, onnxconverter-common 1.16 casts a graph output back to FP32 in place,
     # and nodes that also read that tensor inside the graph then get FP32 where they expect FP16
-    # (seen on a model returning (tokens, logits): "Concat: inputs has inconsistent type").
+    # (seen on a model returning (embeddings, logits): "Concat: inputs has inconsistent type").
     # Routing each such output through an Identity keeps the inner tensor FP16.
     graph = model.graph
     read_inside = {name for node in graph.node for name in node.input}

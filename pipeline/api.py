@@ -2,7 +2,7 @@
 
     from pipeline import run
     result = run("configs/cpu.toml", overrides=["prune.macs=0.2"])
-    result.passed, result.record("finetune").top1, result.bundle
+    result.passed, result.record("finetune").metrics, result.bundle
 
 User errors raise EdgeError subclasses (one line each); a failed gate returns a RunResult with
 ``passed = False`` and the failed stage's record. An argument of the wrong type (a dict where a

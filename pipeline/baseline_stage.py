@@ -1,6 +1,6 @@
 """The baseline stage: build the model, load its weights or train it, and record what every later gate
 compares against: the task it is (resolved here from `task.kind` or its outputs), its metrics on the test
-set, the outputs the task keeps (an encoder's tokens), and the fixed reference batch of every parity check."""
+set, the outputs the task keeps (`Task.keeps`), and the fixed reference batch of every parity check."""
 from __future__ import annotations
 
 import numpy as np
@@ -51,13 +51,14 @@ def baseline(ctx: Context) -> Output:
         trained = {"epochs": cfg.baseline.epochs, "losses": info["losses"]}
     modelio.save_weights(model, ctx.out / "model.pt")
     outs = modelio.torch_outputs(model, data.x_test)
-    for name in task.keeps:   # what later stages compare against (an encoder's tokens)
+    for name in task.keeps:   # what later stages compare against
         np_write(ctx.out / f"test_{name}.npy", np.save, outs[name])
     metrics = {"task": task.kind, **task.metrics(outs, data.test.labels)}
-    gap = modelio.train_eval_gap(model, data.x_train, data.train.labels)
+    gap = modelio.train_eval_gap(model, data.x_train, data.train.labels, task)
     if gap is not None and abs(gap) > TRAIN_EVAL_GAP:
-        notices.append(f"train-mode vs eval-mode top-1 differ by {gap:+.1f} pt: BatchNorm running statistics have "
-                       "not settled (raise BatchNorm momentum, train longer, or recompute the statistics)")
+        notices.append(f"train-mode vs eval-mode {task.label} differ by {gap:+.1f}{task.drop_unit}: BatchNorm "
+                       "running statistics have not settled (raise BatchNorm momentum, train longer, or recompute "
+                       "the statistics)")
     # The reference batch: a fixed, seeded slice of the test set that every parity check reuses.
     rng = np.random.default_rng(cfg.run.seed)
     idx = np.sort(rng.permutation(len(data.test.labels))[:cfg.data.reference_batch])

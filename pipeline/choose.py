@@ -5,6 +5,7 @@ The package stage calls ``choose_variant``; the report only shows what it chose.
 from __future__ import annotations
 
 from pipeline import report_fmt as fmt
+from pipeline import tasks
 from pipeline.records import StageRecord
 
 
@@ -87,11 +88,12 @@ def choose_variant(records: list[StageRecord], latency_rows: list[dict], package
         why += "; " + _runner_up(key, best, ranked[1])
         if len(ranked) > 2:
             why += "; then " + ", ".join(f"{r['file']} {_objective_text(key, r[key])}" for r in ranked[2:])
-    if best.get("top1") is not None:
-        why += f". Its top-1 is {fmt.top1(best['top1'])}"
-        best_top1 = max((r.get("top1") for r in ranked if r.get("top1") is not None), default=None)
-        if best_top1 is not None and best_top1 > best["top1"]:
-            why += f" ({fmt.pt(best_top1 - best['top1'])} below the most accurate candidate, within its gates)"
+    m = tasks.of_run(records).describe()
+    if best.get(m.name) is not None:
+        why += f". Its {m.label} is {m.text(best[m.name])}"
+        short = m.worse_by(best[m.name], m.best(r.get(m.name) for r in ranked))
+        if short > 0:
+            why += f" ({m.diff(short)} below the most accurate candidate, within its gates)"
     if key != "size_bytes" and best.get("size_bytes"):
         why += f"; file {fmt.kib(best['size_bytes'])}"
     if excluded:
@@ -99,8 +101,8 @@ def choose_variant(records: list[StageRecord], latency_rows: list[dict], package
     return {"file": best["file"], "artifact": best.get("artifact"), "role": best.get("role"),
             "backend": best["backend"], "batch": best["batch"], "objective": key, key: best[key],
             "p50_ms": best.get("p50_ms"), "p99_ms": best.get("p99_ms"), "size_bytes": best.get("size_bytes"),
-            "top1": best.get("top1"),
-            "candidates": [{"file": r["file"], key: r[key], "top1": r.get("top1")} for r in ranked],
+            m.name: best.get(m.name),
+            "candidates": [{"file": r["file"], key: r[key], m.name: r.get(m.name)} for r in ranked],
             "excluded": excluded, "why": why + "."}
 
 

@@ -15,6 +15,7 @@ import time
 from edgerun import __version__
 from edgerun.cli import UsageError, _Parser, add_verbs, dispatch, printable_stdio
 from edgerun.errors import EdgeError
+from pipeline import tasks
 from pipeline.config import Config
 
 # the config's sections, in its order (pipeline.config.Config is the one list; a stdlib read, no torch)
@@ -114,12 +115,13 @@ def _run(args) -> int:
 def _headline(result) -> str:
     pkg = result.record("package")
     chosen = (pkg.metrics.get("chosen") or {}) if pkg else {}
+    task = tasks.of_run(result.records)
     if chosen.get("file"):
-        top1 = chosen.get("top1")
-        what = [f"top1 {top1:.2f} %"] if top1 is not None else []
+        value = chosen.get(task.metric)
+        what = [task.brief(value)] if value is not None else []
         return f" | ship {chosen['file']}" + (f" ({', '.join(what + _speed(result))})" if what else "")
-    top = [r for r in result.records if r.top1 is not None]
-    return f" | final top1 {top[-1].top1:.2f} % ({top[-1].name})" if top else ""
+    top = [r for r in result.records if task.score(r.metrics) is not None]
+    return f" | final {task.brief(top[-1].metrics[task.metric])} ({top[-1].name})" if top else ""
 
 
 def _speed(result) -> list[str]:

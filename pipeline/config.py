@@ -31,7 +31,7 @@ class RunCfg:
 @dataclass(frozen=True)
 class TaskCfg:
     kind: str = "auto"          # classify | encode | generate | auto (generate for a decoder: model.name = "decoder"
-    #                             or model.pretrained; encode for a model with a "tokens" output; else classify)
+    #                             or model.pretrained; else the first task claiming the model's outputs)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def export_onnx(ctx: Context) -> Output:
 
 def export_gate(m, inputs, cfg):
     e, task = cfg.export, named(m["task"])
-    return gates.gate(e.gate, task.drop_check(m[task.metric], inputs["finetune"].metrics[task.metric], e.max_drop),
+    return gates.gate(e.gate, task.drop_check(task.value(m), task.value(inputs["finetune"].metrics), e.max_drop),
                       gates.limit_check("parity_max_abs", m["parity"]["max_abs"], e.max_abs, at_least=False),
                       gates.limit_check("parity_min_mean_cosine", m["parity"]["min_mean_cosine"], e.min_cosine,
                                         at_least=True))

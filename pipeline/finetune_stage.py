@@ -57,8 +57,8 @@ def finetune_model(ctx: Context, student, teacher, *, epochs: float, early_stop:
     # teacher's *test* top-1 would stop too early, as held-out train images are easier.
     task, target = task_of(ctx), None
     if f.token_weight > 0 and not task.token_distillation:   # refused, not ignored
-        raise PipelineError(f"finetune.token_weight = {f.token_weight}: task {task.kind!r} has no tokens to distil "
-                            "(an encoder's tokens output); set it to 0")
+        raise PipelineError(f"finetune.token_weight = {f.token_weight}: task {task.kind!r} {task.NO_TOKEN_TERM}; "
+                            "set it to 0")
     if early_stop:
         target = task.early_stop_target(modelio.torch_outputs(teacher, val[0]), val[1])
         if target is None:   # refused, not ignored: the trainer can stop early only on what it evaluates
@@ -144,7 +144,7 @@ def finetune_gate(m, inputs, cfg):
     """The task metric's drop vs the baseline; under prune.goal = require, also the speed goal of the pick that
     passed."""
     f, task = cfg.finetune, named(m["task"])
-    checks = [task.drop_check(m[task.metric], inputs["baseline"].metrics[task.metric], f.max_drop)]
+    checks = [task.drop_check(task.value(m), task.value(inputs["baseline"].metrics), f.max_drop)]
     if cfg.prune.goal == "require" and m.get("rung_meets_goal") is False and m.get("goal_speedup"):
         check = gates.limit_check("verified speedup of the fastest pick within the accuracy gate",
                                   m["rung_speedup"], m["goal_speedup"], at_least=True)

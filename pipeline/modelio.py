@@ -95,7 +95,7 @@ def example_input(data_cfg, batch: int = 1):
 
 
 def output_names(model) -> tuple[str, ...]:
-    """A model may name its outputs (an encoder returns tokens and logits); else one 'logits'."""
+    """A model may name its outputs (an encoder returns its embeddings and logits); else one 'logits'."""
     return tuple(getattr(model, "output_names", ("logits",)))
 
 
@@ -156,11 +156,13 @@ def save_weights(model, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def torch_outputs(model, x: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
+def torch_outputs(model, x: np.ndarray, batch: int = 500, train: bool = False) -> dict[str, np.ndarray]:
+    """The model's outputs by name, in eval mode (``train``: in train mode, where BatchNorm uses each
+    batch's statistics and updates its running ones)."""
     import torch
     names = output_names(model)
     chunks: dict[str, list] = {n: [] for n in names}
-    model.eval()
+    model.train(train)
     with torch.no_grad():
         for i in range(0, len(x), batch):
             out = model(torch.from_numpy(x[i:i + batch]))
@@ -202,25 +204,19 @@ def count(model, data_cfg) -> dict:
     return {"macs": int(conv_linear_macs(model, x)), "ops_tp": int(ops), "params": int(params)}
 
 
-def train_eval_gap(model, x: np.ndarray, y: np.ndarray, n: int = 1000) -> float | None:
-    """Top-1 in train mode minus eval mode on a train slice (on a copy: train mode updates BatchNorm).
-    A large gap means BatchNorm running statistics have not settled."""
+def train_eval_gap(model, x: np.ndarray, y: np.ndarray, task, n: int = 1000) -> float | None:
+    """The task's metric in train mode minus eval mode on a train slice, in one batch (on a copy: train mode
+    updates BatchNorm). A large gap means BatchNorm running statistics have not settled."""
     import copy
 
     import torch
-
-    from pipeline.tasks import Classify
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return None
     probe = copy.deepcopy(model)
     xs, ys = x[:n], y[:n]
-    with torch.no_grad():
-        eval_top1 = Classify().metrics(torch_outputs(probe.eval(), xs), ys)["top1"]
-        probe.train()
-        out = probe(torch.from_numpy(xs))
-        out = out[-1] if isinstance(out, (tuple, list)) else out
-        train_top1 = float((out.argmax(1).numpy() == ys).mean() * 100)
-    return round(train_top1 - eval_top1, 3)
+    in_eval = task.metrics(torch_outputs(probe, xs), ys)[task.metric]
+    in_train = task.metrics(torch_outputs(probe, xs, batch=len(xs), train=True), ys)[task.metric]
+    return round(in_train - in_eval, 3)
 
 
 def load_state_fresh(cfg, path: Path):

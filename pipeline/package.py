@@ -22,6 +22,7 @@ import numpy as np
 
 from edgerun.io import atomic_write, copy_file, hash_json, sha256_file, write_json
 from edgerun.machine import library_versions
+from pipeline import tasks
 from pipeline.data import PROJECT_ROOT
 from pipeline.engine_stage import ENGINE_OPTION_KEYS, engine_options, engine_source
 from pipeline.errors import PipelineError
@@ -33,7 +34,7 @@ TRT_MAJORS = (10, 11)
 SAMPLE_SIZE = 256
 SHIPPED_STAGES = ("export_onnx", "quantize", "engine")
 NOT_SHIPPED_ROLES = ("baseline-onnx",)   # the unpruned reference is for measuring, not for deploying
-MANIFEST_FORMAT = 3                      # edgerun.bundle.FORMAT: every file listed
+MANIFEST_FORMAT = 4                      # edgerun.bundle.FORMAT: every file listed, the task's metric named
 RUNTIME = PROJECT_ROOT / "edgerun"
 RUNTIME_PATTERNS = ("*.py", "*.sh", "*.json")   # the runtime's code, scripts and tables; no caches
 # The `Next:` block's infer command (pipeline/cli.py prints it), run in the bundle before PASSED.
@@ -145,7 +146,7 @@ def package_stage(ctx: Context) -> Output:
             src = ctx.path(stage, art.file)
             copy_file(src, bundle / art.file)
             files[art.file] = {"kind": art.kind, "precision": art.precision, "role": art.role, "label": art.label,
-                               "stage": stage, "top1": art.top1 if art.top1 is not None else rec.metrics.get("top1"),
+                               "stage": stage, "score": _score(art, rec),
                                "sha256": sha256_file(bundle / art.file)}
             for name, kind in _loaded_with(src, art.file, art.kind):
                 copy_file(src.parent / PurePosixPath(name).name, bundle / name)
@@ -181,6 +182,7 @@ def package_stage(ctx: Context) -> Output:
         "libraries": library_versions(),
         "verified": _verified(ctx),
         "int8_form": _int8_forms(ctx),
+        "metric": tasks.of_run(records).describe().to_json(),
     })
     listing = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     unlisted = sorted(set(listing) - set(files) - {"manifest.json"})
@@ -190,6 +192,12 @@ def package_stage(ctx: Context) -> Output:
     return Output(metrics={"files": [f for f in listing if not f.startswith("edgerun/")], "chosen": chosen,
                            "engine_recipe": recipe, "bundle_runs": ran,
                            "preflight": {f: {m: r["ok"] for m, r in res.items()} for f, res in preflight.items()}})
+
+
+def _score(art, rec: StageRecord) -> float | None:
+    """An artifact's figure in the task's metric: its own (a side file), else its stage's."""
+    score = art.score if art.score is not None else tasks.score_of(rec.metrics)
+    return None if score is None else score.value
 
 
 def _loaded_with(src: Path, name: str, kind: str) -> list[tuple[str, str]]:
@@ -236,15 +244,15 @@ def bundle_runs(ctx: Context, bundle: Path) -> dict:
         last = next((ln for ln in lines if ln.startswith("FAILED")), lines[-1]).removeprefix("FAILED | error: ")
         raise PipelineError(f"the bundle does not run: `{command}` failed: {last}")
     doc = json.loads(p.stdout)
-    got = np.array([row["class_index"] for row in doc["predictions"]])
+    task = tasks.of_run([ctx.record(n) for n in ctx.stage.reads])
+    got, figures = task.bundle_answers(doc)
     out = {"command": command, "model": doc["model_file"], "backend": doc["backend"], "count": doc["count"],
-           "sample_top1": doc["accuracy"]["top1_pct"]}
+           **figures}
     if not doc["model_file"].endswith(".onnx"):
         return {**out, "agreement": None, "note": "an engine: compared with nothing here (no TensorRT)"}
     from pipeline import modelio
-    from pipeline.tasks.classify import logits  # edgerun's infer answers classes: its classify half
     x = ctx.data.x_test[sample_indices(ctx)]
-    want = logits(modelio.onnx_outputs(bundle / doc["model_file"], x)).argmax(1)
+    want = task.answers(modelio.onnx_outputs(bundle / doc["model_file"], x))
     agreement = float((got == want).mean()) if got.shape == want.shape else 0.0
     if agreement < MIN_AGREEMENT:
         raise PipelineError(f"the bundle runs but answers otherwise: `{command}` with {doc['model_file']} agrees "

@@ -11,16 +11,23 @@ from pathlib import Path
 from edgerun.io import atomic_write
 from pipeline import report_fmt as fmt
 from pipeline.profile_speedup import BACKEND_ORDER
-from pipeline.records import ROLES
+from pipeline.records import ROLES, Metric
+from pipeline.report_summary import metric_of
 
-PLOTS = {"plot_pareto.png": "Top-1 vs p50 latency at the smallest batch (the Pareto view)",
+PLOTS = {"plot_pareto.png": "{Label} vs p50 latency at the smallest batch (the Pareto view)",
          "plot_latency.png": "p50 latency per artifact and batch (whisker: p99)",
          "plot_stages.png": "MACs (both conventions), parameters and file size per stage"}
 COLORS = {"torch-cpu": "#1f77b4", "onnxruntime-cpu": "#ff7f0e", "torch-cuda": "#2ca02c",
           "onnxruntime-cuda": "#d62728", "onnxruntime-tensorrt": "#9467bd", "tensorrt": "#8c564b"}
-# The smallest top-1 range the Pareto plot shows. Matplotlib fits the axis to the data, so 98.5 % vs
-# 98.6 % would fill the height and a 0.1 pt difference would look like a cliff.
-MIN_TOP1_SPAN = 2.0
+# The Pareto plot's axis for the task's figure is at least its Metric's min_span tall (a classifier's:
+# 2 pt). Matplotlib fits the axis to the data, so 98.5 % vs 98.6 % would fill the height and a 0.1 pt
+# difference would look like a cliff.
+
+
+def caption(name: str, metric: Metric) -> str:
+    """A plot's caption, naming the task's figure where the plot shows it."""
+    label = metric.label[:1].upper() + metric.label[1:]
+    return PLOTS.get(name, name).replace("{Label}", label)
 
 
 def row_order(r: dict):
@@ -57,15 +64,19 @@ def _short(label: str) -> str:
             .replace("pruned + fine-tuned", "pruned"))
 
 
-def top1_limits(values: list[float]) -> tuple[float, float]:
-    """The top-1 axis: the data with a margin, at least MIN_TOP1_SPAN points tall, within 0..100."""
+def score_limits(values: list[float], metric: Metric) -> tuple[float, float]:
+    """The task figure's axis: the data with a margin, at least ``metric.min_span`` tall, within the
+    metric's bounds (a percent: 0..100) where it has them."""
     lo, hi = min(values), max(values)
-    pad = max((hi - lo) * 0.2, (MIN_TOP1_SPAN - (hi - lo)) / 2)
+    pad = max((hi - lo) * 0.2, (metric.min_span - (hi - lo)) / 2)
     lo, hi = lo - pad, hi + pad
-    if hi > 100.0:
-        lo, hi = lo - (hi - 100.0), 100.0
-    if lo < 0.0:
-        lo, hi = 0.0, min(100.0, hi - lo)
+    if metric.bounds is None:
+        return (lo, hi) if hi > lo else (lo - 1.0, hi + 1.0)
+    floor, ceiling = metric.bounds
+    if hi > ceiling:
+        lo, hi = lo - (hi - ceiling), ceiling
+    if lo < floor:
+        lo, hi = floor, min(ceiling, hi - lo + floor)
     return lo, hi
 
 
@@ -102,7 +113,9 @@ def _label_offsets(points: list[tuple[float, float]], labels: list[str]) -> list
 def plot_pareto(report: dict):
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
-    lat = [r for r in report.get("latency") or [] if r.get("top1") is not None and r.get("p50_ms")]
+    m = metric_of(report)
+    y = m.name
+    lat = [r for r in report.get("latency") or [] if r.get(y) is not None and r.get("p50_ms")]
     if not lat:
         return None
     b = min(r["batch"] for r in lat)
@@ -114,34 +127,35 @@ def plot_pareto(report: dict):
     for backend in backends:
         pts = [r for r in rows if r["backend"] == backend]
         color = COLORS.get(backend, "#333333")
-        ax.scatter([r["p50_ms"] for r in pts], [r["top1"] for r in pts], s=55, color=color, label=backend, zorder=3)
-        front, best = [], float("-inf")
+        ax.scatter([r["p50_ms"] for r in pts], [r[y] for r in pts], s=55, color=color, label=backend, zorder=3)
+        front = []
         for r in pts:  # sorted by latency: on the front if more accurate than every faster one
-            if r["top1"] > best:
+            if not front or m.worse_by(front[-1][y], r[y]) > 0:
                 front.append(r)
-                best = r["top1"]
         if len(front) > 1:
-            ax.step([r["p50_ms"] for r in front], [r["top1"] for r in front], where="post", color=color,
+            ax.step([r["p50_ms"] for r in front], [r[y] for r in front], where="post", color=color,
                     alpha=0.5, linestyle="--", zorder=2)
     labels = [_short(r["artifact"]) for r in rows]
-    offsets = _label_offsets([(math.log10(r["p50_ms"]), r["top1"]) for r in rows], labels)
+    offsets = _label_offsets([(math.log10(r["p50_ms"]), r[y]) for r in rows], labels)
     for r, label, off in zip(rows, labels, offsets, strict=True):
         color = COLORS.get(r["backend"], "#333333")
-        ax.annotate(label, (r["p50_ms"], r["top1"]), textcoords="offset points",
+        ax.annotate(label, (r["p50_ms"], r[y]), textcoords="offset points",
                     xytext=(7, off), fontsize=8, color=color)
         if (shipped.get("file"), shipped.get("backend"), shipped.get("batch")) == (r.get("file"), r["backend"], b):
-            ax.scatter([r["p50_ms"]], [r["top1"]], s=220, facecolors="none", edgecolors="black", zorder=4,
+            ax.scatter([r["p50_ms"]], [r[y]], s=220, facecolors="none", edgecolors="black", zorder=4,
                        label=f"shipped ({shipped['file']})")
     ax.set_xscale("log")
     ax.margins(x=0.15)
-    ax.set_ylim(*top1_limits([r["top1"] for r in rows]))
+    ax.set_ylim(*score_limits([r[y] for r in rows], m))
     span = math.log10(rows[-1]["p50_ms"]) - math.log10(rows[0]["p50_ms"])
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if span <= 1.5 and _lead(v) in (2, 3, 5) else ""))
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(f"p50 latency at batch {b} (ms, log scale)")
-    ax.set_ylabel(f"top-1 accuracy (%; axis at least {MIN_TOP1_SPAN:g} pt tall)")
-    ax.set_title(f"Accuracy vs latency at batch {b}: up and to the left is better (dashed: Pareto front)")
+    tall = f"; axis at least {m.min_span:g}{m.drop_unit} tall" if m.min_span else ""
+    ax.set_ylabel(f"{m.label}{' accuracy' if m.higher_is_better else ''} ({m.unit.strip() or m.name}{tall})")
+    ax.set_title(f"{'Accuracy' if m.higher_is_better else m.label} vs latency at batch {b}: "
+                 f"{'up' if m.higher_is_better else 'down'} and to the left is better (dashed: Pareto front)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return fig

@@ -28,7 +28,7 @@ What is measured, and how (the report repeats this for its reader):
   device-wide nvidia-smi delta (includes other processes; absent on a Jetson).
 
 Latency row keys (report.json ``latency``): artifact, backend, batch, p50_ms, p90_ms, p99_ms,
-throughput_per_s (batch / p50), mean_ms, std_ms, file, precision, top1, size_bytes, plus role, kind,
+throughput_per_s (batch / p50), mean_ms, std_ms, file, precision, <the task's metric>, size_bytes, plus role, kind,
 stage, min_ms, max_ms, iters, stopped_by, total_s, threads, macs, load_rss_mb, rss_delta_mb, gpu_mb,
 oversubscribed (None or why), notes.
 
@@ -282,7 +282,8 @@ class _Run:
         return {"artifact": t.label, "backend": t.backend, "batch": b, "p50_ms": st.p50_ms, "p90_ms": st.p90_ms,
                 "p99_ms": st.p99_ms, "throughput_per_s": b * 1000.0 / st.p50_ms, "mean_ms": st.mean_ms,
                 "std_ms": st.std_ms, "file": a.file or Path(it.path).name, "precision": a.precision,
-                "top1": it.top1, "size_bytes": _size(Path(it.path)), "role": a.role, "kind": a.kind,
+                **({it.score.metric: it.score.value} if it.score else {}), "size_bytes": _size(Path(it.path)),
+                "role": a.role, "kind": a.kind,
                 "stage": a.stage, "min_ms": st.min_ms, "max_ms": st.max_ms, "iters": st.iters,
                 "stopped_by": st.stopped_by, "total_s": st.total_s, "threads": s.threads, "macs": it.macs,
                 "load_rss_mb": _round(load_mb), "rss_delta_mb": _round(rss_mb), "gpu_mb": _round(gpu_mb),

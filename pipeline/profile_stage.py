@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from edgerun.io import write_json
+from pipeline import tasks
 from pipeline.engine_stage import engine_environment
 from pipeline.records import Located
 from pipeline.runner import Context, Output
@@ -27,7 +28,8 @@ def located_artifacts(ctx: Context) -> list[Located]:
             if art.kind not in TIMED_KINDS:
                 continue
             macs = base_macs if art.role.startswith("baseline") else rec.metrics.get("macs")
-            out.append(Located(art, ctx.path(stage, art.file), art.top1 if art.top1 is not None else rec.top1, macs))
+            score = art.score if art.score is not None else tasks.score_of(rec.metrics)
+            out.append(Located(art, ctx.path(stage, art.file), score, macs))
     return out
 
 

@@ -23,7 +23,7 @@ outputs (a classifier's last layer, a vision tower's projector), modules named i
 of a classifier head included, may shrink. Attention heads (pipeline.prune_attention): torch's
 ``nn.MultiheadAttention``, fused-``qkv`` and separate q/k/v modules keep whole heads under every target;
 ``head_ratio`` > 0 removes that share of every attention's heads (the least important ones) instead of
-narrowing them. Bare parameters (class tokens,
+narrowing them. Bare parameters (a class token,
 position embeddings, layer scales) follow torch-pruning's default dim unless ``unwrapped_parameters``
 says otherwise. Any failure is one line naming the part of the model that failed.
 
@@ -121,7 +121,7 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
                 global_pruning: bool = False, round_to: int = 1, max_layer_ratio: float = 1.0,
                 iterative_steps: int = 1, ignored_layers: Iterable[str] = (),
                 between_steps: Callable[[int, nn.Module], None] | None = None,
-                taylor_batches: Iterable | None = None, seed: int = 0,
+                taylor_batches: Iterable | None = None, taylor_loss: Callable | None = None, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None,
                 layer_ratios: dict[str, float] | None = None, head_ratio: float = 0.0,
                 unwrapped_parameters: dict[str, int] | None = None,
@@ -144,6 +144,8 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     goal mode, time budget and back-off (its wider rungs come back as ``info["rungs"]``: [(widths,
     pruned model, history)], the unpruned model narrowed to each). ``widths`` ({group: kept width})
     replays a pick instead of any target: the groups are pruned to exactly those widths.
+    ``taylor_loss(output, labels)``: what Taylor importance differentiates on ``taylor_batches`` (the task's
+    `importance_loss`; default a classifier's cross-entropy).
     """
     attentions = attn.find_attention(model)
     ignored_names = tuple(ignored_layers)
@@ -166,7 +168,8 @@ def prune_model(model: nn.Module, example_input, *, target: str = "ratio", ratio
     cl_macs_before = conv_linear_macs(model, example_input)
     common = dict(importance=importance, global_pruning=global_pruning, round_to=round_to,
                   max_layer_ratio=max_layer_ratio, iterative_steps=int(iterative_steps),
-                  ignored_names=ignored_names, taylor_batches=batches, seed=seed, layer_ratios=layer_ratios,
+                  ignored_names=ignored_names, taylor_batches=batches, taylor_loss=taylor_loss, seed=seed,
+                  layer_ratios=layer_ratios,
                   head_ratio=float(head_ratio), narrow_heads=float(head_ratio) == 0.0, unwrapped=unwrapped)
     info: dict = {"target": target}
 

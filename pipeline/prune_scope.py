@@ -1,5 +1,5 @@
 """What pruning may touch: the layers whose outputs are the model's outputs (kept), bare parameters
-(class tokens, position embeddings, layer scales), and the hint for graphs torch-pruning mis-indexes.
+(a class token, position embeddings, layer scales), and the hint for graphs torch-pruning mis-indexes.
 
 The rule for outputs: only the output channels of the layers that produce the model's outputs are
 fixed. They are found by walking autograd back from each output to the nearest modules that own
@@ -97,7 +97,7 @@ def _wrapped_ids(model: nn.Module) -> set[int]:
 
 
 def unwrapped_dims(model: nn.Module, overrides: dict[str, int] | None = None) -> dict[str, int | None]:
-    """{name: channel dim} of every parameter outside the layers torch-pruning knows (class tokens,
+    """{name: channel dim} of every parameter outside the layers torch-pruning knows (a class token,
     position embeddings, layer scales). The default dim is torch-pruning's own: the last one larger
     than 1 (None: a scalar-like parameter, never pruned). ``overrides`` ({name: dim}) replace it."""
     wrapped = _wrapped_ids(model)

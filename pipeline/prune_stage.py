@@ -105,7 +105,8 @@ def prune(ctx: Context) -> Output:
     model, info = prune_model(model, modelio.example_input(cfg.data), target=p.target, importance=p.importance,
                               round_to=round_to, max_layer_ratio=p.max_layer_ratio,
                               iterative_steps=p.iterative_steps, ignored_layers=p.ignored_layers,
-                              between_steps=between, taylor_batches=taylor, seed=cfg.run.seed, widths=widths,
+                              between_steps=between, taylor_batches=taylor,
+                              taylor_loss=task_of(ctx).importance_loss, seed=cfg.run.seed, widths=widths,
                               **target_args)
     save_pruned(model, info["history"], ctx.out)
     ladder = _save_ladder(ctx, info)

@@ -10,7 +10,6 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch_pruning as tp
 
 from edgerun.errors import brief
@@ -19,7 +18,7 @@ from pipeline import prune_scope as scope
 from pipeline.errors import PipelineError
 from pipeline.models import forward_named
 from pipeline.prune_store import json_history
-from pipeline.train import logits_of
+from pipeline.tasks.logits import importance_loss
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "lamp", "random")
 
@@ -57,8 +56,10 @@ def ignored_modules(model: nn.Module, names: Iterable[str], example_input=None) 
     return out
 
 
-def taylor_gradients(model: nn.Module, batches: list) -> None:
-    """Accumulate cross-entropy gradients over ``batches`` (GroupTaylorImportance reads ``.grad``)."""
+def taylor_gradients(model: nn.Module, batches: list, loss=None) -> None:
+    """Accumulate the gradients of ``loss(output, labels)`` (the task's `importance_loss`; default a
+    classifier's cross-entropy) over ``batches`` (GroupTaylorImportance reads ``.grad``)."""
+    loss = loss or importance_loss
     if not batches:
         raise PipelineError("prune.importance: 'taylor' needs taylor_batches (an iterable of (x, y) tensors)")
     was_training = model.training
@@ -66,8 +67,7 @@ def taylor_gradients(model: nn.Module, batches: list) -> None:
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     for x, y in batches:
-        loss = F.cross_entropy(logits_of(model(x.to(device))), y.to(device))
-        loss.backward()
+        loss(model(x.to(device)), y.to(device)).backward()
     model.train(was_training)
 
 
@@ -99,7 +99,7 @@ def build_pruner(model, example_input, importance, ratio, *, global_pruning, rou
 
 def run_schedule(model, example_input, *, ratio, importance, global_pruning, round_to, max_layer_ratio,
                   iterative_steps, ignored_names, taylor_batches, seed, unwrapped, layer_ratios=None,
-                  between_steps=None, progress=None, head_ratio=0.0, narrow_heads=True):
+                  between_steps=None, progress=None, head_ratio=0.0, narrow_heads=True, taylor_loss=None):
     """Prune ``model`` in place over ``iterative_steps`` steps; returns the replayable history."""
     torch.manual_seed(seed)
     imp = make_importance(importance, model)
@@ -117,7 +117,7 @@ def run_schedule(model, example_input, *, ratio, importance, global_pruning, rou
                              unwrapped=unwrapped, attentions=attentions)
             for step in range(iterative_steps):
                 if importance == "taylor":
-                    taylor_gradients(model, taylor_batches)
+                    taylor_gradients(model, taylor_batches, taylor_loss)
                 if head_ratio > 0:
                     active = [a for a in attentions if a.module not in pruner.ignored_layers]
                     attn.remove_heads(pruner, active, heads0, head_ratio, step, iterative_steps)
@@ -163,5 +163,5 @@ def ranking_pruner(m, example_input, common: dict):
                          ignored=ignored_modules(m, common["ignored_names"], example_input), layer_ratios=None,
                          narrow_heads=True, unwrapped=common["unwrapped"], attentions=attentions)
         if common["importance"] == "taylor":
-            taylor_gradients(m, common["taylor_batches"])
+            taylor_gradients(m, common["taylor_batches"], common.get("taylor_loss"))
     return pruner, attentions

@@ -206,14 +206,15 @@ def quantize(ctx: Context) -> Output:
 
 def quantize_gate(m, inputs, cfg):
     q, task = cfg.quantize, named(m["task"])
-    checks = [task.drop_check(m[task.metric], m[f"fp32_{task.metric}"], q.max_drop),
+    fp32 = task.value(m, f"fp32_{task.metric}")
+    checks = [task.drop_check(task.value(m), fp32, q.max_drop),
               gates.limit_check("agreement_with_fp32", m["agreement_with_fp32"], q.min_agreement, at_least=True)]
     checks += task.fidelity_checks(m, q.min_cosine)
     if "kernels_vs_unfused" in m:   # the int8 kernels this CPU ran against the Q/DQ arithmetic (saturation)
         checks.append(gates.limit_check("kernels_vs_unfused_agreement", m["kernels_vs_unfused"]["agreement"],
                                         q.min_agreement, at_least=True))
     for name, form in (m.get("forms") or {}).items():   # the TensorRT form is gated like the CPU form
-        checks.append(task.drop_check(form[task.metric], m[f"fp32_{task.metric}"], q.max_drop, label=name))
+        checks.append(task.drop_check(task.value(form), fp32, q.max_drop, label=name))
     return gates.gate(q.gate, *checks)
 
 

@@ -24,6 +24,65 @@ ROLES = ("baseline-torch", "pruned-torch", "baseline-onnx", "onnx-fp32", "onnx-f
 
 
 @dataclass(frozen=True)
+class Score:
+    """A task's figure of one model: its metric's key (the task's `metric`) and value. How it is named,
+    written and which way is better is the task's (pipeline.tasks: `describe`)."""
+    metric: str
+    value: float
+
+    @classmethod
+    def from_json(cls, d) -> "Score | None":
+        if d is None:
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("metric"), str) or not isinstance(d.get("value"),
+                                                                                           (int, float)):
+            raise ValueError("artifact score: expected {metric, value}")
+        return cls(d["metric"], d["value"])
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a task's figure is named, written and ranked (a task's `describe()`): report.json's and the
+    manifest's ``metric``, so the report and the runtime read it without the task registry."""
+    kind: str                     # the task's kind ("classify")
+    name: str                     # its key in a stage's metrics (the task's `metric`)
+    label: str                    # what text calls it ("top-1")
+    unit: str = ""                # after a value (" %")
+    drop_unit: str = ""           # after a difference (" pt")
+    higher_is_better: bool = True
+    decimals: int = 2
+    bounds: tuple[float, float] | None = None   # the metric's range, if any (a percent: 0..100)
+    min_span: float = 0.0         # a plot axis at least this tall
+
+    def text(self, value: float | None, na: str = "–") -> str:
+        return na if value is None else f"{value:.{self.decimals}f}{self.unit}"
+
+    def diff(self, value: float | None, na: str = "–") -> str:
+        return na if value is None else f"{value:.{self.decimals}f}{self.drop_unit}"
+
+    def best(self, values):
+        values = [v for v in values if v is not None]
+        return (max if self.higher_is_better else min)(values, default=None)
+
+    def worse_by(self, value: float, reference: float) -> float:
+        """How far ``value`` falls short of ``reference`` (positive: worse), in the task's direction."""
+        return reference - value if self.higher_is_better else value - reference
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["bounds"] = None if self.bounds is None else list(self.bounds)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Metric":
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in d.items() if k in names}
+        if kept.get("bounds") is not None:
+            kept["bounds"] = tuple(kept["bounds"])
+        return cls(**kept)
+
+
+@dataclass(frozen=True)
 class Artifact:
     """One model file a stage produced. ``file`` is relative to the stage folder ('' = the folder)."""
     role: str                   # one of ROLES
@@ -32,7 +91,7 @@ class Artifact:
     precision: str = "fp32"
     label: str = ""
     stage: str = ""             # filled in by the runner
-    top1: float | None = None   # when it differs from the stage's own top-1 (an FP16 side file)
+    score: Score | None = None  # when it differs from the stage's own (an FP16 side file)
     note: str = ""
 
     def to_json(self) -> dict:
@@ -41,7 +100,8 @@ class Artifact:
     @classmethod
     def from_json(cls, d: dict) -> "Artifact":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kept = {k: v for k, v in d.items() if k in names}
+        return cls(**{**kept, "score": Score.from_json(kept.get("score"))})
 
 
 @dataclass(frozen=True)
@@ -49,7 +109,7 @@ class Located:
     """An artifact and where it lies now, with the facts profiling needs about it."""
     artifact: Artifact
     path: Path
-    top1: float | None
+    score: Score | None
     macs: int | None
 
 
@@ -138,10 +198,6 @@ class StageRecord:
     finished_at: str = ""
     notices: tuple[str, ...] = ()
     seal: str = ""                       # as read from stage.json; to_json writes the computed one
-
-    @property
-    def top1(self) -> float | None:
-        return self.metrics.get("top1")
 
     def artifact(self, role: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.role == role), None)

@@ -5,7 +5,8 @@ report.json keys (extended over time, never renamed):
 * ``run``, ``target``, ``outcome`` ({passed, message?, stage?}), ``stage_order`` (the stage list's names);
 * ``stages``: each {name, status, seconds, metrics, gate, artifacts, reason?} in stage order;
 * ``latency``: the profile stage's rows, each {artifact, backend, batch, p50_ms, p90_ms, p99_ms,
-  throughput_per_s, mean_ms, std_ms, file, precision, top1, size_bytes, role, ...};
+  throughput_per_s, mean_ms, std_ms, file, precision, <metric>, size_bytes, role, ...}, where <metric>
+  is the task's metric key (``metric.name``);
 * ``speedup``: the profile stage's speedup rows (see pipeline.profile), each with ``caveats`` added
   here: why the ratio must not be read as a speedup (``oversubscribed``, ``reproducible`` false);
   empty for a profile record that recorded no ratios (absolute p50s are never divided here);
@@ -13,6 +14,8 @@ report.json keys (extended over time, never renamed):
   reproducible), ``flag_tolerance``;
 * ``environment``, ``skipped`` (what profiling did not measure, and why), ``libraries``, ``plots``
   (PNG names next to report.json), ``not_run_on_hardware``;
+* ``metric``: the run's task figure (pipeline.records.Metric: kind, name, label, unit, drop_unit,
+  higher_is_better, decimals, bounds, min_span); every ``<metric>`` key below is its ``name``;
 * ``summary``: what shipped and why, accuracy drop, speedup vs the unpruned reference, MAC
   reduction in both conventions, the choice on the target, what did not execute here.
 
@@ -22,8 +25,8 @@ the profile stage (the record whose metrics hold ``latency``): ``latency``, ``sp
 reference, reference_p50_ms, ratio_p50_ms, speedup, speedup_p10, speedup_p90, processes,
 reproducible, oversubscribed, parent, vs_parent, slower_than_parent, mac_ratio, efficiency, flag. The package stage (the
 record whose metrics hold ``chosen``, or the ``package`` argument): ``chosen`` {file, role,
-reason (or why), backend, batch, p50_ms, top1, on_target}, ``preflight``, ``files``.
-Every stage: ``top1``, ``macs`` (conv/linear multiply-accumulates, as thop/fvcore count them),
+reason (or why), backend, batch, p50_ms, <metric>, on_target}, ``preflight``, ``files``.
+Every stage: ``task`` and its ``<metric>``, ``macs`` (conv/linear multiply-accumulates, as thop/fvcore count them),
 ``ops_tp`` (torch-pruning's op count, which adds bias adds and ReLUs), ``params``, ``size_bytes``.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgerun.io import atomic_write, write_json
+from pipeline import tasks
 from pipeline.errors import PipelineError
 from pipeline.plots import write_plots
 from pipeline.profile_speedup import GPU_BACKENDS, role
@@ -39,7 +43,7 @@ from pipeline.report_md import to_markdown
 from pipeline.report_summary import caveats, not_executed, summary
 
 LATENCY_KEYS = ("artifact", "backend", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s", "mean_ms",
-                "std_ms", "file", "precision", "top1", "size_bytes")
+                "std_ms", "file", "precision", "size_bytes")   # and the task's metric after precision
 DEFAULT_TOLERANCE = 0.05
 
 
@@ -54,7 +58,8 @@ def build_report(records: list[StageRecord], cfg, *, stage_order: list[str], out
     profile = next((r.metrics for r in recs if isinstance(r.metrics.get("latency"), list)), {})
     if package is None:
         package = next((r.metrics for r in recs if isinstance(r.metrics.get("chosen"), dict)), {})
-    latency = [_latency_row(row) for row in profile.get("latency") or []]
+    metric = tasks.of_run(recs).describe()
+    latency = [_latency_row(row, metric.name) for row in profile.get("latency") or []]
     tolerance = float(getattr(getattr(cfg, "profile", None), "slower_tolerance", DEFAULT_TOLERANCE))
     # No fallback that divides the rows' p50s: times taken at different moments under different load
     # are not a ratio (pipeline.profile_speedup). A profile record without ratios gets none.
@@ -63,6 +68,7 @@ def build_report(records: list[StageRecord], cfg, *, stage_order: list[str], out
     outcome = outcome or {"passed": all(r.status != "failed" for r in recs)}
     report = {
         "run": cfg.run.name, "target": cfg.run.target, "outcome": outcome, "stage_order": list(stage_order),
+        "metric": metric.to_json(),
         "stages": [_stage_json(r) for r in recs], "latency": latency, "speedup": speedup,
         "flags": [s["flag"] for s in speedup if s.get("flag")], "flag_tolerance": tolerance,
         "environment": environment,
@@ -71,7 +77,7 @@ def build_report(records: list[StageRecord], cfg, *, stage_order: list[str], out
         "libraries": _libraries(), "plots": [],
         "not_run_on_hardware": _not_run(recs, latency),
     }
-    report["summary"] = summary(recs, latency, speedup, package, outcome, stage_order)
+    report["summary"] = summary(recs, latency, speedup, package, outcome, stage_order, metric)
     return report
 
 
@@ -95,9 +101,10 @@ def _stage_json(r: StageRecord) -> dict:
     return out
 
 
-def _latency_row(row: dict) -> dict:
+def _latency_row(row: dict, metric: str) -> dict:
     """The contract's keys first (None where an older profile record lacks one), then the rest."""
-    out = {k: row.get(k) for k in LATENCY_KEYS}
+    keys = (*LATENCY_KEYS[:LATENCY_KEYS.index("size_bytes")], metric, *LATENCY_KEYS[LATENCY_KEYS.index("size_bytes"):])
+    out = {k: row.get(k) for k in keys}
     out.update({k: v for k, v in row.items() if k not in out})
     out["role"] = role(out)  # rows of older profile records carry no role
     return out

@@ -1,6 +1,7 @@
 """The report's number formats: one function per kind of number, so every table and plot agrees.
 
-top-1 accuracy: 2 decimals and % (``98.60 %``); accuracy differences: 2 decimals and pt; times: 3
+the task's figure and its differences: as the task's Metric writes them (pipeline.records.Metric: a
+classifier's top-1 ``98.60 %``, a difference ``0.30 pt``); times: 3
 significant digits and ms (``0.100 ms``, ``12.3 ms``, ``1,234 ms``); ratios: 2 decimals and ×; file
 sizes: KiB with one decimal; counts (MACs, parameters): thousands separators. A missing value is ``–``.
 """
@@ -9,14 +10,6 @@ from __future__ import annotations
 import math
 
 NA = "–"
-
-
-def top1(v: float | None) -> str:
-    return NA if v is None else f"{v:.2f} %"
-
-
-def pt(v: float | None) -> str:
-    return NA if v is None else f"{v:.2f} pt"
 
 
 def sig3(v: float | None) -> str:

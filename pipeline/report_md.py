@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from pipeline import report_fmt as fmt
-from pipeline.plots import PLOTS, row_order
-from pipeline.records import GateResult
-from pipeline.report_summary import MAC_CONVENTIONS
+from pipeline.plots import caption, row_order
+from pipeline.records import GateResult, Metric
+from pipeline.report_summary import MAC_CONVENTIONS, drop_key, metric_of
 
 
 def to_markdown(report: dict) -> str:
@@ -22,7 +22,8 @@ def to_markdown(report: dict) -> str:
     if plots:
         lines += ["", "## Plots", ""]
         for p in plots:
-            lines += [f"![{PLOTS.get(p, p)}]({p})", "", f"*{PLOTS.get(p, p)}.*", ""]
+            text = caption(p, metric_of(report))
+            lines += [f"![{text}]({p})", "", f"*{text}.*", ""]
     lines += _shipped_md(report)
     lines += ["", "## Not executed on real hardware", ""] + [f"- {n}" for n in report["not_run_on_hardware"]]
     return "\n".join(lines) + "\n"
@@ -31,26 +32,27 @@ def to_markdown(report: dict) -> str:
 # ---------------------------------------------------------------- summary
 
 def summary_md(report: dict) -> list[str]:
-    s = report.get("summary") or {}
+    s, m = report.get("summary") or {}, metric_of(report)
     lines = ["## Summary", ""]
     shipped = s.get("shipped")
     if shipped:
         where = (f" on {shipped['backend']} at batch {shipped['batch']}" if shipped.get("backend") else "")
         lines.append(f"- **Shipped:** `{shipped['file']}` ({shipped.get('role') or 'role unknown'}"
                      f"{', made by ' + shipped['stage'] if shipped.get('stage') else ''}), measured{where}: "
-                     f"p50 {fmt.ms(shipped.get('p50_ms'))}, top-1 {fmt.top1(shipped.get('top1'))}, "
+                     f"p50 {fmt.ms(shipped.get('p50_ms'))}, {m.label} {m.text(shipped.get(m.name))}, "
                      f"file {fmt.kib(shipped.get('size_bytes'))}. Why: {shipped.get('reason') or 'no reason recorded'}")
     else:
         lines.append(f"- **Nothing shipped:** {s.get('not_shipped_reason') or 'no choice recorded'}.")
     acc = s.get("accuracy") or {}
-    if acc.get("drop_pt") is not None:
-        lines.append(f"- **Accuracy:** top-1 {fmt.top1(acc['shipped_top1'])} against {fmt.top1(acc['reference_top1'])}"
-                     f" for {acc['reference_stage']}: a drop of {fmt.pt(acc['drop_pt'])}.")
-    elif acc.get("reference_top1") is not None:
-        lines.append(f"- **Accuracy:** {acc['reference_stage']} top-1 {fmt.top1(acc['reference_top1'])}; "
+    ref, shipped_value = acc.get(f"reference_{m.name}"), acc.get(f"shipped_{m.name}")
+    if acc.get(drop_key(m)) is not None:
+        lines.append(f"- **Accuracy:** {m.label} {m.text(shipped_value)} against {m.text(ref)}"
+                     f" for {acc['reference_stage']}: a drop of {m.diff(acc[drop_key(m)])}.")
+    elif ref is not None:
+        lines.append(f"- **Accuracy:** {acc['reference_stage']} {m.label} {m.text(ref)}; "
                      "no shipped artifact to compare.")
     lines += _speedup_summary(s.get("speedup"), shipped)
-    lines += _widths_md(s.get("widths"))
+    lines += _widths_md(s.get("widths"), m)
     red = [r for r in (s.get("reduction") or {}).values() if r.get("reference") is not None]
     if red:
         lines += [f"- **Compute reduction, {r['label']}:** {fmt.count(r['reference'])} ({r['reference_stage']}) → "
@@ -76,7 +78,7 @@ def summary_md(report: dict) -> list[str]:
     return lines
 
 
-def _widths_md(w: dict | None) -> list[str]:
+def _widths_md(w: dict | None, m: Metric) -> list[str]:
     if not w:
         return []
     if w.get("source") == "replayed":
@@ -91,7 +93,7 @@ def _widths_md(w: dict | None) -> list[str]:
     tried = w.get("tried") or []
     if len(tried) > 1 or (tried and not tried[0]["passed"]):
         line += "; fine-tuned in turn: " + ", ".join(
-            f"{fmt.ratio(t['speedup'])} → {fmt.top1(t['top1'])} ({'passed' if t['passed'] else 'missed the gate'})"
+            f"{fmt.ratio(t['speedup'])} → {m.text(t.get(m.name))} ({'passed' if t['passed'] else 'missed the gate'})"
             for t in tried)
     lines = [line + f"; shipped widths `{w['widths']}`."]
     lines += [f"- **Search note:** {n}." for n in w.get("notes") or []]
@@ -151,7 +153,7 @@ def _shipped_md(report: dict) -> list[str]:
     """The package stage's candidates and what it left out (its reason is in the summary)."""
     chosen = next((s["metrics"]["chosen"] for s in report["stages"]
                    if isinstance((s.get("metrics") or {}).get("chosen"), dict)), None)
-    shipped = (report.get("summary") or {}).get("shipped")
+    shipped, m = (report.get("summary") or {}).get("shipped"), metric_of(report)
     if not shipped:
         return []
     lines = ["", "## Shipped variant", "", f"`{shipped['file']}`: {shipped.get('reason') or 'no reason recorded'}"]
@@ -159,16 +161,17 @@ def _shipped_md(report: dict) -> list[str]:
     cands = (chosen or {}).get("candidates") or []
     if key and cands:
         unit = fmt.kib if key == "size_bytes" else fmt.ms
-        lines += ["", f"| candidate | {key} | top-1 |", "|---|---:|---:|"]
-        lines += [f"| {c['file']} | {unit(c.get(key))} | {fmt.top1(c.get('top1'))} |" for c in cands]
+        lines += ["", f"| candidate | {key} | {m.label} |", "|---|---:|---:|"]
+        lines += [f"| {c['file']} | {unit(c.get(key))} | {m.text(c.get(m.name))} |" for c in cands]
     return lines
 
 
 # ---------------------------------------------------------------- stages
 
 def _stages_md(report: dict) -> list[str]:
+    metric = metric_of(report)
     lines = ["", "## Stages", "",
-             "| stage | status | seconds | top-1 | MACs | ops (torch-pruning) | params | size | gate |",
+             f"| stage | status | seconds | {metric.label} | MACs | ops (torch-pruning) | params | size | gate |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     seen = set()
     for s in report["stages"]:
@@ -176,7 +179,8 @@ def _stages_md(report: dict) -> list[str]:
         m = s.get("metrics") or {}
         gate = GateResult.from_json(s.get("gate"))
         gate_text = s.get("reason") or fmt.NA if gate is None else fmt.gate_text(gate)
-        lines.append(f"| {s['name']} | {s['status']} | {fmt.seconds(s.get('seconds'))} | {fmt.top1(m.get('top1'))} | "
+        lines.append(f"| {s['name']} | {s['status']} | {fmt.seconds(s.get('seconds'))} | "
+                     f"{metric.text(m.get(metric.name))} | "
                      f"{fmt.count(m.get('macs'))} | {fmt.count(m.get('ops_tp'))} | {fmt.count(m.get('params'))} | "
                      f"{fmt.kib(m.get('size_bytes'))} | {gate_text} |")
     for name in report.get("stage_order") or []:

@@ -5,8 +5,9 @@ and a speedup the measurement itself casts doubt on carries its ``caveats``.
 """
 from __future__ import annotations
 
+from pipeline import tasks
 from pipeline.profile_speedup import GPU_BACKENDS
-from pipeline.records import Artifact, StageRecord
+from pipeline.records import Artifact, Metric, StageRecord
 
 MAC_CONVENTIONS = {
     "macs": "MACs (conv/linear multiply-accumulates, as thop/fvcore count them)",
@@ -42,14 +43,16 @@ def not_executed(records: list[StageRecord], latency: list[dict]) -> list[str]:
 
 
 def summary(records: list[StageRecord], latency: list[dict], speedup: list[dict], package: dict,
-            outcome: dict, stage_order: list[str]) -> dict:
+            outcome: dict, stage_order: list[str], metric: Metric) -> dict:
+    """``metric``: the run's task figure; its ``name`` keys the shipped and reference values."""
     chosen = package.get("chosen") or {}
     file = chosen.get("file")
     made_by, art = _made_by(records, file)
     row = _latency_row(latency, chosen)
-    reference = next((r for r in records if r.top1 is not None), None)
-    top1 = _first(chosen.get("top1"), (row or {}).get("top1"), art.top1 if art else None,
-                  made_by.top1 if made_by else None)
+    key = metric.name
+    reference = next((r for r in records if r.metrics.get(key) is not None), None)
+    value = _first(chosen.get(key), (row or {}).get(key), art.score.value if art and art.score else None,
+                   made_by.metrics.get(key) if made_by else None)
     shipped = None
     if file:
         shipped = {
@@ -57,20 +60,18 @@ def summary(records: list[StageRecord], latency: list[dict], speedup: list[dict]
             "artifact": _first(chosen.get("artifact"), (row or {}).get("artifact")),
             "stage": made_by.name if made_by else (row or {}).get("stage"),
             "backend": chosen.get("backend"), "batch": chosen.get("batch"),
-            "p50_ms": _first(chosen.get("p50_ms"), (row or {}).get("p50_ms")), "top1": top1,
+            "p50_ms": _first(chosen.get("p50_ms"), (row or {}).get("p50_ms")), key: value,
             "size_bytes": _first(chosen.get("size_bytes"), (row or {}).get("size_bytes")),
             "reason": _first(chosen.get("reason"), chosen.get("why")),
         }
-    ref_top1 = reference.top1 if reference else None
+    ref = reference.metrics[key] if reference else None
     return {
         "passed": bool(outcome.get("passed")), "message": outcome.get("message"),
         "failed_stage": _first(outcome.get("stage"), next((r.name for r in records if r.status == "failed"), None)),
         "shipped": shipped,
         "not_shipped_reason": None if file else _first(chosen.get("reason"), chosen.get("why"),
                                                        "the run did not reach the package stage"),
-        "accuracy": {"reference_stage": reference.name if reference else None, "reference_top1": ref_top1,
-                     "shipped_top1": top1,
-                     "drop_pt": round(ref_top1 - top1, 4) if ref_top1 is not None and top1 is not None else None},
+        "accuracy": accuracy(metric, reference.name if reference else None, ref, value),
         "speedup": _speedup(speedup, row or chosen) if file else None,
         "reduction": {key: _reduction(records, key, made_by) for key in MAC_CONVENTIONS},
         "widths": widths_summary(records),
@@ -80,6 +81,25 @@ def summary(records: list[StageRecord], latency: list[dict], speedup: list[dict]
         "not_executed": not_executed(records, latency),
         "not_reached": [name for name in stage_order if name not in {r.name for r in records}],
     }
+
+
+def accuracy(metric: Metric, reference_stage: str | None, reference: float | None, shipped: float | None) -> dict:
+    """The shipped figure against the reference's: ``reference_<metric>``, ``shipped_<metric>`` and the drop
+    in the task's direction, keyed ``drop_<drop unit>`` (a classifier's ``drop_pt``) or ``drop``."""
+    drop = None if reference is None or shipped is None else round(metric.worse_by(shipped, reference), 4)
+    return {"reference_stage": reference_stage, f"reference_{metric.name}": reference,
+            f"shipped_{metric.name}": shipped, drop_key(metric): drop}
+
+
+def metric_of(report: dict) -> Metric:
+    """report.json's task figure; a report written before it was recorded is a classifier's."""
+    d = report.get("metric")
+    return Metric.from_json(d) if isinstance(d, dict) else tasks.named("classify").describe()
+
+
+def drop_key(metric: Metric) -> str:
+    unit = metric.drop_unit.strip()
+    return f"drop_{unit}" if unit else "drop"
 
 
 def widths_summary(records: list[StageRecord]) -> dict | None:

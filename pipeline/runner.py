@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 from edgerun.io import hash_json, refuse_link, write_json
 from edgerun.machine import library_versions
+from pipeline import tasks
 from pipeline.config import Config
 from pipeline.contract import ConfigView, expand, fingerprint_values
 from pipeline.errors import ContractError, GateFailed, PipelineError
@@ -63,6 +64,7 @@ class Stage:
     gate_config: tuple[str, ...] = ()
     environment: Callable[[], dict] | None = None  # machine facts that change its output (GPU, TensorRT)
     folder: str = ""                               # defaults to NN_name
+    measures: bool = False                         # its metrics name the task ("task") and hold its metric
 
     def keys(self, cfg: Config) -> tuple[str, ...]:
         declared = self.config(cfg) if callable(self.config) else self.config
@@ -329,12 +331,16 @@ class Runner:
         return stage.gate(record.metrics, {n: self.records[n] for n in stage.reads}, view)
 
     def _gate_readable(self, stage: Stage, record: StageRecord) -> bool:
-        """A record written by other code may lack a metric its gate reads: then it is not done."""
-        try:
-            self._gate(stage, record)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        """Whether a stored record holds what its gate reads: a measuring stage's metrics name a task this
+        process knows and hold that task's figure (a record from before the task seam, or from a run with a
+        task not registered here, does not: then it is not done). The rest of what a gate reads is the
+        stage's own format, which its version (in the fingerprint) vouches for."""
+        if not stage.measures or stage.gate is None or record.status == "skipped":
+            return True
+        kind = record.metrics.get("task")
+        if not isinstance(kind, str) or kind not in tasks.kinds():
             return False
-        return True
+        return tasks.named(kind).score(record.metrics) is not None
 
     def _finish(self, stage: Stage, folder: Path, record: StageRecord, label: str, *, cached: bool) -> StageRecord:
         """Evaluate the gate (on fresh and cached results alike) and stop the run if it fails."""
@@ -372,8 +378,9 @@ def _summary(record: StageRecord) -> str:
         return f"skipped: {record.reason}"
     m = record.metrics
     parts = []
-    if "top1" in m:
-        parts.append(f"top1 {m['top1']:.2f} %")
+    task = tasks.of_metrics(m)
+    if task is not None and task.score(m) is not None:
+        parts.append(task.brief(m[task.metric]))
     if "macs" in m:
         parts.append(f"MACs {m['macs']:,}")
     if "size_bytes" in m:

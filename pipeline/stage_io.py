@@ -38,7 +38,7 @@ def task_of(ctx: Context):
 
 
 def teacher_outputs(ctx: Context) -> dict | None:
-    """The unpruned model's test outputs that the task keeps for fidelity (an encoder's tokens); None if none."""
+    """The unpruned model's test outputs that the task keeps for fidelity (`Task.keeps`); None if none."""
     keeps = task_of(ctx).keeps
     return {k: np.load(ctx.path("baseline", f"test_{k}.npy")) for k in keeps} if keeps else None
 
@@ -79,7 +79,7 @@ def drop_gate(section: str, parent: str):
     """The gate of ``section``: the task metric's drop against the ``parent`` stage's, at most ``section.max_drop``."""
     def check(m, inputs, cfg):
         s, task = getattr(cfg, section), named(m["task"])
-        return gates.gate(s.gate, task.drop_check(m[task.metric], inputs[parent].metrics[task.metric], s.max_drop))
+        return gates.gate(s.gate, task.drop_check(task.value(m), task.value(inputs[parent].metrics), s.max_drop))
     return check
 
 

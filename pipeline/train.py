@@ -5,8 +5,8 @@
 The loss, what is kept of the teacher and the figures watched are the ``task``'s (pipeline/tasks, `Task`'s
 training hooks; default: classification). A classifier's loss is
 ``kd_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - kd_weight) * CE(student, y)``
-(``teacher=None`` → plain cross-entropy) on the logits (``logits_of``: models may return ``(tokens, logits)``);
-the encode task adds ``token_weight * (1 - cosine)`` between the student's and the teacher's tokens.
+(``teacher=None`` → plain cross-entropy) on the logits (``logits_of``: a model returning a tuple ends with
+them); the encode task adds its own term on its other output (pipeline/tasks/encode.py).
 
 Early stopping: with ``early_stop_top1`` and ``val=(x_val, y_val)`` the student is evaluated every
 ``eval_every_steps`` steps (the task's ``held_out``: top-1 for a classifier) and training stops once that
@@ -15,7 +15,8 @@ never the test set: the test set is what the pipeline's gates report, and stoppi
 
 ``epochs`` may be fractional (0.5 = half an epoch of steps). Everything is seeded. What the task keeps of the
 teacher (a classifier's logits) is computed once up front (the data is not augmented, so it is the same every
-epoch); a task that needs more (an encoder's tokens) has the teacher run beside the student every step.
+epoch); a task that needs more (an encoder's projected outputs) has the teacher run beside the student
+every step.
 
 ``train_ddp`` runs the same loop in ``nproc`` processes with DistributedDataParallel (gloo on the
 CPU, nccl when there is one GPU per process); every process takes its own 1/nproc of each epoch's

@@ -190,7 +190,7 @@ def test_byo_model_and_imagefolder_run_the_whole_pipeline(byo, tmp_path):
     assert status == {**{n: "ran" for n in STAGES}, "engine": "skipped"}
     base = result.record("baseline")
     assert base.metrics["epochs"] == 8 and "weights" not in base.metrics
-    assert base.top1 >= 90.0, base.metrics  # three very different patterns
+    assert base.metrics["top1"] >= 90.0, base.metrics  # three very different patterns
     assert base.metrics["chance_top1"] == pytest.approx(100 / 3, abs=1e-3)
     assert base.gate.passed and base.gate.checks[0].metric == "top1_vs_chance"
     assert result.record("prune").metrics["macs"] < base.metrics["macs"]
@@ -208,7 +208,7 @@ def test_classes_under_another_name_via_classes_arg(byo, tmp_path):
     model = 'factory = "byo_tiny:make_named"\nkwargs = { classes_arg = "n_out", width = 8 }'
     result = _run(_toml(byo, tmp_path, model), tmp_path / "runs", until="baseline")
     assert result.passed, result.message
-    assert result.record("baseline").top1 >= 90.0
+    assert result.record("baseline").metrics["top1"] >= 90.0
 
 
 def test_factory_without_the_classes_name_is_one_line_naming_classes_arg(byo, tmp_path):
@@ -235,7 +235,7 @@ def test_baseline_at_chance_fails_the_run(byo, tmp_path, capsys):
     assert not result.passed and result.failed_stage == "baseline"
     assert [r.name for r in result.records] == ["baseline"]   # nothing after a baseline that learned nothing
     rec = result.record("baseline")
-    assert rec.status == "failed" and rec.top1 == pytest.approx(100 / 3, abs=1e-3)   # the class prior only
+    assert rec.status == "failed" and rec.metrics["top1"] == pytest.approx(100 / 3, abs=1e-3)   # the class prior only
     assert "chance" in result.message and "43.33" in result.message   # chance 33.33 % + 10 pt
     # The CLI: exit 2, the last line says why.
     rc = main(["run", "--config", str(config), "--runs", str(tmp_path / "runs"), "--run", "byo-cli",

@@ -18,6 +18,7 @@ from conftest import ROOT, TRAIN_BASELINE
 from test_bundle import make_bundle
 from test_infer import idx, reference
 
+from edgerun.bundle import FORMAT
 from edgerun.cli import main
 from edgerun.io import sha256_file
 
@@ -27,7 +28,7 @@ MARKER = "planted-code-ran"
 # ---------------------------------------------------------------- helpers
 
 def list_everything(bundle: Path, base: dict | None = None) -> Path:
-    """manifest.json lists every file in the folder with its sha256 (format 3), as the package stage
+    """manifest.json lists every file in the folder with its sha256 (format 4), as the package stage
     writes it: edgerun/* as the runtime, the rest as build files unless already listed."""
     path = bundle / "manifest.json"
     doc = json.loads(path.read_text()) if path.exists() else json.loads(json.dumps(base))
@@ -36,7 +37,7 @@ def list_everything(bundle: Path, base: dict | None = None) -> Path:
         if p.is_file() and name != "manifest.json" and "__pycache__" not in name:
             entry = doc["files"].get(name) or {"kind": "runtime" if name.startswith("edgerun/") else "build"}
             doc["files"][name] = {**entry, "sha256": sha256_file(p)}
-    doc["format"] = 3
+    doc["format"] = FORMAT
     path.write_text(json.dumps(doc))
     return bundle
 
@@ -217,7 +218,7 @@ def test_manifest_with_duplicate_or_unknown_keys_is_refused(tmp_path, old, new, 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(format="3"), "format must be a JSON integer, got '3'"),
-    (lambda d: d.update(format=2), "format must be 3 (this runtime's"),
+    (lambda d: d.update(format=3), "format must be 4 (this runtime's"),
     (lambda d: d.update(model=["tiny"]), "model must be a JSON object"),
     (lambda d: d.update(verified="yes"), "verified must be a JSON object"),
     (lambda d: d["files"]["model.onnx"].update(role=1), "files['model.onnx'].role must be a string, got 1"),

@@ -129,13 +129,13 @@ def edit_metric(folder: Path):
 
 def test_stage_record_with_a_hand_edited_metric_in_the_run_folder(passed_runs, tmp_path, capsys):
     runs = copy_runs(passed_runs, tmp_path)
-    top1 = read_record(runs / "r/01_baseline").top1
+    top1 = read_record(runs / "r/01_baseline").metrics["top1"]
     edit_metric(runs / "r/01_baseline")
     rc, out, err = cli(capsys, *run_args(runs))
     assert rc == 0 and out[-1].startswith("PASSED | 1 stages: 0 ran, 1 cached"), out
     assert f"{runs}/r/01_baseline/{RECORD} does not match its seal (edited after it was written?)" in err
     assert f"reusing the result in {runs}/.store/baseline-" in err
-    assert read_record(runs / "r/01_baseline").top1 == top1 != 99.99
+    assert read_record(runs / "r/01_baseline").metrics["top1"] == top1 != 99.99
 
 
 def test_stage_record_with_a_hand_edited_metric_everywhere_reruns(passed_runs, tmp_path, capsys):
@@ -144,7 +144,7 @@ def test_stage_record_with_a_hand_edited_metric_everywhere_reruns(passed_runs, t
         edit_metric(folder)
     rc, out, err = cli(capsys, *run_args(runs))
     assert rc == 0 and out[-1].startswith("PASSED | 1 stages: 1 ran"), out
-    assert "does not match its seal" in err and read_record(runs / "r/01_baseline").top1 != 99.99
+    assert "does not match its seal" in err and read_record(runs / "r/01_baseline").metrics["top1"] != 99.99
 
 
 def test_stage_record_from_before_seals_reruns(passed_runs, tmp_path, capsys):

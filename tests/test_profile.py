@@ -12,7 +12,7 @@ from edgerun.timing import Comparison, Repeated
 from pipeline import profile as prof
 from pipeline.profile import Profile, ProfileError, ProfileOptions, profile_artifacts, role, speedup_table
 from pipeline.profile_speedup import run_name
-from pipeline.records import Artifact, Located
+from pipeline.records import Artifact, Located, Score
 
 # ---------------------------------------------------------------- the speedup table on synthetic ratios
 
@@ -134,7 +134,7 @@ def located(tmp: Path, role_, kind, file, label, macs, stage, precision="fp32", 
         conv_onnx(path, channels)
     else:
         path.write_bytes(b"x" * 100)   # stands for the checkpoint; the loader builds the model
-    return Located(Artifact(role_, kind, file, precision, label, stage), path, top1, macs)
+    return Located(Artifact(role_, kind, file, precision, label, stage), path, Score("top1", top1), macs)
 
 
 def items(tmp: Path, torch_too=True):

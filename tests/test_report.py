@@ -9,10 +9,11 @@ from pipeline import report_fmt as fmt
 from pipeline.choose import choose_variant
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.plots import MIN_TOP1_SPAN, plot_pareto, top1_limits
-from pipeline.records import Artifact, Check, GateResult, StageRecord
+from pipeline.plots import plot_pareto, score_limits
+from pipeline.records import Artifact, Check, GateResult, Score, StageRecord
 from pipeline.report import build_report, write_report
 from pipeline.report_md import to_markdown
+from pipeline.tasks import Classify
 
 PKG = SimpleNamespace(backend="onnxruntime-cpu", objective="p50_ms", batch=1)
 ORDER = ["baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package"]
@@ -99,7 +100,8 @@ def records(quantize_gate=None, prune_gate=None, profile_speedups=True, finetune
                                                 "params": 110_000, "size_bytes": 440_000,
                                                 "fp16": {"top1": 98.6, "size_bytes": 225_000}},
                     gate=gate(True), artifacts=(art("onnx-fp32", "onnx", "model.onnx"),
-                                                art("onnx-fp16", "onnx", "model_fp16.onnx", "fp16", top1=98.6),
+                                                art("onnx-fp16", "onnx", "model_fp16.onnx", "fp16",
+                                                    score=Score("top1", 98.6)),
                                                 art("baseline-onnx", "onnx", "baseline_fp32.onnx"))),
         StageRecord("quantize", "ran", 5.0, {"top1": 98.5, "macs": 1_100_000, "ops_tp": 1_120_000, "params": 110_000,
                                              "size_bytes": 120_000},
@@ -372,22 +374,31 @@ def test_times_have_three_significant_digits(value, text):
     assert fmt.sig3(value) == text
 
 
+TOP1 = Classify().describe()
+
+
 def test_other_formats():
-    assert (fmt.top1(98.6), fmt.pt(0.3), fmt.ratio(3.615), fmt.kib(30_000), fmt.ms(0.25)) == (
+    assert (TOP1.text(98.6), TOP1.diff(0.3), fmt.ratio(3.615), fmt.kib(30_000), fmt.ms(0.25)) == (
         "98.60 %", "0.30 pt", "3.62×", "29.3 KiB", "0.250 ms")
 
 
 @pytest.mark.parametrize("values", [[98.5, 98.6], [99.9, 100.0], [0.0, 0.05], [50.0, 90.0], [97.0]])
 def test_top1_axis_never_exaggerates_small_differences(values):
-    lo, hi = top1_limits(values)
-    assert hi - lo >= MIN_TOP1_SPAN - 1e-9 and 0.0 <= lo <= min(values) and max(values) <= hi <= 100.0
+    lo, hi = score_limits(values, TOP1)
+    assert hi - lo >= TOP1.min_span - 1e-9 and 0.0 <= lo <= min(values) and max(values) <= hi <= 100.0
+
+
+def test_an_unbounded_metric_axis_is_not_clipped_to_a_percent():
+    metric = replace(TOP1, name="logit_mae", bounds=None, min_span=0.0)
+    lo, hi = score_limits([120.0, 130.0], metric)
+    assert lo < 120.0 and hi > 130.0 and hi > 100.0
 
 
 def test_pareto_plot_uses_the_honest_axis():
     rep = build_report(with_package(records()), Config(), stage_order=ORDER)
     fig = plot_pareto(rep)
     lo, hi = fig.axes[0].get_ylim()
-    assert hi - lo >= MIN_TOP1_SPAN and lo <= 98.5 and hi >= 98.9
+    assert hi - lo >= TOP1.min_span and lo <= 98.5 and hi >= 98.9
 
 
 def _last_line_speed(tmp_path, speedup):

@@ -225,3 +225,20 @@ def test_lock_refuses_a_second_run(tmp_path):
     finally:
         release.set()
         p.join()
+
+
+@pytest.mark.parametrize("task, reused", [("classify", True), (None, False), ("no_such_task", False)])
+def test_a_measuring_stage_is_reused_only_when_its_record_names_a_known_task(tmp_path, task, reused):
+    def fn(ctx):
+        CALLS.append("m")
+        (ctx.out / "out.txt").write_text("m")
+        return Output(metrics={"top1": 99.0, **({"task": task} if task else {})})
+
+    def gate(m, inputs, cfg):
+        return gates.gate("fail", gates.drop_check("top1", m["top1"], 99.0, 1.0))
+    st = [dataclasses.replace(Stage("m", 1, fn, gate=gate), measures=True)]
+    logs = []
+    runner(tmp_path, st=st).run()
+    recs = runner(tmp_path, st=st, log=logs.append).run()
+    assert statuses(recs) == (["cached"] if reused else ["ran"]) and CALLS == ["m"] * (1 if reused else 2)
+    assert any("lacks what its gate reads" in line for line in logs) is not reused

@@ -4,6 +4,8 @@
 a mean absolute error of the unpruned model's (lower is better). If a stage, gate or the report still
 read `top1` or tested for an output by name, this run would fail or show the wrong figure.
 """
+import json
+
 import numpy as np
 import pytest
 from conftest import SMALL, one_line
@@ -78,6 +80,27 @@ def test_a_task_from_the_test_folder_runs_through_every_stage(toy_run):
     assert q.drop == pytest.approx(by["quantize"].metrics["logit_mae"] - by["quantize"].metrics["fp32_logit_mae"])
 
 
+def test_the_report_and_the_manifest_speak_the_tasks_metric(toy_run):
+    runs, result = toy_run
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert (report["metric"]["name"], report["metric"]["label"], report["metric"]["higher_is_better"]) == (
+        "logit_mae", "logit MAE", False)
+    by = {r.name: r for r in result.records}
+    acc = report["summary"]["accuracy"]
+    assert acc["reference_logit_mae"] == 0.0 and acc["shipped_logit_mae"] == report["summary"]["shipped"]["logit_mae"]
+    assert acc["drop"] == pytest.approx(acc["shipped_logit_mae"], abs=1e-4)   # lower is better: error grown
+    assert all(row["logit_mae"] is not None for row in report["latency"])
+    md = result.report.read_text()
+    assert "| logit MAE |" in md and f"against {by['baseline'].metrics['logit_mae']:.2f} for baseline" in md
+    assert "top-1" not in md and "top1" not in md
+    manifest = json.loads((runs / "toy/deploy/manifest.json").read_text())
+    assert manifest["metric"]["kind"] == "logit_mae" and manifest["metric"]["name"] == "logit_mae"
+    assert manifest["files"]["model.onnx"]["score"] == by["export_onnx"].metrics["logit_mae"]
+    # the FP16 side file records its own figure, measured on it alone
+    fp16 = by["export_onnx"].artifact("onnx-fp16")
+    assert fp16.score.metric == "logit_mae" and manifest["files"]["model_fp16.onnx"]["score"] == fp16.score.value
+
+
 def test_early_stopping_is_refused_for_a_task_the_trainer_cannot_evaluate(toy_run):
     assert refused(toy_run[0], "finetune.early_stop=true").startswith(
         "finetune.early_stop: the trainer stops early on held-out top-1 only; task 'logit_mae' gates on logit_mae")
@@ -117,3 +140,25 @@ def test_token_weight_is_refused_for_a_task_without_tokens(toy_run):
     assert refused(toy_run[0], "finetune.token_weight=0.5") == (
         "finetune.token_weight = 0.5: task 'logit_mae' has no tokens to distil (an encoder's tokens output); "
         "set it to 0")
+
+
+def test_taylor_importance_differentiates_the_tasks_loss():
+    import torch
+
+    from pipeline.models.cnn import SimpleCNN
+    from pipeline.prune import prune_model
+    seen = []
+
+    class Regress(LogitMAE):
+        kind = metric = "regress"
+
+        def importance_loss(self, output, labels):
+            seen.append(labels.dtype)
+            return (output.float() - labels[:, None]).pow(2).mean()   # float targets: no cross-entropy could take them
+
+    torch.manual_seed(0)
+    model = SimpleCNN(image_size=8).eval()
+    batches = [(torch.randn(8, 1, 8, 8), torch.randn(8)) for _ in range(3)]
+    model, info = prune_model(model, torch.randn(1, 1, 8, 8), ratio=0.5, importance="taylor", taylor_batches=batches,
+                              taylor_loss=Regress().importance_loss)
+    assert seen == [torch.float32] * 3 and info["channels"]["features.0"] == 8

@@ -78,3 +78,17 @@ def test_a_registered_task_is_asked_first_and_can_be_removed_again():
         tasks.register(object())
     with pytest.raises(PipelineError):
         tasks.unregister("classify")
+
+
+def test_a_tasks_figures_are_typed_at_the_json_edge():
+    from pipeline.tasks.classify import ClassifyMetrics
+    from pipeline.tasks.encode import EncodeMetrics
+    c, e = Classify(), Encode()
+    stage = {"task": "classify", "top1": 97.5, "macs": 10, "fp32_top1": 98.0}   # a stage's own keys beside them
+    assert ClassifyMetrics.from_json(stage) == ClassifyMetrics(97.5)
+    assert ClassifyMetrics(97.5).to_json() == {"top1": 97.5}
+    assert c.value(stage) == 97.5 and c.value(stage, "fp32_top1") == 98.0
+    assert EncodeMetrics.from_json({"top1": 1.0, "token_cos_mean": 0.5}) == EncodeMetrics(1.0, token_cos_mean=0.5)
+    with pytest.raises(TypeError):   # a record without the task's figure is not read as one
+        c.value({"task": "classify", "macs": 10})
+    assert e.figures is EncodeMetrics and c.figures is ClassifyMetrics

@@ -42,6 +42,25 @@ def resolve(kind: str, output_names) -> Task:
     return named(kind)
 
 
+def of_metrics(metrics: dict) -> Task | None:
+    """The task a stage measured with (its metrics' "task"); None for a stage that measured nothing or with
+    a task not registered in this process (what reads figures shows none; a gate asks `named` and refuses)."""
+    kind = metrics.get("task")
+    return next((t for t in _ORDER if t.kind == kind), None)
+
+
+def score_of(metrics: dict):
+    """A stage's figure (pipeline.records.Score) in its task's metric, or None."""
+    task = of_metrics(metrics)
+    return None if task is None else task.score(metrics)
+
+
+def of_run(records) -> Task:
+    """The task a run's records were measured with (the first that names one); the classifier, the default
+    task, where none does (a run that stopped before measuring anything)."""
+    return next((t for t in (of_metrics(r.metrics) for r in records) if t is not None), named("classify"))
+
+
 def named(kind: str) -> Task:
     """The task of this kind (a stage's metrics record it as "task", so its gate reads the same task)."""
     for t in _ORDER:
@@ -50,4 +69,5 @@ def named(kind: str) -> Task:
     raise PipelineError(f"task.kind: unknown {kind!r}; expected auto or one of {', '.join(kinds())}")
 
 
-__all__ = ["Task", "Classify", "Encode", "Generate", "register", "unregister", "resolve", "named", "kinds"]
+__all__ = ["Task", "Classify", "Encode", "Generate", "register", "unregister", "resolve", "named", "kinds",
+           "of_metrics", "score_of", "of_run"]

@@ -7,11 +7,27 @@ accuracy gate compares, in the task's own units; `higher_is_better` says which w
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import numpy as np
 
 from pipeline import gate as gates
-from pipeline.records import Check
-from pipeline.tasks.logits import kd_loss, logits_of
+from pipeline.records import Check, Metric, Score
+from pipeline.tasks.logits import importance_loss, infer_answers, kd_loss, last_output, logits_of
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A task's figures of one model, typed (a subclass per task: ClassifyMetrics, EncodeMetrics). Stage
+    metrics keep them as plain keys; ``from_json`` reads them back at that edge (keys it does not know,
+    a stage's own, stay there), ``to_json`` drops what was not measured."""
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, metrics: dict):
+        return cls(**{f.name: metrics[f.name] for f in fields(cls) if f.name in metrics})
 
 
 class Task:
@@ -19,16 +35,43 @@ class Task:
     metric = ""                # the key of metrics() that gates compare and the report ranks by
     higher_is_better = True
     label, unit, drop_unit = "", "", ""   # how messages say it: "top-1", " %", " pt"
+    decimals = 2                  # how the report, the console and the manifest write a value
+    bounds: tuple[float, float] | None = None   # the metric's range, if it has one (a percent: 0..100)
+    min_span = 0.0                # the plots' axis for the metric is at least this tall
     keeps: tuple[str, ...] = ()   # outputs of the unpruned model kept for later fidelity checks
     token_distillation = False    # whether finetune.token_weight means anything for this task
+    NO_TOKEN_TERM = "has no tokens to distil (an encoder's tokens output)"   # why token_weight is refused
+    figures: type[Figures] | None = None   # the typed form of metrics() (None: a task's plain dict)
+
+    def describe(self) -> Metric:
+        """How the report, the plots and the bundle's manifest name, write and rank this task's figure
+        (report.json's and manifest.json's ``metric``, read there without the task registry)."""
+        return Metric(self.kind, self.metric, self.label or self.metric, self.unit, self.drop_unit,
+                      self.higher_is_better, self.decimals, self.bounds, self.min_span)
+
+    def value(self, metrics: dict, key: str = "") -> float:
+        """The task's figure a gate compares, from a stage's metrics: the typed field where the task has
+        typed figures, else the plain key (``key``: another form of it, ``fp32_<metric>``)."""
+        key = key or self.metric
+        if self.figures is not None and key == self.metric:
+            return getattr(self.figures.from_json(metrics), key)
+        return metrics[key]
+
+    def score(self, metrics: dict) -> Score | None:
+        """The task's figure in a stage's metrics (None: the stage measured none)."""
+        value = metrics.get(self.metric)
+        return None if value is None else Score(self.metric, value)
 
     def shown(self, metrics: dict) -> dict:
-        """What the report shows of an artifact's metrics (Artifact fields): the top-1 of a classifier,
-        nothing yet for other tasks (the report reads top-1 only)."""
-        return {}
+        """What an artifact records of metrics measured on it alone (Artifact fields: its score)."""
+        return {"score": self.score(metrics)}
 
     def show(self, value: float) -> str:
-        return f"{self.label or self.metric} {value:.2f}{self.unit}"
+        return f"{self.label or self.metric} {value:.{self.decimals}f}{self.unit}"
+
+    def brief(self, value: float) -> str:
+        """The console's form (the runner's stage lines, the CLI's last line): ``top1 98.60 %``."""
+        return f"{self.metric} {value:.{self.decimals}f}{self.unit}"
 
     def claims(self, output_names: tuple[str, ...]) -> bool:
         """Whether `kind = "auto"` means this task for a model with these outputs."""
@@ -74,6 +117,19 @@ class Task:
         fine-tune refuses `early_stop` rather than train blind."""
         return None
 
+    # ---- the bundle's self-test (pipeline/package.py) ---------------------------------------------------------
+    # edgerun's `infer` answers classes on a model's last output (the runtime half of classification,
+    # edgerun/classify.py); a task whose bundle answers otherwise overrides both.
+
+    def bundle_answers(self, infer_doc: dict) -> tuple[np.ndarray, dict]:
+        """What the bundle's runtime answered per sample (`edgerun infer --format json`), and its figures
+        on the bundle's sample for the package record."""
+        return infer_answers(infer_doc)
+
+    def answers(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """What the pipeline's model answers per sample, compared with `bundle_answers`."""
+        return last_output(outputs).argmax(1)
+
     # ---- training (pipeline/train.py) ----------------------------------------------------------------------
     # The loop is the same for every task; what it minimises, keeps of the teacher and watches is the task's.
     # These defaults are a classifier's (cross-entropy and distillation on the last output): every model the
@@ -87,6 +143,11 @@ class Task:
         `teacher_per_batch`, else the rows `teacher_cache` kept of it; None trains on the labels alone."""
         teacher_logits = None if teacher_out is None else logits_of(teacher_out)
         return kd_loss(logits_of(student_out), teacher_logits, labels, temperature, kd_weight)
+
+    def importance_loss(self, output, labels):
+        """The scalar Taylor importance differentiates when pruning (pipeline/prune_tp.py): how much each
+        channel's removal would cost this task, on a batch of training data."""
+        return importance_loss(output, labels)
 
     def teacher_per_batch(self, *, kd_weight: float, token_weight: float) -> bool:
         """Whether the loss needs what is too big to keep for the whole run (tokens, a decoder's vocabulary

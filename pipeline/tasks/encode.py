@@ -2,11 +2,14 @@
 unpruned model's, and its classification head is gated as a classifier's."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline import gate as gates
 from pipeline.errors import PipelineError
-from pipeline.tasks.classify import Classify
+from pipeline.tasks.base import Figures
+from pipeline.tasks.classify import Classify, ClassifyMetrics
 
 
 def token_fidelity(tokens: np.ndarray, reference: np.ndarray) -> dict:
@@ -14,7 +17,7 @@ def token_fidelity(tokens: np.ndarray, reference: np.ndarray) -> dict:
     a = tokens.reshape(len(tokens), -1).astype(np.float64)
     b = reference.reshape(len(reference), -1).astype(np.float64)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return {"token_cos_mean": round(float(cos.mean()), 6), "token_cos_p1": round(float(np.percentile(cos, 1)), 6)}
+    return TokenFidelity(round(float(cos.mean()), 6), round(float(np.percentile(cos, 1)), 6)).to_json()
 
 
 def token_term(student_out, teacher_out):
@@ -27,8 +30,22 @@ def token_term(student_out, teacher_out):
     return (1.0 - F.cosine_similarity(s_tok.float(), t_tok.float(), dim=-1)).mean()
 
 
+@dataclass(frozen=True)
+class TokenFidelity(Figures):
+    """Cosine of each image's projected tokens against a reference's: the mean and the 1st percentile."""
+    token_cos_mean: float
+    token_cos_p1: float
+
+
+@dataclass(frozen=True)
+class EncodeMetrics(ClassifyMetrics):
+    token_cos_mean: float | None = None      # against the unpruned model's kept tokens
+    token_cos_p1: float | None = None
+
+
 class Encode(Classify):
     kind = "encode"
+    figures = EncodeMetrics
     keeps = ("tokens",)
     token_distillation = True
 
@@ -45,10 +62,10 @@ class Encode(Classify):
         return {"token_cos_vs_fp32": token_fidelity(outputs["tokens"], fp32["tokens"])}
 
     def fidelity_checks(self, metrics, min_cosine):
-        if "token_cos_vs_fp32" not in metrics:
+        if "token_cos_vs_fp32" not in metrics:   # a stage that compared no tokens with an fp32 form
             return []
-        return [gates.limit_check("token_cos_mean_vs_fp32", metrics["token_cos_vs_fp32"]["token_cos_mean"],
-                                  min_cosine, at_least=True)]
+        vs_fp32 = TokenFidelity.from_json(metrics["token_cos_vs_fp32"])
+        return [gates.limit_check("token_cos_mean_vs_fp32", vs_fp32.token_cos_mean, min_cosine, at_least=True)]
 
     def train_loss(self, student_out, labels, teacher_out, *, temperature, kd_weight, token_weight):
         loss = super().train_loss(student_out, labels, teacher_out, temperature=temperature, kd_weight=kd_weight,

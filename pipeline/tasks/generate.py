@@ -11,32 +11,24 @@ import dataclasses
 
 from pipeline import gate as gates
 from pipeline.records import Check
-from pipeline.tasks.base import Task
+from pipeline.tasks.base import Figures, Task
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateMetrics:
+class GenerateMetrics(Figures):
     """A decoder's figures on the held-out prompts (percent, percent, perplexity)."""
     exact_match: float
     next_token_agreement: float      # teacher-forced, on the answer positions; 100 for the unpruned model itself
     perplexity: float
     prompts: int
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "GenerateMetrics":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
-
 
 class Generate(Task):
     kind = "generate"
     metric = "exact_match"
     label, unit, drop_unit = "exact-match", " %", " pt"
-
-    def shown(self, metrics):
-        return {"exact_match": metrics["exact_match"]}
+    bounds, min_span = (0.0, 100.0), 2.0
+    figures = GenerateMetrics
 
     def claims(self, output_names):
         # A decoder exported with its cache: logits beside present.* outputs. (The decoder stages are chosen

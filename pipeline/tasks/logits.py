@@ -7,9 +7,26 @@ from __future__ import annotations
 import numpy as np
 
 
+def last_output(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The output named "logits", else the last one (a model returning a tuple ends with its logits)."""
+    return outputs.get("logits", list(outputs.values())[-1])
+
+
+def infer_answers(doc: dict) -> tuple[np.ndarray, dict]:
+    """What `edgerun infer --format json` answered (its runtime half for classes, edgerun/classify.py):
+    the class per sample, and its figure on the bundle's labelled sample."""
+    return np.array([row["class_index"] for row in doc["predictions"]]), {"sample_top1": doc["accuracy"]["top1_pct"]}
+
+
 def logits_of(output):
     """Models may return logits or (tokens, logits): classification always reads the last."""
     return output[-1] if isinstance(output, (tuple, list)) else output
+
+
+def importance_loss(output, labels):
+    """Cross-entropy on the logits: what Taylor importance differentiates for a classifier."""
+    import torch.nn.functional as F
+    return F.cross_entropy(logits_of(output), labels)
 
 
 def kd_loss(student_logits, teacher_logits, labels, temperature: float, weight: float):

@@ -134,8 +134,13 @@ def write_report(folder, records: list[StageRecord], cfg, *, stage_order: list[s
                  package: dict | None = None) -> dict:
     """Writes report.json, report.md and the PNG plots into ``folder`` (each atomically); returns report.json."""
     folder = Path(folder)
+    from pipeline.llm.report import decoder_section
+    from pipeline.llm.report import to_markdown as decoder_markdown
     report = build_report(records, cfg, stage_order=stage_order, outcome=outcome, package=package)
     report["plots"] = write_plots(folder, report)
+    decoder = decoder_section(records)   # a decoder's figures and speeds (pipeline/llm/report.py); else None
+    if decoder is not None:
+        report["decoder"] = decoder
     write_json(folder / "report.json", report)
-    atomic_write(folder / "report.md", to_markdown(report))
+    atomic_write(folder / "report.md", to_markdown(report) + ("\n" + decoder_markdown(decoder) if decoder else ""))
     return report

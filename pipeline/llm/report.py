@@ -60,6 +60,11 @@ def _size(n) -> str:
     return "–" if n is None else f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
+def is_decoder_run(result) -> bool:
+    base = result.record("baseline")
+    return base is not None and base.metrics.get("task") == "generate"
+
+
 def headline(result) -> str:
     """The last line's: the shipped file, its exact-match, its decode speed and TTFT against the unpruned file."""
     pkg, prof = result.record("package"), result.record("profile")

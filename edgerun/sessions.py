@@ -65,14 +65,26 @@ def backends_for(kind: str) -> list[str]:
     return []
 
 
+# The backend registry: name -> opener(path, backend, threads=, batches=, input_shape=) -> Session. Every caller
+# (the timing worker, the benchmark verb, the profile, the pruning search) opens files through open_session, so a
+# new runtime is one opener registered here (docs/architecture.md, "How to add a runtime").
+OPENERS: dict[str, Callable[..., "Session"]] = {}
+
+
+def register_backend(name: str, opener: Callable[..., "Session"]) -> None:
+    OPENERS[name] = opener
+
+
 def open_session(path, backend: str, *, threads: int = 0, batches=(1,), input_shape=None) -> Session:
     """``path`` opened once on ``backend``. GPU branches follow the documented APIs (not run here)."""
     path = Path(path)
-    if backend == "tensorrt":
-        return _open_engine(path)
-    if backend not in ORT_BACKENDS:
-        raise BenchmarkError(f"{path.name}: unknown backend {backend!r} (expected one of "
-                             f"{', '.join([*ORT_BACKENDS, 'tensorrt'])})")
+    opener = OPENERS.get(backend)
+    if opener is None:
+        raise BenchmarkError(f"{path.name}: unknown backend {backend!r} (expected one of {', '.join(OPENERS)})")
+    return opener(path, backend, threads=threads, batches=batches, input_shape=input_shape)
+
+
+def _open_ort(path: Path, backend: str, *, threads: int, batches, input_shape) -> Session:
     from edgerun.ort import OrtRunner
     notes, cleanup = [], []
     if backend == "onnxruntime-cpu":
@@ -128,7 +140,7 @@ def _onnx_input_name(path: Path) -> str:
     return next(i.name for i in graph.input if i.name not in inits)
 
 
-def _open_engine(path: Path) -> Session:
+def _open_engine(path: Path, backend: str = "tensorrt", **_) -> Session:
     from edgerun.trt import TrtEngineRunner
     runner = TrtEngineRunner(path).__enter__()
     name = runner.input_names[0]
@@ -136,3 +148,8 @@ def _open_engine(path: Path) -> Session:
     rng = (int(prof["min"][0]), int(prof["max"][0])) if prof.get("min") and prof.get("max") else None
     return Session(run=lambda x: runner.infer({name: x}), close=lambda: runner.__exit__(None, None, None),
                    backend="tensorrt", batch_range=rng, notes=("includes host<->device copies (Polygraphy TrtRunner)",))
+
+
+for _name in ORT_BACKENDS:
+    register_backend(_name, _open_ort)
+register_backend("tensorrt", _open_engine)

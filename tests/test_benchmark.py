@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import conv_onnx
 
@@ -151,3 +152,21 @@ def test_standalone_module_entry_point(tmp_path):
                         *FAST], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1].startswith("PASSED | 2 latency rows")
+
+
+def test_a_backend_is_one_registered_opener(tmp_path):
+    """A new runtime is one opener in edgerun.sessions' registry; open_session (every caller's way in) uses it."""
+    from edgerun import sessions
+    seen = []
+
+    def opener(path, backend, *, threads, batches, input_shape):
+        seen.append((path.name, backend, threads, tuple(batches)))
+        return sessions.Session(run=lambda x: x * 2, close=lambda: None, backend=backend, threads=threads)
+    sessions.register_backend("fake-npu", opener)
+    try:
+        s = sessions.open_session(tmp_path / "m.bin", "fake-npu", threads=3, batches=(1, 4))
+        assert s.run(np.ones(2)).tolist() == [2.0, 2.0] and seen == [("m.bin", "fake-npu", 3, (1, 4))]
+    finally:
+        del sessions.OPENERS["fake-npu"]
+    with pytest.raises(sessions.BenchmarkError, match="unknown backend 'fake-npu'"):
+        sessions.open_session(tmp_path / "m.bin", "fake-npu")

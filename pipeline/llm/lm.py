@@ -74,14 +74,22 @@ class TextData:
 
 # ---------------------------------------------------------------- the model folder every stage hands on
 
+def _quiet() -> None:
+    """transformers' per-file progress bars would interleave with the stage's own progress lines."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+
+
 def load_model(folder: Path):
     """(model, tokenizer) of a stage's model folder."""
     from pipeline.models.decoder import load_pretrained
+    _quiet()
     return load_pretrained(folder)
 
 
 def save_model(model, tok, folder: Path) -> Path:
     from pipeline.models.decoder import save_decoder
+    _quiet()
     return save_decoder(model, tok, folder)
 
 

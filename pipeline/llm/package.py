@@ -82,7 +82,7 @@ def package_stage(ctx: Context) -> Output:
     files = {str(p.relative_to(bundle)): {"sha256": sha256_file(p)} for p in sorted(bundle.rglob("*"))
              if p.is_file() and "__pycache__" not in p.parts}
     write_json(bundle / "manifest.json", {"format": 1, "task": "generate", "model": "model.onnx", "files": files})
-    check = _self_test(bundle)
+    check = _self_test(bundle, ctx.cfg.decoder.max_new_tokens)
     metrics = {"task": "generate", "shipped": shipped.name, "size_bytes": (bundle / "model.onnx").stat().st_size,
                "self_test": check, "preflight": preflight, "files": len(files)}
     return Output(metrics=metrics)
@@ -106,10 +106,11 @@ def _preflight(config, group: int) -> dict:
     return {t: check_decoder_shapes(shape, t, int4_group=group) for t in targets()}
 
 
-def _self_test(bundle) -> dict:
-    """The bundle's own runtime, in a fresh process inside it, must give the pipeline's answers."""
-    p = subprocess.run([sys.executable, "-m", "edgerun", *SELF_TEST], cwd=bundle, capture_output=True, text=True,
-                       timeout=600)
+def _self_test(bundle, max_new_tokens: int) -> dict:
+    """The bundle's own runtime, in a fresh process inside it, must give the pipeline's answers (cut at the same
+    length: an answer that reached decoder.max_new_tokens without the end token goes on otherwise)."""
+    p = subprocess.run([sys.executable, "-m", "edgerun", *SELF_TEST, "--max-new-tokens", str(max_new_tokens)],
+                       cwd=bundle, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise PipelineError(f"package: the bundle's generate failed in {bundle} "
                             f"({(p.stdout.strip() or p.stderr.strip()).splitlines()[-1:]})")

@@ -43,6 +43,8 @@ def prune(ctx: Context) -> Output:
     from pipeline.prune_decoder import decoder_widths, legal_widths, prune_decoder, taylor_importance
     cfg, data = ctx.cfg, ctx.data
     model, tok = lm.load_model(ctx.path("baseline", lm.MODEL_DIR))
+    if cfg.prune.target == "ratio" and cfg.prune.ratio == 0 and cfg.prune.head_ratio == 0:
+        return _unpruned(ctx, model, tok)   # any family, a layout the pruner cannot rewrite (Phi-3's) included
     target, group = limits_target(cfg), cfg.decoder.int4_group
     ids, labels = lm.token_rows(tok, data.train[:CALIB_BATCHES * CALIB_BATCH])
     importance = taylor_importance(model, _lm_loss, _batches(ids, labels))
@@ -69,6 +71,22 @@ def prune(ctx: Context) -> Output:
                **({"search": search} if search else {})}
     return Output(metrics=metrics, notices=tuple(notices),
                   artifacts=(Artifact("pruned-torch", "torch", lm.MODEL_DIR, label="pruned (torch)"),))
+
+
+def _unpruned(ctx: Context, model, tok) -> Output:
+    lm.save_model(model, tok, ctx.out / lm.MODEL_DIR)
+    c = model.config
+    widths = {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+              "num_attention_heads": c.num_attention_heads,
+              "num_key_value_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+              "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+              "num_hidden_layers": c.num_hidden_layers}
+    write_json(ctx.out / "widths.json", widths)
+    metrics = {"task": "generate", **measure_torch(ctx, model, tok), "widths": widths, "limits": limits_target(ctx.cfg),
+               "params": sum(p.numel() for p in model.parameters()), "weight_bytes": lm.weight_bytes(model),
+               "importance": "none (prune.ratio = 0: widths kept)"}
+    return Output(metrics=metrics, notices=("prune.ratio = 0 and prune.head_ratio = 0: the widths are kept",),
+                  artifacts=(Artifact("pruned-torch", "torch", lm.MODEL_DIR, label="unpruned (torch)"),))
 
 
 def _lm_loss(model, batch):

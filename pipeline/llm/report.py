@@ -91,4 +91,5 @@ def next_block(result) -> str:
                       "for TensorRT Edge-LLM on a Jetson: EDGE_LLM.md, not executed here)",
                       "  on the target (python3 with numpy, onnxruntime and tokenizers):", f"    cd {bundle.name}",
                       f"    python3 -m edgerun generate --bundle . --prompt {prompt}",
-                      "    python3 -m edgerun generate --bundle . --eval sample/prompts.jsonl --format json", ""])
+                      "    python3 -m edgerun generate --bundle . --eval sample/prompts.jsonl --format json "
+                      f"--max-new-tokens {result.config.decoder.max_new_tokens}", ""])

@@ -6,8 +6,8 @@ and the encoding training reads.
     tok = build_tokenizer([r["prompt"] + " " + r["answer"] for r in train])
     batch = encode(tok, train[:32])                      # input_ids, attention_mask, labels (prompt masked)
 
-The synthetic task is arithmetic and number facts in English words over 0..99 ("what is forty two plus
-seven ?" -> "forty nine", "the number before fifty is" -> "forty nine", "which is larger , twelve or
+The synthetic task is arithmetic and number facts in English words over 0..99 ("what is forty nine plus
+two ?" -> "fifty one", "the number before fifty is" -> "forty nine", "which is larger , twelve or
 twenty ?" -> "twenty"). Its test facts are held out by operands, not only by wording: no test prompt's
 numbers appear in training in any template, so exact-match measures carries, borrows and comparisons the
 model has learned, not facts it memorised; a model pruned too far loses them first.
@@ -40,14 +40,16 @@ def words(n: int) -> str:
     return _TENS[n // 10 - 2] + ("" if n % 10 == 0 else " " + _UNITS[n % 10])
 
 
-# skill -> (templates, facts as operand tuples, answer of a fact). Every skill has hundreds of facts, so a
-# tenth held out still leaves the pattern to learn; adding a one-digit number is the carry, subtracting one
-# the borrow, after/before their special case, larger/smaller a comparison of tens then units.
+# skill -> (templates, facts as operand tuples, answer of a fact). A tenth of each skill's facts is held out,
+# which still leaves the pattern to learn: adding a small number is the carry (forty nine plus two -> fifty
+# one), subtracting one the borrow, after/before their special case, larger/smaller a comparison of tens
+# then units. The addend stops at three: with one-digit addends (a 10x10 table) exact-match stayed near
+# chance in the measured runs (benchmarks/lm_recipe.md).
 _SKILLS = {
     "plus": (("what is {a} plus {b} ?", "{a} plus {b} equals"),
-             [(a, b) for a in range(100) for b in range(1, 10) if a + b <= 99], lambda a, b: a + b),
+             [(a, b) for a in range(100) for b in range(1, 4) if a + b <= 99], lambda a, b: a + b),
     "minus": (("what is {a} minus {b} ?", "{a} minus {b} equals"),
-              [(a, b) for a in range(100) for b in range(1, 10) if b <= a], lambda a, b: a - b),
+              [(a, b) for a in range(100) for b in range(1, 4) if b <= a], lambda a, b: a - b),
     "after": (("the number after {a} is", "what comes after {a} ?"), [(a,) for a in range(99)], lambda a: a + 1),
     "before": (("the number before {a} is", "what comes before {a} ?"), [(a,) for a in range(1, 100)],
                lambda a: a - 1),
@@ -57,6 +59,11 @@ _SKILLS = {
                 [(a, b) for a in range(100) for b in range(100) if a != b], min),
 }
 SKILLS = tuple(_SKILLS)
+
+
+def skill_of(prompt: str) -> str | None:
+    """The synthetic task's skill a prompt asks for (None for other text): for per-skill scores."""
+    return next((s for s in SKILLS if s in prompt.split()), None)
 
 
 def _held_out(key: str, seed: int, fraction: float) -> bool:
@@ -83,6 +90,7 @@ def number_task(seed: int = 0, n_train: int = 20000, n_test: int = 600, test_fra
         for fact in facts:
             pools[skill][_held_out(f"{skill}{fact}", seed, test_fraction)].append(fact)
     train = [_record(s, rng.choice(pools[s][0]), rng) for s in (rng.choice(SKILLS) for _ in range(n_train))]
+    rng = random.Random(f"{seed}:test")   # its own stream: the test set does not depend on n_train
     test, seen = [], set()
     for _ in range(50 * n_test):   # distinct prompts; small pools (after/before) run dry, so bounded tries
         if len(test) == n_test:

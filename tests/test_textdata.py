@@ -29,6 +29,7 @@ def test_the_task_is_deterministic_per_seed_and_its_splits_share_no_prompt():
         number_task(seed=1, n_train=500, n_test=100)
     assert a == b
     assert a != c
+    assert number_task(seed=0, n_train=50, n_test=100)[1] == a[1]   # more training data, same test set
     for train, test in (a, c):
         assert len(train) == 500 and len(test) == 100
         assert len({r["prompt"] for r in test}) == 100

@@ -13,9 +13,9 @@ from pipeline.models.decoder import save_decoder
 from pipeline.textdata import build_tokenizer, number_task
 
 FAMILIES = ["qwen2", "llama", "mistral", "qwen3", "gemma", "phi3"]
-RUN = ["data.kind=jsonl", "task.kind=generate", "baseline.min_top1=-1", "decoder.int4_group=32", "decoder.calib_prompts=4",
-       "decoder.max_new_tokens=4", "decoder.awq=false", "profile.processes=1", "profile.rounds=3",
-       "profile.block_ms=5", "prune.target=ratio", "prune.ratio=0.5",
+RUN = ["data.kind=jsonl", "task.kind=generate", "baseline.min_top1=-1", "decoder.int4_group=32",
+       "decoder.calib_prompts=4", "decoder.max_new_tokens=4", "decoder.awq=false", "profile.processes=1",
+       "profile.rounds=3", "profile.block_ms=5", "prune.target=ratio", "prune.ratio=0.5",
        *(f"{s}.gate=warn" for s in ("prune", "finetune", "export", "quantize")), "finetune.epochs=0.2"]
 
 

@@ -172,7 +172,8 @@ def test_check_flags_an_int4_weight_read_by_something_else(compressed):
 def test_awq_and_scale_estimation_use_the_data(decoder, compressed, tmp_path):
     data = [_feed(10 + i, batch=1, seq=16, past=0) for i in range(4)]
     info = compress_int4(decoder, tmp_path / "awq.onnx", form="trt", group_size=GROUP, dataset=iter(data))
-    assert info["options"] == {"awq": True, "scale_estimation": True, "ratio": 1.0, "backup": "int8", "n_data": 4}
+    assert info["options"] == {"awq": True, "scale_estimation": True, "ratio": 1.0, "backup": "int8", "n_data": 4,
+                               "accuracy_level": 0}
     assert check_int4_form(tmp_path / "awq.onnx", "trt", group_size=GROUP) == []
     free, aware = onnx.load(compressed["trt"][0]), onnx.load(tmp_path / "awq.onnx")
     free_w = {t.name: onnx.numpy_helper.to_array(t) for t in free.graph.initializer if t.name.endswith("_scale")}

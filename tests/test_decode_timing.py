@@ -13,6 +13,9 @@ from edgerun.errors import EdgeError
 from edgerun.generate import DecoderSession
 from edgerun.timing import Spec, SpecItem, TimingError, repeat_in_processes
 
+# 2 shared cores: one torch thread is several times faster than two (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def onnx_path():

@@ -11,6 +11,9 @@ from edgerun.generate import DecoderSession  # noqa: E402
 from export.decoder import export_decoder  # noqa: E402
 from export.errors import ExportError  # noqa: E402
 
+# 2 shared cores: one torch thread is several times faster than two (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _dims(value_info):
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]

@@ -17,6 +17,9 @@ from pipeline.lm_loss import (
 from pipeline.models.decoder import FAMILIES, build_decoder, load_pretrained, save_decoder, weight_bytes
 from pipeline.textdata import IGNORE, build_tokenizer, encode, number_task, special_ids
 
+# 2 shared cores: one torch thread is several times faster than two (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
 

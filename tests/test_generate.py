@@ -11,6 +11,9 @@ from edgerun.errors import EdgeError
 from edgerun.genai import GENAI_CONFIG, read_bundle
 from edgerun.generate import DecoderSession, GenerateError, choose, exact_match, generate, greedy_batch
 
+# 2 shared cores: one torch thread is several times faster than two (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 10, 11, 12, 13, 14, 4], [1, 4, 4], [1, 16, 17, 18]]
 
 

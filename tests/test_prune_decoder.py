@@ -8,6 +8,9 @@ from edgerun.errors import EdgeError
 from pipeline import prune_decoder as pd
 from pipeline.errors import PipelineError
 
+# 2 shared cores: one torch thread is several times faster than two (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ("llama", "qwen2", "mistral")

@@ -175,6 +175,7 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
         raise CalibError(f"{onnx_in}: inputs are not the decoder layout (input_ids, attention_mask, position_ids, "
                          "past_key_values.*); pass dataset=[feed dict] so the result can be run once")
     model = _to_form_opset(model, form, onnx_in)
+    _fold_weight_transposes(model)
 
     import nncf
 
@@ -206,6 +207,29 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
                         "accuracy_level": int(accuracy_level),
                         "backup": backup, "n_data": len(feeds)},
             "probe": {"max_abs_logits": max_abs}, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _fold_weight_transposes(model) -> int:
+    """Transpose(initializer) → a transposed initializer. The dynamo exporter writes a tied LM head as
+    MatMul(x, Transpose(embedding)); NNCF compresses only MatMuls whose weight is an initializer (it fails
+    looking the transposed tensor up by name). Returns how many it folded."""
+    from onnx import numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None) or list(range(w.ndim))[::-1]
+        model.graph.initializer.append(numpy_helper.from_array(w.transpose(perm).copy(), node.output[0]))
+        model.graph.node.remove(node)
+        folded += 1
+    if folded:   # an initializer only the folded Transposes read is dead weight now
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return folded
 
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits: 0 the default (float compute), 4 int8 activations

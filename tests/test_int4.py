@@ -253,3 +253,30 @@ def test_accuracy_level_is_written_on_every_matmulnbits_and_refused_for_the_trt_
     with pytest.raises(CalibError, match="only the 'ort' form has one") as e:
         compress_int4(decoder, tmp_path / "x.onnx", form="trt", awq=False, scale_estimation=False, accuracy_level=4)
     one_line(e.value)
+
+
+def test_a_weight_behind_a_transpose_is_compressed(tmp_path):
+    """The dynamo exporter writes a tied LM head as MatMul(x, Transpose(embedding)); NNCF only sees initializer
+    weights (it failed on the real decoder by looking the Transpose's output up as a tensor)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 64)).astype(np.float32) / 8
+    w = rng.standard_normal((96, 64)).astype(np.float32)   # [vocab, hidden], as a tied head stores it
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Transpose", ["head.weight"], ["head_t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "head_t"], ["logits"])], "tied_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 96])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w, "head.weight")])
+    src = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), src)
+    x = np.random.default_rng(1).standard_normal((1, 4, 64)).astype(np.float32)
+    out = tmp_path / "tied_int4.onnx"
+    info = compress_int4(src, out, form="ort", group_size=32, dataset=[{"x": x}], awq=False, scale_estimation=False)
+    assert info["matmuls"]["int4"] == 1 and info["matmuls"]["int8"] == 1   # the head: NNCF's INT8 backup
+    assert not [n for n in onnx.load(out).graph.node if n.op_type == "Transpose"]   # folded, not left behind
+    import onnxruntime as ort
+    want = (x @ w1) @ w.T
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 0.2 * np.abs(want).max()

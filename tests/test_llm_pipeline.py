@@ -82,3 +82,20 @@ def test_a_decoder_config_with_image_data_is_one_line(tmp_path):
     with pytest.raises(PipelineError) as e:
         pipeline.run("configs/llm-cpu.toml", [*TINY, "data.kind=mnist"], runs=tmp_path, log=lambda m: None)
     assert "a decoder reads text" in one_line(e.value)
+
+
+def test_the_embedded_task_is_identified_by_what_it_generates(monkeypatch):
+    """A change to the generator is a new data identity (every stage reruns), with no version to bump by hand."""
+    import pipeline.textdata as textdata
+    from pipeline.api import load
+    from pipeline.llm.lm import TextData
+    cfg, _ = load("configs/llm-cpu.toml", ["data.train_subset=50", "data.test_subset=10"])
+    before = TextData(cfg).identity()
+    assert TextData(cfg).identity() == before                  # deterministic
+    real = textdata.number_task
+
+    def changed(*a, **k):
+        train, test = real(*a, **k)
+        return [{**train[0], "answer": train[0]["answer"] + " x"}, *train[1:]], test
+    monkeypatch.setattr(textdata, "number_task", changed)
+    assert TextData(cfg).identity() != before

@@ -18,7 +18,6 @@ from pipeline.errors import PipelineError
 
 MODEL_DIR = "model"              # a stage's Hugging Face folder (config.json, model.safetensors, tokenizer.json)
 TEST_NEXT = "test_next.npy"      # the unpruned model's teacher-forced next tokens on the test rows
-TEXT_TASK_VERSION = 1            # bump when pipeline.textdata.number_task changes what it generates
 
 
 class TextData:
@@ -54,19 +53,19 @@ class TextData:
         return all("answer" in r for r in self.train + self.test)
 
     def identity(self) -> str:
-        """The embedded task: its generator's version (its arguments, the seed and the subsets, are data keys in
-        every fingerprint already); a jsonl: its files' content."""
+        """What the run's prompts are, by content: the embedded task's generated records themselves (a change to
+        the generator is a new identity, with no version to remember to bump), a jsonl's files."""
+        from edgerun.io import sha256_file
         from pipeline.data import resolve_root
         d, h = self.cfg.data, hashlib.sha256()
         if d.kind == "text-task":
-            h.update(json.dumps(["number_task", TEXT_TASK_VERSION]).encode())
+            h.update(json.dumps(self._splits, sort_keys=True).encode())
             return h.hexdigest()
         root = resolve_root(d.root)
         files = [root] if root.is_file() else sorted(p for p in root.glob("*.jsonl") if p.is_file())
         if not files:
             raise PipelineError(f"data.root: {root} is not a .jsonl file nor a folder holding train.jsonl and "
                                 "test.jsonl")
-        from edgerun.io import sha256_file
         for p in files:
             h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
         return h.hexdigest()

@@ -35,9 +35,14 @@ def model(family: str = "llama", seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
-@functools.cache
 def exported(family: str = "llama", embeds: bool = False):
-    """(model, export info) for a tiny model exported once per test process."""
+    """(model, export info) for a tiny model exported once per test process (however the arguments are spelt:
+    functools.cache keys exported() and exported("llama") apart)."""
+    return _exported(family, embeds)
+
+
+@functools.cache
+def _exported(family: str, embeds: bool):
     from export.decoder import export_decoder
 
     m = model(family)

@@ -77,13 +77,10 @@ def _genai_builder(hf_dir: Path, out: Path, log):
 
 def _score(path: Path, tok, data, cfg, teacher_next, reference) -> dict:
     from pipeline.llm import lm
-    ids, labels = lm.token_rows(tok, data.test)
     try:
-        answers = lm.onnx_answers(path, tok, data.test, cfg.decoder.max_new_tokens)
-        logits = lm.onnx_logits(path, ids)
+        return lm.score_onnx(path, tok, data.test, cfg.decoder.max_new_tokens, teacher_next, reference)[0]
     except Exception as e:  # noqa: BLE001 - a peer's file with another layout is reported, not fatal
         return {"error": str(e).splitlines()[0][:200]}
-    return lm.measure(logits, answers, data.test, labels, teacher_next, reference)
 
 
 def _time(files: dict[str, Path], cfg, log) -> dict:

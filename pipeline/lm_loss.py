@@ -9,7 +9,7 @@ from __future__ import annotations
 from pipeline.textdata import IGNORE, special_ids
 
 
-def _shift(logits, labels):
+def answer_positions(logits, labels):
     """(logits [N, V], targets [N]) at the answer positions, flattened."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     keep = labels != IGNORE
@@ -26,8 +26,8 @@ def lm_kd_loss(student_logits, teacher_logits, labels, temperature: float = 1.0,
     """kd_weight * T^2 * KL(teacher/T || student/T) per answer position (the whole vocabulary) plus
     (1 - kd_weight) * lm_loss. The teacher's logits are taken as given (no gradient)."""
     import torch.nn.functional as F
-    s, _ = _shift(student_logits.float(), labels)
-    t, _ = _shift(teacher_logits.detach().float(), labels)
+    s, _ = answer_positions(student_logits.float(), labels)
+    t, _ = answer_positions(teacher_logits.detach().float(), labels)
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
                   reduction="batchmean")
     return kd_weight * temperature ** 2 * kl + (1 - kd_weight) * lm_loss(student_logits, labels)
@@ -35,8 +35,8 @@ def lm_kd_loss(student_logits, teacher_logits, labels, temperature: float = 1.0,
 
 def next_token_agreement(student_logits, teacher_logits, labels) -> float:
     """Percent of answer positions where the student's greedy next token is the teacher's (teacher-forced)."""
-    s, _ = _shift(student_logits, labels)
-    t, _ = _shift(teacher_logits, labels)
+    s, _ = answer_positions(student_logits, labels)
+    t, _ = answer_positions(teacher_logits, labels)
     return 100.0 * float((s.argmax(-1) == t.argmax(-1)).float().mean()) if len(s) else 0.0
 
 
@@ -75,9 +75,11 @@ def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 8, ba
 
 
 def exact_match_percent(predictions: list[str], answers: list[str]) -> float:
-    """Percent of predictions equal to their answer after stripping surrounding whitespace (case-sensitive)."""
+    """Percent of predictions equal to their answer by edgerun.generate.exact_match (the runtime's own
+    definition: surrounding whitespace stripped, case-sensitive)."""
+    from edgerun.generate import exact_match
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
     if not answers:
         return 0.0
-    return 100.0 * sum(p.strip() == a.strip() for p, a in zip(predictions, answers, strict=True)) / len(answers)
+    return 100.0 * sum(exact_match(p, a) for p, a in zip(predictions, answers, strict=True)) / len(answers)

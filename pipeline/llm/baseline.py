@@ -32,7 +32,7 @@ def baseline(ctx: Context) -> Output:
         trained = {"pretrained": cfg.model.pretrained}
     else:
         model, tok, trained = _train_from_scratch(ctx)
-    folder = lm.save_model(model, tok, ctx.out / lm.MODEL_DIR)
+    folder, c = lm.save_model(model, tok, ctx.out / lm.MODEL_DIR), model.config
     ids, labels = lm.token_rows(tok, data.test)
     logits = lm.torch_logits(model, ids)
     teacher_next = lm.next_tokens(logits)
@@ -43,8 +43,8 @@ def baseline(ctx: Context) -> Output:
     metrics = {"task": "generate", **lm.measure(logits, answers, data.test, labels, teacher_next, reference),
                "answers": "labels" if data.has_answers else "the unpruned model's greedy answers",
                "params": sum(p.numel() for p in model.parameters()), "weight_bytes": lm.weight_bytes(model),
-               "size_bytes": sum(f.stat().st_size for f in folder.iterdir()), "config": _shape(model.config),
-               **trained}
+               "size_bytes": sum(f.stat().st_size for f in folder.iterdir()), **trained,
+               "config": {**lm.widths_of(model.config), "vocab_size": c.vocab_size, "model_type": c.model_type}}
     return Output(metrics=metrics, artifacts=(Artifact("baseline-torch", "torch", lm.MODEL_DIR,
                                                        label="baseline (torch)"),))
 
@@ -63,13 +63,6 @@ def _train_from_scratch(ctx: Context):
     info = train(model, None, ids, labels, epochs=b.epochs, lr=b.lr, batch_size=b.batch_size, seed=cfg.run.seed,
                  schedule=b.schedule, progress="baseline", task=named("generate"))
     return model, tok, {"epochs": b.epochs, "losses": info["losses"], "train_seconds": round(info["seconds"], 1)}
-
-
-def _shape(config) -> dict:
-    """The widths a pruner changes and the device's kernels constrain."""
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "num_hidden_layers", "vocab_size", "model_type")
-    return {k: getattr(config, k, None) for k in keys}
 
 
 def baseline_gate(m, inputs, cfg):

@@ -92,6 +92,17 @@ def save_model(model, tok, folder: Path) -> Path:
     return save_decoder(model, tok, folder)
 
 
+def widths_of(config) -> dict:
+    """The widths a pruner changes and the device's kernels constrain, as Hugging Face config keys (what
+    edgerun.llm_preflight.check_decoder_shapes reads); KV heads and head size derived where a family leaves them
+    implicit (Phi-3: hidden / heads)."""
+    heads = config.num_attention_heads
+    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_attention_heads": heads, "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "num_hidden_layers": config.num_hidden_layers}
+
+
 def weight_bytes(model) -> int:
     from pipeline.models.decoder import weight_bytes as wb
     return wb(model)
@@ -136,9 +147,9 @@ def _perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _exact_match(answers: list[str], records: list[dict], reference: list[str] | None) -> float:
-    from edgerun.generate import exact_match
+    from pipeline.lm_loss import exact_match_percent
     wanted = [r["answer"] for r in records] if reference is None else reference
-    return round(100.0 * sum(exact_match(a, w) for a, w in zip(answers, wanted, strict=True)) / len(wanted), 4)
+    return round(exact_match_percent(answers, wanted), 4)
 
 
 def torch_logits(model, input_ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -179,6 +190,14 @@ def onnx_answers(path: Path, tok, records: list[dict], max_new_tokens: int) -> l
     new = greedy_batch(session, prompt_ids(tok, records), max_new_tokens=max_new_tokens, eos_token_id=sp["eos"],
                        pad_token_id=sp["pad"])
     return [tok.decode([i for i in ids if i != sp["eos"]], skip_special_tokens=True) for ids in new]
+
+
+def score_onnx(path: Path, tok, records: list[dict], max_new_tokens: int, teacher_next: np.ndarray,
+               reference_answers: list[str] | None) -> tuple[dict, list[str]]:
+    """(figures, greedy answers) of a decoder file on ``records``, with the runtime's generation loop."""
+    ids, labels = token_rows(tok, records)
+    answers = onnx_answers(path, tok, records, max_new_tokens)
+    return measure(onnx_logits(path, ids), answers, records, labels, teacher_next, reference_answers), answers
 
 
 def measure(logits: np.ndarray, answers: list[str], records: list[dict], labels: np.ndarray,

@@ -101,9 +101,7 @@ def _jsonl(path, records) -> None:
 
 def _preflight(config, group: int) -> dict:
     from edgerun.llm_preflight import check_decoder_shapes, targets
-    shape = {k: getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                    "num_key_value_heads", "head_dim", "num_hidden_layers")}
-    return {t: check_decoder_shapes(shape, t, int4_group=group) for t in targets()}
+    return {t: check_decoder_shapes(lm.widths_of(config), t, int4_group=group) for t in targets()}
 
 
 def _self_test(bundle, max_new_tokens: int) -> dict:

@@ -75,12 +75,7 @@ def prune(ctx: Context) -> Output:
 
 def _unpruned(ctx: Context, model, tok) -> Output:
     lm.save_model(model, tok, ctx.out / lm.MODEL_DIR)
-    c = model.config
-    widths = {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-              "num_attention_heads": c.num_attention_heads,
-              "num_key_value_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-              "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-              "num_hidden_layers": c.num_hidden_layers}
+    widths = lm.widths_of(model.config)
     write_json(ctx.out / "widths.json", widths)
     metrics = {"task": "generate", **measure_torch(ctx, model, tok), "widths": widths, "limits": limits_target(ctx.cfg),
                "params": sum(p.numel() for p in model.parameters()), "weight_bytes": lm.weight_bytes(model),

@@ -30,9 +30,6 @@ def measure_torch(ctx: Context, model, tok) -> dict:
 
 
 def measure_onnx(ctx: Context, path: Path, tok) -> tuple[dict, list[str]]:
-    """(figures, greedy answers) of a decoder file, with the runtime's generation loop."""
-    data = ctx.data
-    ids, labels = lm.token_rows(tok, data.test)
-    answers = lm.onnx_answers(path, tok, data.test, ctx.cfg.decoder.max_new_tokens)
-    return lm.measure(lm.onnx_logits(path, ids), answers, data.test, labels,
-                      np.load(ctx.path("baseline", lm.TEST_NEXT)), reference_answers(ctx)), answers
+    """(figures, greedy answers) of a decoder file on the held-out prompts, with the runtime's generation loop."""
+    return lm.score_onnx(path, tok, ctx.data.test, ctx.cfg.decoder.max_new_tokens,
+                         np.load(ctx.path("baseline", lm.TEST_NEXT)), reference_answers(ctx))

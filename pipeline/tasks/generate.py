@@ -73,7 +73,6 @@ class Generate(Task):
         raise NotImplementedError("a decoder's teacher runs beside the student (teacher_per_batch)")
 
     def train_hits(self, student_out, labels):
-        from pipeline.textdata import IGNORE
-        pred, target = student_out.logits.detach()[:, :-1].argmax(-1), labels[:, 1:]
-        keep = target != IGNORE
-        return int((pred[keep] == target[keep]).sum()), int(keep.sum())
+        from pipeline.lm_loss import answer_positions
+        logits, target = answer_positions(student_out.logits.detach(), labels)
+        return int((logits.argmax(-1) == target).sum()), len(target)

@@ -49,7 +49,11 @@ def decoder_call(session, workload: str, tokens: int):
 
 
 def open_decoder_runs(paths: dict[str, str], workload: str, tokens: int, threads: int = 0):
-    """({name: call}, close) for decoder files opened once each on onnxruntime's CPU."""
+    """({name: call}, close) for decoder files opened once each on onnxruntime's CPU (a VLM bundle's folders
+    for the vlm-* workloads: edgerun.vlm_timing)."""
+    if workload.startswith("vlm-"):
+        from edgerun.vlm_timing import open_vlm_runs
+        return open_vlm_runs(paths, workload, tokens, threads)
     from edgerun.generate import DecoderSession
     runners = {}
     try:

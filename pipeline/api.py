@@ -132,6 +132,8 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     from pipeline.data import Data
     from pipeline.llm import is_decoder
     from pipeline.llm.lm import TextData
+    from pipeline.vlm import is_vlm
+    from pipeline.vlm.io import VLMRunData
     from pipeline.report import write_report
     from pipeline.runner import Runner, run_lock
     from pipeline.stages import stages_for
@@ -142,7 +144,7 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     if cfg.run.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads))
     run_dir = Path(runs) / cfg.run.name
-    data = TextData(cfg) if is_decoder(cfg) else Data(cfg)
+    data = VLMRunData(cfg) if is_vlm(cfg) else TextData(cfg) if is_decoder(cfg) else Data(cfg)
     stages = stages_for(cfg)
     runner = Runner(cfg, stages, run_dir, data, data_identity=data.identity, store=Path(runs) / ".store", log=log)
     order = [s.name for s in stages]

@@ -36,7 +36,8 @@ class TaskCfg:
 
 @dataclass(frozen=True)
 class DataCfg:
-    kind: str = "mnist"         # mnist | imagefolder | text-task (the decoders' embedded task) | jsonl
+    kind: str = "mnist"         # mnist | imagefolder | text-task (the decoders' embedded task) | jsonl |
+    #                             vila-mnist (the VLM's embedded image-text task) | vlm-jsonl
     root: str = "data/mnist"    # relative to the project folder unless absolute
     channels: int = 1
     size: tuple[int, int] = (28, 28)
@@ -195,6 +196,40 @@ class DecoderCfg:
 
 
 @dataclass(frozen=True)
+class VLMCfg:
+    """What only the VLM stages read (task.kind = "vlm"; pipeline/vlm/). VILA's recipe, in miniature: the tower
+    pre-trained on MNIST classes and the decoder on text (the stand-ins for VILA's pretrained CLIP and LLM),
+    then three steps (pipeline/vlm_train.py): step 1 the projector alone on captions, step 2 interleaved
+    image-text pre-training with the decoder unfrozen, step 3 the instruction mix with text-only data blended
+    in. A step's ``mix`` is {question type: share}; ``frozen`` lists parts among vision, projector, decoder."""
+    tower: dict = field(default_factory=dict)    # VisionTower kwargs over pipeline.models.vlm's default
+    projector: str = "linear"                    # linear (VILA) | mlp2 (Linear, GELU, Linear)
+    train_counts: dict = field(default_factory=dict)   # {question type: records} over vlmdata.DEFAULT_TRAIN
+    test_counts: dict = field(default_factory=dict)    # {question type: records} over vlmdata.DEFAULT_TEST
+    tower_epochs: float = 1.0     # tower pre-training on MNIST classes
+    text_steps: int = 300         # decoder pre-training on text-only records
+    text_lr: float = 2e-3
+    batch_size: int = 64
+    step1_mix: dict = field(default_factory=lambda: {"caption": 1.0})
+    step1_frozen: tuple[str, ...] = ("vision", "decoder")
+    step1_steps: int = 150
+    step1_lr: float = 2e-3
+    step2_mix: dict = field(default_factory=lambda: {"caption": 0.2, "digit": 0.2, "two_image": 0.35,
+                                                     "few_shot": 0.25})
+    step2_frozen: tuple[str, ...] = ("vision",)
+    step2_steps: int = 500
+    step2_lr: float = 1e-3
+    step3_mix: dict = field(default_factory=lambda: {"digit": 0.2, "two_image": 0.3, "few_shot": 0.2, "text": 0.3})
+    step3_frozen: tuple[str, ...] = ("vision",)
+    step3_steps: int = 300
+    step3_lr: float = 5e-4
+    distil_steps: int = 400       # fine-tune: optimizer steps of finetune.batch_size on step 3's mix
+    vision_macs: float = 0.5      # prune: the fraction of the tower's MACs kept (1 = the tower unpruned)
+    vision_w8a8: bool = True      # quantize: the vision tower to INT8 weights and activations (Q/DQ)
+    min_cosine: float = 0.98      # quantize gate: per-token cosine of the W8A8 tower's embeddings vs FP32
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     task: TaskCfg = field(default_factory=TaskCfg)
@@ -209,6 +244,7 @@ class Config:
     profile: ProfileCfg = field(default_factory=ProfileCfg)
     package: PackageCfg = field(default_factory=PackageCfg)
     decoder: DecoderCfg = field(default_factory=DecoderCfg)
+    vlm: VLMCfg = field(default_factory=VLMCfg)
 
     def section(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))
@@ -219,7 +255,8 @@ class Config:
 
 CHOICES = {
     "run.target": ("cpu", "desktop-gpu", "jetson-orin"),
-    "data.kind": ("mnist", "imagefolder", "text-task", "jsonl"),
+    "data.kind": ("mnist", "imagefolder", "text-task", "jsonl", "vila-mnist", "vlm-jsonl"),
+    "vlm.projector": ("linear", "mlp2"),
     "decoder.limits": ("auto", "ort-cpu", "trt-desktop", "jetson-orin"),
     "prune.target": ("ratio", "macs", "latency_ms", "speedup"),
     "prune.importance": ("l1", "l2", "taylor", "bn_scale", "lamp", "random"),

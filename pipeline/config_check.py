@@ -48,6 +48,7 @@ def check(cfg, path: Path) -> None:
         raise PipelineError(f"{path}: config: {msg}")
     _check_task(cfg.task.kind, bad)
     _check_decoder(cfg, bad)
+    _check_vlm(cfg, bad)
     _check_data(cfg.data, bad)
     if cfg.model.num_classes < 2:
         bad(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
@@ -115,6 +116,42 @@ def _check_decoder(cfg, bad) -> None:
             bad(f"decoder.{key} is a percentage in [0, 100], got {getattr(d, key)}")
     if d.max_perplexity_ratio < 0:
         bad(f"decoder.max_perplexity_ratio must be >= 0 (0 = unchecked), got {d.max_perplexity_ratio}")
+
+
+def _check_vlm(cfg, bad) -> None:
+    """A VLM (task.kind = vlm, or auto with VLM data or model.name = "vlm") and its data and recipe."""
+    from pipeline.vlm import VLM_DATA, is_vlm
+    v, vlm = cfg.vlm, is_vlm(cfg)
+    if vlm != (cfg.data.kind in VLM_DATA):
+        bad(f"data.kind = {cfg.data.kind!r} with task.kind = {cfg.task.kind!r}: a VLM reads image-text records "
+            f"({' or '.join(VLM_DATA)}), and only a VLM does")
+    if not vlm:
+        return
+    if cfg.model.pretrained or cfg.model.weights:
+        bad("model.pretrained / model.weights: a VLM is built from [vlm] and trained with VILA's steps here "
+            "(bringing your own VLM is not supported yet)")
+    if cfg.model.name not in ("vlm", "decoder"):
+        bad(f"model.name = {cfg.model.name!r}: a VLM is model.name = \"vlm\" (model.kwargs: the decoder's widths)")
+    from pipeline.vlm_train import PARTS
+    from pipeline.vlmdata import KINDS
+    for name in ("train_counts", "test_counts"):
+        for k, n in getattr(v, name).items():
+            if k not in KINDS or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                bad(f"vlm.{name}: {k} = {n!r}; expected question types of {', '.join(KINDS)} with counts >= 0")
+    for i in (1, 2, 3):
+        mix, frozen = getattr(v, f"step{i}_mix"), getattr(v, f"step{i}_frozen")
+        if not mix or any(k not in KINDS or not isinstance(s, (int, float)) or s < 0 for k, s in mix.items()):
+            bad(f"vlm.step{i}_mix = {mix!r}: expected {{question type: share >= 0}} over {', '.join(KINDS)}")
+        if any(p not in PARTS for p in frozen) or set(frozen) == set(PARTS):
+            bad(f"vlm.step{i}_frozen = {list(frozen)!r}: parts among {', '.join(PARTS)}, not all of them")
+        if getattr(v, f"step{i}_steps") < 0 or not getattr(v, f"step{i}_lr") > 0:
+            bad(f"vlm.step{i}_steps must be >= 0 and vlm.step{i}_lr > 0")
+    if not 0 < v.vision_macs <= 1:
+        bad(f"vlm.vision_macs is the fraction of the tower's MACs kept, in (0, 1], got {v.vision_macs}")
+    if not 0 <= v.min_cosine <= 1:
+        bad(f"vlm.min_cosine must be in [0, 1], got {v.min_cosine}")
+    if v.tower_epochs < 0 or v.text_steps < 0 or v.batch_size < 1 or not v.text_lr > 0:
+        bad("vlm.tower_epochs and vlm.text_steps must be >= 0, vlm.batch_size >= 1 and vlm.text_lr > 0")
 
 
 def _check_data(d, bad) -> None:

@@ -28,6 +28,15 @@ from pipeline.prune_stage import prune, prune_keys
 from pipeline.quantize_stage import quantize, quantize_environment, quantize_gate, quantize_keys
 from pipeline.runner import Stage
 from pipeline.stage_io import drop_gate
+from pipeline.vlm import baseline as vlm_baseline
+from pipeline.vlm import engine as vlm_engine
+from pipeline.vlm import export as vlm_export
+from pipeline.vlm import finetune as vlm_finetune
+from pipeline.vlm import is_vlm
+from pipeline.vlm import package as vlm_package
+from pipeline.vlm import profile as vlm_profile
+from pipeline.vlm import prune as vlm_prune
+from pipeline.vlm import quantize as vlm_quantize
 
 # ---------------------------------------------------------------- the list
 
@@ -85,5 +94,35 @@ DECODER_STAGES = [
 ]
 
 
+# ---------------------------------------------------------------- the same stages for a VLM (task.kind = vlm)
+# VILA's system: a vision tower, a projector and a decoder (pipeline/vlm/, docs/architecture.md).
+
+VLM_GATE = ("decoder.min_agreement", "decoder.max_perplexity_ratio")
+VLM_STAGES = [
+    Stage("baseline", 1, vlm_baseline.baseline, vlm_baseline.baseline_keys, uses_data=True, measures=True,
+          gate=vlm_baseline.baseline_gate, gate_config=("baseline.gate", "baseline.min_top1")),
+    Stage("prune", 1, vlm_prune.prune, vlm_prune.prune_keys, ("baseline",), uses_data=True, measures=True,
+          gate=vlm_finetune.quality_gate("prune", "baseline"), gate_config=("prune.gate", "prune.max_drop", *VLM_GATE)),
+    Stage("finetune", 1, vlm_finetune.finetune, vlm_finetune.finetune_keys, ("baseline", "prune"), uses_data=True,
+          measures=True, gate=vlm_finetune.quality_gate("finetune", "baseline"),
+          gate_config=("finetune.gate", "finetune.max_drop", *VLM_GATE)),
+    Stage("export_onnx", 1, vlm_export.export_onnx, vlm_export.export_keys, ("baseline", "finetune"), uses_data=True,
+          measures=True, gate=vlm_export.export_gate,
+          gate_config=("export.gate", "export.max_drop", "decoder.min_parity")),
+    Stage("quantize", 1, vlm_quantize.quantize, vlm_quantize.quantize_keys, ("baseline", "finetune", "export_onnx"),
+          uses_data=True, measures=True, gate=vlm_quantize.quantize_gate,
+          gate_config=("quantize.gate", "quantize.max_drop", "vlm.min_cosine", *VLM_GATE),
+          environment=quantize_environment),
+    Stage("engine", 1, vlm_engine.engine, vlm_engine.engine_keys, ()),
+    Stage("profile", 1, vlm_profile.profile, vlm_profile.profile_keys, ("export_onnx", "quantize"),
+          environment=profile_environment),
+    Stage("package", 1, vlm_package.package_stage, vlm_package.package_keys,
+          ("baseline", "prune", "finetune", "export_onnx", "quantize", "profile"), uses_data=True, folder="deploy",
+          environment=vlm_package.package_environment),
+]
+
+
 def stages_for(cfg) -> list:
+    if is_vlm(cfg):
+        return VLM_STAGES
     return DECODER_STAGES if is_decoder(cfg) else STAGES

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 PROJECTORS = ("linear", "mlp2")
+# The tower of configs/vit-tower.toml: 7x7 patches, 16 tokens an image.
+TOWER_DEFAULT = {"image_size": 28, "patch_size": 7, "dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 2.0}
 
 
 def build_projector(kind: str, dim: int, hidden: int) -> nn.Module:
@@ -73,6 +75,6 @@ def build_vlm(vocab_size: int, *, image_token_id: int, tower: dict | None = None
     from pipeline.models.tower import VisionTower
     torch.manual_seed(seed)
     dec = build_decoder(vocab_size, special=special, seed=seed, **(decoder or {}))
-    t = {"image_size": 28, "patch_size": 7, "dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 2.0, **(tower or {})}
+    t = {**TOWER_DEFAULT, **(tower or {})}
     vision = VisionTower(**t)
     return VLM(vision, build_projector(projector, t["dim"], dec.config.hidden_size), dec, image_token_id)

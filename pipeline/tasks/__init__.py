@@ -10,9 +10,10 @@ from pipeline.tasks.base import Task
 from pipeline.tasks.classify import Classify
 from pipeline.tasks.encode import Encode
 from pipeline.tasks.generate import Generate
+from pipeline.tasks.vlm import VLMAnswer
 
 # "auto" asks these in order: the most specific first, classification (which claims any model) last.
-_ORDER: list[Task] = [Generate(), Encode(), Classify()]
+_ORDER: list[Task] = [Generate(), VLMAnswer(), Encode(), Classify()]
 
 
 def register(task: Task) -> Task:
@@ -25,7 +26,7 @@ def register(task: Task) -> Task:
 
 def unregister(kind: str) -> None:
     """Remove a task added with `register` (the built-in ones stay)."""
-    if kind in ("classify", "encode", "generate"):
+    if kind in ("classify", "encode", "generate", "vlm"):
         raise PipelineError(f"task: {kind!r} is built in and cannot be removed")
     _ORDER[:] = [t for t in _ORDER if t.kind != kind]
 
@@ -69,5 +70,5 @@ def named(kind: str) -> Task:
     raise PipelineError(f"task.kind: unknown {kind!r}; expected auto or one of {', '.join(kinds())}")
 
 
-__all__ = ["Task", "Classify", "Encode", "Generate", "register", "unregister", "resolve", "named", "kinds",
+__all__ = ["Task", "Classify", "Encode", "Generate", "VLMAnswer", "register", "unregister", "resolve", "named", "kinds",
            "of_metrics", "score_of", "of_run"]

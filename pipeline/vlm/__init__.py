@@ -1,0 +1,17 @@
+"""The VLM's stages (task.kind = "vlm"): the same stages in the same order as pipeline/stages.py lists, for
+VILA's system — a ViT vision tower, a projector and a LLaMA-family decoder, trained with VILA's three steps,
+compressed in all three parts, exported as vision.onnx + an inputs_embeds decoder + the embedding table, and
+answered by the torch-free runtime (edgerun/vlm.py).
+
+`pipeline.vlm.io` is the one place that knows the libraries underneath (pipeline/vlmdata.py, vlm_train.py,
+prune_vlm.py, export/vlm.py, calib/vision.py, calib/int4.py, edgerun/vlm.py); the stage modules here call it
+and the task (pipeline/tasks/vlm.py) for what the gates compare.
+"""
+
+VLM_DATA = ("vila-mnist", "vlm-jsonl")
+
+
+def is_vlm(cfg) -> bool:
+    """Whether a config runs the VLM stages: task.kind = vlm, or auto with a VLM's data or model.name = vlm."""
+    kind = cfg.task.kind
+    return kind == "vlm" or (kind == "auto" and (cfg.data.kind in VLM_DATA or cfg.model.name == "vlm"))

@@ -1,0 +1,85 @@
+"""The VLM's baseline stage: VILA's recipe on the run's records (pipeline/vlm_train.py) — the tower pre-trained
+on MNIST classes and the decoder on text (the stand-ins for VILA's pretrained CLIP and LLM), then step 1 (the
+projector alone, on captions), step 2 (interleaved image-text pre-training, the decoder unfrozen) and step 3 (the
+instruction mix with text-only data blended in). Saved as the VLM folder every later stage starts from, with its
+figures per question type and what later gates compare with (its teacher-forced next tokens)."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import gate as gates
+from pipeline.records import Artifact
+from pipeline.runner import Context, Output
+from pipeline.stage_io import np_write
+from pipeline.tasks import named
+from pipeline.vlm import io
+
+RECIPE = ("tower", "projector", "train_counts", "tower_epochs", "text_steps", "text_lr", "batch_size",
+          *(f"step{i}_{k}" for i in (1, 2, 3) for k in ("mix", "frozen", "steps", "lr")))
+
+
+def baseline_keys(cfg):
+    return ["task.kind", "model.kwargs", "decoder.max_new_tokens", *(f"vlm.{k}" for k in RECIPE)]
+
+
+def steps_of(cfg) -> list:
+    """The config's three steps as vlm_train.StepSpecs."""
+    from pipeline.vlm_train import StepSpec
+    v, names = cfg.vlm, ("1-projector", "2-interleaved", "3-instructions")
+    return [StepSpec(names[i - 1], dict(getattr(v, f"step{i}_mix")), frozen=tuple(getattr(v, f"step{i}_frozen")),
+                     steps=getattr(v, f"step{i}_steps"), lr=getattr(v, f"step{i}_lr"), batch_size=v.batch_size)
+            for i in (1, 2, 3) if getattr(v, f"step{i}_steps") > 0]
+
+
+def baseline(ctx: Context) -> Output:
+    from pipeline.models.vlm import build_vlm
+    from pipeline.textdata import special_ids
+    from pipeline.vlm_train import image_bank, pretrain_decoder, pretrain_tower, tower_top1, train_vila
+    from pipeline.vlmdata import IMAGE_ID, build_vlm_tokenizer
+    cfg, data, v = ctx.cfg, ctx.data, ctx.cfg.vlm
+    tok = build_vlm_tokenizer(data.train)
+    recipe = io.recipe_of(cfg)
+    vlm = build_vlm(tok.get_vocab_size(), image_token_id=IMAGE_ID, tower=recipe["tower"], decoder=cfg.model.kwargs,
+                    projector=v.projector, special=special_ids(tok), seed=cfg.run.seed)
+    trained = {}
+    classes = data.mnist_classes()
+    if v.tower_epochs > 0 and classes is not None:
+        ctx.log(f"  pre-training the vision tower on MNIST classes for {v.tower_epochs} epochs")
+        info = pretrain_tower(vlm.vision, *classes, epochs=v.tower_epochs, seed=cfg.run.seed, progress="tower")
+        trained["tower"] = {"seconds": round(info["seconds"], 1),
+                            "top1": round(tower_top1(vlm.vision, *_test_classes(cfg)), 2)}
+    if v.text_steps > 0:
+        ctx.log(f"  pre-training the decoder on text for {v.text_steps} steps")
+        info = pretrain_decoder(vlm, tok, data.data, steps=v.text_steps, lr=v.text_lr, batch_size=v.batch_size,
+                                seed=cfg.run.seed, progress="text")
+        trained["text"] = {"seconds": round(info["seconds"], 1), "loss": round(info["losses"][-1], 4)}
+    steps = []
+    for res in train_vila(vlm, tok, data.data, steps_of(cfg), seed=cfg.run.seed, progress="vila",
+                          log=lambda r: ctx.log(f"  step {r.name}: {r.seconds:.0f} s, loss {r.final_loss:.4f}")):
+        steps.append({"name": res.name, "seconds": round(res.seconds, 1), "loss": round(res.final_loss, 4)})
+    folder = io.save_vlm(vlm, tok, ctx.out / io.MODEL_DIR, recipe)
+    bank = image_bank(data.data.test_images)
+    logits, _ = io.torch_logits(vlm, tok, data.test, bank)
+    from pipeline.llm import lm
+    np_write(ctx.out / io.TEST_NEXT, np.save, lm.next_tokens(logits))
+    metrics, answers = io.measure_torch(vlm, tok, data.test, bank, None, cfg.decoder.max_new_tokens)
+    io.write_answers(ctx.out / io.ANSWERS, answers)
+    params = {part: sum(p.numel() for p in getattr(vlm, part).parameters()) for part in ("vision", "projector",
+                                                                                         "decoder")}
+    metrics = {"task": "vlm", **metrics, "pretrain": trained, "steps": steps, "params": params,
+               "size_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+               "decoder_config": lm.widths_of(vlm.decoder.config), "tower": recipe["tower"]}
+    return Output(metrics=metrics, artifacts=(Artifact("baseline-torch", "torch", io.MODEL_DIR,
+                                                       label="baseline VLM (torch)"),))
+
+
+def _test_classes(cfg):
+    from edgerun.readers import load_mnist
+    from pipeline.data import resolve_root
+    return load_mnist(resolve_root(cfg.data.root), "test")
+
+
+def baseline_gate(m, inputs, cfg):
+    floor = cfg.baseline.min_top1 if cfg.baseline.min_top1 >= 0 else None
+    check = named(m["task"]).baseline_check(m, floor)
+    return gates.gate(cfg.baseline.gate, check) if check is not None else None

@@ -167,23 +167,24 @@ def read_jsonl(path: str | Path, test_fraction: float = 0.1) -> tuple[list[dict]
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def build_tokenizer(texts, kind: str = "word", vocab_size: int = 4000):
+def build_tokenizer(texts, kind: str = "word", vocab_size: int = 4000, extra_specials: tuple[str, ...] = ()):
     """A ``tokenizers.Tokenizer`` trained on ``texts`` with the specials <pad> <s> </s> <unk> (ids 0..3).
 
     ``word`` (the default): one token per whitespace-separated word. The synthetic task is a closed
     vocabulary in which every number word is one token, so sequences stay short (training is cheaper on
     the CPU) and an answer is a few tokens the model gets right or wrong. ``bpe``: byte-level BPE of at most
-    ``vocab_size`` tokens, for user text whose test words may not occur in training (no <unk>)."""
+    ``vocab_size`` tokens, for user text whose test words may not occur in training (no <unk>).
+    ``extra_specials`` take the ids after the four (a VLM's ``<image>`` is id 4) and are never split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     if kind == "word":
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS))
+        trainer = trainers.WordLevelTrainer(special_tokens=[*SPECIALS, *extra_specials])
     elif kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIALS, *extra_specials],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     else:
         raise PipelineError(f"tokenizer kind {kind!r}: expected 'word' or 'bpe'")

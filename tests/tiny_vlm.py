@@ -61,15 +61,20 @@ def images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def torch_greedy(vlm, ids: list[int], ims: list[np.ndarray], max_new_tokens: int) -> list[int]:
-    """Greedy by re-running the whole sequence each step (no cache): the reference the runtime must equal."""
+    """Greedy by re-running the whole sequence each step (no cache): the reference the runtime must equal. The
+    prompt's embeddings are VLM.inputs_embeds'; a generated id is its table row, even the image token's (a random
+    model may emit it; it is no image position)."""
     import torch
 
     from edgerun.pixels import normalise
     pixels = torch.from_numpy(normalise(np.stack(ims), (0.1307,), (0.3081,))) if ims else None
     new: list[int] = []
+    table = vlm.decoder.get_input_embeddings()
     with torch.no_grad():
+        prompt = vlm.inputs_embeds(torch.tensor([ids]), pixels)
         for _ in range(max_new_tokens):
-            logits = vlm(torch.tensor([ids + new]), pixels).logits[0, -1]
+            embeds = torch.cat([prompt, table(torch.tensor([new], dtype=torch.long))], dim=1)
+            logits = vlm.decoder(inputs_embeds=embeds).logits[0, -1]
             new.append(int(torch.argmax(logits)))
             if new[-1] == EOS:
                 break

@@ -118,3 +118,32 @@ def test_cli_refuses_an_image_for_a_text_bundle(tmp_path):
     assert code == 1 and "takes no --image" in out and len(out.splitlines()) == 1
     code, out = _cli("eval", "--bundle", tiny_decoder.bundle())
     assert code == 1 and "not a VLM bundle" in out and len(out.splitlines()) == 1
+
+
+def test_int4_decoder_from_embeds_feeds_runs_in_the_runtime(bundle, session, tmp_path):
+    """calib.int4 on the inputs_embeds decoder: AWQ calibrated on the runtime's own prompt embeddings (feeds
+    of images and text), and without a dataset (its probe feed is then made for inputs_embeds); the VLM session
+    runs the MatMulNBits file, batch equal to one-by-one."""
+    import shutil
+
+    import onnx
+
+    from calib.int4 import compress_int4
+    folder = tmp_path / "int4"
+    shutil.copytree(bundle[2], folder)
+    feeds = []
+    for n in (1, 2):
+        ids, embeds = session.prompt(tiny_vlm.images(n), PROMPTS[n])
+        feeds.append({"inputs_embeds": embeds[None], "attention_mask": np.ones((1, len(ids)), np.int64),
+                      "position_ids": np.arange(len(ids))[None], **session.decoder.empty_past(1)})
+    info = compress_int4(bundle[1].decoder, folder / "model.onnx", form="ort", group_size=64, dataset=feeds)
+    assert info["options"]["n_data"] == 2 and info["matmuls"]["int4"] > 0
+    plain = compress_int4(bundle[1].decoder, tmp_path / "plain.onnx", form="ort", group_size=64, awq=False,
+                          scale_estimation=False)
+    assert plain["matmuls"]["int4"] == info["matmuls"]["int4"] and np.isfinite(plain["probe"]["max_abs_logits"])
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / "model.onnx")).graph.node)
+    from edgerun.vlm import VLMSession
+    s4 = VLMSession(folder, threads=1)
+    items = [(tiny_vlm.images(n, seed=20 + n), PROMPTS[n]) for n in (2, 0, 1)]
+    alone = [s4.answer(ims, p, max_new_tokens=5).tokens for ims, p in items]
+    assert s4.greedy(items, max_new_tokens=5, batch_size=3) == alone and all(alone)

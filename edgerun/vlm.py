@@ -179,14 +179,18 @@ class VLMSession:
             raise VLMError(f"the prompt is {len(out)} tokens with its images, the context holds {c.context_length}")
         return out
 
-    def image_embeds(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 [C, H, W] images -> [n, tokens_per_image, hidden] (vision.onnx, VISION_BATCH images a run)."""
-        c = self.config
-        want = (c.channels, *c.image_size)
+    def check_images(self, images: Sequence[np.ndarray]) -> None:
+        """One line for an image that is not uint8 [channels, height, width] of the model's size."""
+        want = (self.config.channels, *self.config.image_size)
         for i, im in enumerate(images):
             if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != want:
                 what = f"{im.dtype} {list(im.shape)}" if isinstance(im, np.ndarray) else type(im).__name__
                 raise VLMError(f"image {i}: {what}, expected uint8 {list(want)} (channels, height, width)")
+
+    def image_embeds(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 [C, H, W] images -> [n, tokens_per_image, hidden] (vision.onnx, VISION_BATCH images a run)."""
+        c = self.config
+        self.check_images(images)
         if not len(images):
             return np.zeros((0, c.tokens_per_image, c.hidden), np.float32)
         pixels = normalise(np.stack(images), c.mean, c.std)
@@ -231,7 +235,13 @@ class VLMSession:
                batch_size: int = 16) -> list[list[int]]:
         """Greedy new ids for each (images, prompt), decoded batch_size at a time (generate.greedy_batch: what
         each gets alone); the images of all items go through vision.onnx together."""
-        prompts = [self.prompt_ids(p, len(ims)) for ims, p in items]
+        prompts = []
+        for n, (ims, p) in enumerate(items):
+            try:
+                prompts.append(self.prompt_ids(p, len(ims)))
+                self.check_images(ims)
+            except VLMError as e:
+                raise VLMError(f"item {n}: {e}") from None
         visual = self.image_embeds([im for ims, _ in items for im in ims])
         embeds, at = [], 0
         for (ims, _), ids in zip(items, prompts, strict=True):

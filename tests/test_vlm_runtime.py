@@ -66,6 +66,9 @@ def test_bad_input_is_one_line(session):
         with pytest.raises(VLMError, match=match) as e:
             session.answer(ims, prompt)
         one_line(e.value)
+    with pytest.raises(VLMError, match="item 1: the prompt has 1 <image> placeholder") as e:
+        session.greedy([(tiny_vlm.images(1), PROMPTS[1]), ([], PROMPTS[1])])
+    one_line(e.value)
 
 
 def _cli(*args):

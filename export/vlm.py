@@ -131,8 +131,16 @@ def _export_vision(vlm, path: Path, facts: dict, opset: int, atol: float) -> flo
     was_training = vlm.training
     try:
         tmp = work / path.name
-        export_onnx(module, example, tmp, opset=opset, input_name="pixels", output_names=("image_embeds",),
-                    check_batches=VISION_BATCHES)
+        try:
+            export_onnx(module, example, tmp, opset=opset, input_name="pixels", output_names=("image_embeds",),
+                        check_batches=VISION_BATCHES)
+        except ExportError as e:   # keep the exporter's log where the message says, not in the folder removed below
+            log = tmp.with_name(tmp.name + ".export.log")
+            if not log.is_file():
+                raise
+            kept = path.with_name(log.name)
+            log.replace(kept)
+            raise ExportError(str(e).replace(str(log), str(kept))) from e.__cause__
         pixels = rng.standard_normal((PARITY_ROWS, *shape)).astype(np.float32)
         with torch.no_grad():
             reference = vlm.image_embeds(torch.from_numpy(pixels)).numpy()   # the interface, not the copy

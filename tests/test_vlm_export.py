@@ -66,3 +66,34 @@ def test_vlm_json_refuses_bad_facts_in_one_line(tmp_path):
         one_line(e.value)
     with pytest.raises(VLMError, match="image_size"):
         write_vlm_json(tmp_path / "x", {k: v for k, v in facts.items() if k != "image_size"}, {})
+
+
+def test_a_vision_file_that_fails_its_proof_is_not_left(tmp_path):
+    """The parity proof compares the file with VLM.image_embeds (the interface): a model whose image_embeds is
+    not what its tower and projector compute fails, and nothing is left but the error."""
+    from export.errors import ExportError
+    from export.vlm import export_vlm
+    vlm = tiny_vlm.model()
+    vlm.image_embeds = lambda pixels: vlm.projector(vlm.vision.encode(pixels)) + 1.0
+    with pytest.raises(ExportError, match="vision.onnx: image embeddings differ from torch's") as e:
+        export_vlm(vlm, tmp_path / "a")
+    one_line(e.value)
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_a_failed_vision_export_keeps_its_log_where_the_message_says(tmp_path):
+    import torch
+
+    from export.errors import ExportError
+    from export.vlm import export_vlm
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x if float(x.detach().sum()) > 0 else -x
+    vlm = tiny_vlm.model()
+    vlm.projector = torch.nn.Sequential(vlm.projector, DataDependent())
+    with pytest.raises(ExportError) as e:
+        export_vlm(vlm, tmp_path / "b")
+    one_line(e.value)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["vision.onnx.export.log"]
+    assert str(tmp_path / "b" / "vision.onnx.export.log") in str(e.value)

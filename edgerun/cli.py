@@ -1,4 +1,5 @@
-"""`python -m edgerun infer|check|benchmark|record`: the runtime's command line, also mounted by `edgepipe`.
+"""`python -m edgerun VERB` (infer, check, benchmark, record, generate, eval): the runtime's command line, also
+mounted by `edgepipe`.
 
 Exit codes: 0 passed, 1 user error (one `FAILED | error: ...` line on stdout, no traceback unless
 --debug; argparse usage errors too), 2 a failed check. Each verb lives in its own module, imported
@@ -21,6 +22,7 @@ VERBS = {
     "benchmark": ("edgerun.benchmark", "add_benchmark_parser", "run_benchmark"),
     "record": ("edgerun.trt", "add_record_parser", "run_record"),
     "generate": ("edgerun.generate_cli", "add_generate_parser", "run_generate"),
+    "eval": ("edgerun.vlm_cli", "add_eval_parser", "run_eval"),
 }
 RUN = "edgerun_run"  # the argparse attribute that holds the chosen verb's runner
 
@@ -91,7 +93,7 @@ def printable_stdio() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m edgerun", description="Run deploy bundles on this machine: infer, check, "
-                                                       "benchmark, record.")
+                                                       "benchmark, record, generate, eval.")
     ap.add_argument("--version", action="version", version=f"edgerun {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     add_verbs(ap.add_subparsers(dest="command", required=True, metavar="VERB"))

@@ -1,4 +1,5 @@
-"""The `generate` verb: text from a decoder bundle folder (genai_config.json, tokenizer.json, the ONNX file).
+"""The `generate` verb: text from a decoder bundle folder (genai_config.json, tokenizer.json, the ONNX file),
+or from a VLM bundle (vlm.json: edgerun.vlm) with `--image FILE` once per `<image>` in the prompt.
 
 `--prompt TEXT`: streams the new text to stdout as it comes (`--format text`), or prints one JSON object
 (tokens, text, ttft_s, decode_tokens_per_s, stop_reason). `--eval FILE.jsonl`: greedy answers to records
@@ -15,6 +16,9 @@ from pathlib import Path
 from edgerun.errors import EdgeError, brief
 from edgerun.genai import read_bundle
 from edgerun.generate import DecoderSession, check_sampling, exact_match, generate, greedy_batch
+from edgerun.readers import read_image
+from edgerun.vlm import VLMSession, is_vlm_bundle
+from edgerun.vlm_sample import evaluate, read_records
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,6 +29,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--prompt", help="the prompt text")
     what.add_argument("--eval", help="a .jsonl file of {\"prompt\": ..., \"answer\": ...}: exact-match of "
                                      "greedy answers")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image for a VLM bundle, once per <image> in the prompt, in order")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
@@ -41,6 +47,10 @@ def run_generate(args) -> int:
                    top_p=args.top_p)
     if args.batch_size < 1 or args.threads < 0:
         raise EdgeError(f"--batch-size must be >= 1 and --threads >= 0 (got {args.batch_size}, {args.threads})")
+    if is_vlm_bundle(args.bundle):
+        return _run_vlm(args)
+    if args.image:
+        raise EdgeError(f"{args.bundle}: a text-only decoder bundle (no vlm.json) takes no --image")
     bundle = read_bundle(args.bundle)
     tokenizer = bundle.tokenizer()
     if args.eval is not None:
@@ -65,6 +75,24 @@ def run_generate(args) -> int:
         print(json.dumps(result.as_dict()))
     else:
         print(flush=True)
+    return 0
+
+
+def _run_vlm(args) -> int:
+    session = VLMSession(args.bundle, threads=args.threads)
+    if args.eval is not None:
+        if args.image:
+            raise EdgeError("--image is for --prompt; --eval records name their own images")
+        result = evaluate(session, read_records(args.eval), max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size)
+        print(json.dumps(result.as_dict()))
+        return 0
+    c = session.config
+    images = [read_image(p, c.image_size, c.channels) for p in args.image]
+    stream = _TextStream(session.tokenizer) if args.format == "text" else None
+    result = session.answer(images, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=stream)
+    print(json.dumps(result.as_dict()) if stream is None else "", flush=True)
     return 0
 
 

@@ -181,3 +181,29 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(session):
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
         assert tokens == generate(session, prompt, max_new_tokens=10, eos_token_id=tiny.EOS).tokens
+
+
+def test_an_inputs_embeds_decoder_runs_the_same_loop(session):
+    """The same model exported with inputs_embeds, fed the rows of its embedding table, generates, samples and
+    batches as the input_ids file does; without the table it says so in one line."""
+    model, info = tiny.exported("llama", embeds=True)
+    table = model.get_input_embeddings().weight.detach().numpy()
+    embeds = DecoderSession(info["path"], embed_tokens=table)
+    assert embeds.embeds and not session.embeds and embeds.first == "inputs_embeds"
+    for prompt in PROMPTS[:3]:
+        assert generate(embeds, prompt, max_new_tokens=8).tokens == generate(session, prompt, max_new_tokens=8).tokens
+        assert generate(embeds, prompt, max_new_tokens=8, prompt_embeds=table[prompt]).tokens == \
+            generate(session, prompt, max_new_tokens=8).tokens
+    sampled = dict(max_new_tokens=8, temperature=0.8, top_k=10, seed=4)
+    assert generate(embeds, PROMPTS[0], **sampled).tokens == generate(session, PROMPTS[0], **sampled).tokens
+    batch = dict(max_new_tokens=6, eos_token_id=tiny.EOS, pad_token_id=tiny.PAD, batch_size=2)
+    assert greedy_batch(embeds, PROMPTS, **batch) == greedy_batch(session, PROMPTS, **batch)
+    assert greedy_batch(embeds, PROMPTS, prompts_embeds=[table[p] for p in PROMPTS], **batch) == \
+        greedy_batch(session, PROMPTS, **batch)
+    bare = DecoderSession(info["path"])
+    for call in (lambda: generate(bare, PROMPTS[0]), lambda: generate(session, PROMPTS[0], prompt_embeds=table[:5]),
+                 lambda: DecoderSession(info["path"], embed_tokens=table[:, :4]),
+                 lambda: greedy_batch(embeds, PROMPTS, prompts_embeds=[table[:2]] * len(PROMPTS), **batch)):
+        with pytest.raises(GenerateError) as e:
+            call()
+        one_line(e.value)

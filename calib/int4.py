@@ -102,11 +102,9 @@ def _to_form_opset(model, form: str, src):
 
 
 def _decoder_feed(model) -> dict | None:
-    """One decode step (2 tokens, empty past) for the decoder layout, its first input ``input_ids`` or
-    ``inputs_embeds`` (a vision-language model's decoder: random embeddings of the file's hidden size), or None
-    if the inputs are not that layout."""
-    from onnx.helper import tensor_dtype_to_np_dtype
-
+    """One decode step (2 tokens, empty past) for the decoder layout, or None if the inputs are not that layout.
+    A VLM's decoder takes ``inputs_embeds`` [batch, sequence, hidden] instead of ``input_ids``: it gets seeded
+    normal values at the scale of an embedding table (std 0.02, transformers' init), which only have to run."""
     inits = {t.name for t in model.graph.initializer}
     feed = {}
     for i in model.graph.input:
@@ -116,8 +114,7 @@ def _decoder_feed(model) -> dict | None:
         if i.name in ("input_ids", "attention_mask"):
             feed[i.name] = np.ones((1, 2), np.int64)
         elif i.name == "inputs_embeds" and len(dims) == 3 and dims[2]:
-            dtype = tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-            feed[i.name] = np.random.default_rng(0).standard_normal((1, 2, dims[2])).astype(dtype)
+            feed[i.name] = (np.random.default_rng(0).standard_normal((1, 2, dims[2])) * 0.02).astype(np.float32)
         elif i.name == "position_ids":
             feed[i.name] = np.arange(2, dtype=np.int64)[None]
         elif i.name.startswith("past_key_values.") and len(dims) == 4 and dims[1] and dims[3]:
@@ -179,9 +176,8 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
     feeds = _feeds(dataset, bool(awq or scale_estimation), model, onnx_in)
     probe = feeds[0] if feeds else _decoder_feed(model)
     if probe is None:
-        raise CalibError(f"{onnx_in}: inputs are not the decoder layout (input_ids or inputs_embeds, "
-                         "attention_mask, position_ids, "
-                         "past_key_values.*); pass dataset=[feed dict] so the result can be run once")
+        raise CalibError(f"{onnx_in}: inputs are not the decoder layout (input_ids or inputs_embeds, attention_mask, "
+                         "position_ids, past_key_values.*); pass dataset=[feed dict] so the result can be run once")
     model = _to_form_opset(model, form, onnx_in)
     _fold_weight_transposes(model)
 

@@ -199,20 +199,27 @@ def _scores(model: nn.Module, score: Callable[[torch.Tensor], torch.Tensor | Non
 
 
 def taylor_importance(model: nn.Module, loss_fn: Callable[[nn.Module, object], torch.Tensor],
-                      batches: Iterable) -> Importance:
-    """First-order Taylor importance on the task's loss: for each batch, ``loss_fn(model, batch)`` (a scalar
-    tensor) is backpropagated and |w * grad| is summed per MLP channel, query head and layer, over batches.
-    Per-batch absolute values, so gradients of different batches cannot cancel. Leaves no gradients behind."""
+                      batches: Iterable, *, owner: nn.Module | None = None) -> Importance:
+    """First-order Taylor importance on the task's loss: for each batch, ``loss_fn(owner, batch)`` (a scalar
+    tensor) is backpropagated and |w * grad| is summed per MLP channel, query head and layer of ``model``,
+    over batches. Per-batch absolute values, so gradients of different batches cannot cancel.
+    ``owner``: the module ``loss_fn`` runs, ``model`` by default; a vision-language model holding ``model`` as
+    its decoder, so that the loss is the VLM's own answer loss with image embeddings in the decoder's input.
+    It must contain ``model``. Leaves no gradients behind, on ``owner`` either."""
     _decoder_layers(model)
+    owner = model if owner is None else owner
+    if not any(m is model for m in owner.modules()):
+        raise PipelineError(f"prune: the owner ({type(owner).__name__}) given to Taylor importance does not contain "
+                            f"the decoder ({type(model).__name__}) it scores")
     total: Importance | None = None
     n = 0
-    was_training = model.training
-    model.eval()       # dropout off: the scores are about the model that will run
+    was_training = owner.training
+    owner.eval()       # dropout off: the scores are about the model that will run
     try:
         for batch in batches:
-            model.zero_grad(set_to_none=True)
+            owner.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = loss_fn(model, batch)
+                loss = loss_fn(owner, batch)
                 if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
                     raise PipelineError("prune: loss_fn must return a scalar tensor that depends on the model's "
                                         f"weights, got {type(loss).__name__}")
@@ -225,8 +232,8 @@ def taylor_importance(model: nn.Module, loss_fn: Callable[[nn.Module, object], t
                 [a + b for a, b in zip(total.heads, step.heads, strict=True)], total.layers + step.layers)
             n += 1
     finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        owner.zero_grad(set_to_none=True)
+        owner.train(was_training)
     if total is None:
         raise PipelineError("prune: Taylor importance needs at least one calibration batch, got none")
     return total

@@ -132,11 +132,11 @@ def run(config: str | Path | Config, overrides=(), *, run_name: str | None = Non
     from pipeline.data import Data
     from pipeline.llm import is_decoder
     from pipeline.llm.lm import TextData
-    from pipeline.vlm import is_vlm
-    from pipeline.vlm.io import VLMRunData
     from pipeline.report import write_report
     from pipeline.runner import Runner, run_lock
     from pipeline.stages import stages_for
+    from pipeline.vlm import is_vlm
+    from pipeline.vlm.io import VLMRunData
     cfg, ignored = _load(config, overrides, run_name)
     warnings = [_warning(k) for k in ignored]
     for w in warnings:

@@ -18,6 +18,7 @@ from edgerun.errors import EdgeError
 from pipeline import tasks
 from pipeline.config import Config
 from pipeline.llm import report as llm_report
+from pipeline.vlm import report as vlm_report
 
 # the config's sections, in its order (pipeline.config.Config is the one list; a stdlib read, no torch)
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -106,7 +107,8 @@ def _run(args) -> int:
         return 2
     counts = {s: sum(r.status == s for r in result.records) for s in ("ran", "cached", "skipped")}
     if result.bundle is not None:
-        print(llm_report.next_block(result) if llm_report.is_decoder_run(result) else _next_block(result))
+        family = next((f for f in (llm_report, vlm_report) if f.is_run(result)), None)
+        print(family.next_block(result) if family is not None else _next_block(result))
     print(f"PASSED | {len(result.records)} stages: {counts['ran']} ran, {counts['cached']} cached, "
           f"{counts['skipped']} skipped in {time.perf_counter() - t0:.1f} s{_headline(result)} | {result.run_dir}",
           flush=True)
@@ -114,8 +116,9 @@ def _run(args) -> int:
 
 
 def _headline(result) -> str:
-    if llm_report.is_decoder_run(result):
-        return llm_report.headline(result)
+    family = next((f for f in (llm_report, vlm_report) if f.is_run(result)), None)
+    if family is not None:
+        return family.headline(result)
     pkg = result.record("package")
     chosen = (pkg.metrics.get("chosen") or {}) if pkg else {}
     task = tasks.of_run(result.records)

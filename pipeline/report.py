@@ -138,9 +138,15 @@ def write_report(folder, records: list[StageRecord], cfg, *, stage_order: list[s
     from pipeline.llm.report import to_markdown as decoder_markdown
     report = build_report(records, cfg, stage_order=stage_order, outcome=outcome, package=package)
     report["plots"] = write_plots(folder, report)
-    decoder = decoder_section(records)   # a decoder's figures and speeds (pipeline/llm/report.py); else None
-    if decoder is not None:
-        report["decoder"] = decoder
+    from pipeline.vlm.report import to_markdown as vlm_markdown
+    from pipeline.vlm.report import vlm_section
+    extra = ""
+    # a family's own figures and speeds (pipeline/llm/report.py, pipeline/vlm/report.py); None for the others
+    for key, section, markdown in (("decoder", decoder_section, decoder_markdown), ("vlm", vlm_section, vlm_markdown)):
+        found = section(records)
+        if found is not None:
+            report[key] = found
+            extra += "\n" + markdown(found)
     write_json(folder / "report.json", report)
-    atomic_write(folder / "report.md", to_markdown(report) + ("\n" + decoder_markdown(decoder) if decoder else ""))
+    atomic_write(folder / "report.md", to_markdown(report) + extra)
     return report

@@ -168,6 +168,9 @@ class Runner:
         return {
             "stage": stage.name,
             "version": stage.version,
+            # Which code: the decoder's, the VLM's and the CNN's stage of one name share name, version and maybe
+            # keys; a record one of them wrote must never be reused by another.
+            "code": f"{stage.fn.__module__}.{stage.fn.__qualname__}",
             "config": fingerprint_values(self.cfg, stage.keys(self.cfg), self.data_identity),
             # What an input stage wrote, not only how it was asked to: other bytes rerun its readers.
             "inputs": {name: hash_json([self.records[name].fingerprint_hash, self.records[name].files])

@@ -60,7 +60,7 @@ def _size(n) -> str:
     return "–" if n is None else f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
-def is_decoder_run(result) -> bool:
+def is_run(result) -> bool:
     base = result.record("baseline")
     return base is not None and base.metrics.get("task") == "generate"
 

@@ -66,7 +66,8 @@ def baseline(ctx: Context) -> Output:
     io.write_answers(ctx.out / io.ANSWERS, answers)
     params = {part: sum(p.numel() for p in getattr(vlm, part).parameters()) for part in ("vision", "projector",
                                                                                          "decoder")}
-    metrics = {"task": "vlm", **metrics, "pretrain": trained, "steps": steps, "params": params,
+    metrics = {"task": "vlm", **metrics, "pretrain": trained, "steps": steps, "params": sum(params.values()),
+               "params_by_part": params,
                "size_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
                "decoder_config": lm.widths_of(vlm.decoder.config), "tower": recipe["tower"]}
     return Output(metrics=metrics, artifacts=(Artifact("baseline-torch", "torch", io.MODEL_DIR,

@@ -31,12 +31,13 @@ def finetune(ctx: Context) -> Output:
     info = train_step(student, tok, data.train, bank, spec, max_images=max_images, teacher=teacher,
                       kd_weight=f.kd_weight, seed=cfg.run.seed, progress="distil")
     student.eval()
-    io.save_vlm(student, tok, ctx.out / io.MODEL_DIR, io.recipe_of(cfg))
+    io.save_vlm(student, tok, ctx.out / io.MODEL_DIR, io.read_recipe(ctx.path("prune", io.MODEL_DIR)))
     metrics, answers = measure(ctx, student, tok)
     io.write_answers(ctx.out / io.ANSWERS, answers)
     pm = ctx.record("prune").metrics
     metrics = {"task": "vlm", **metrics, "steps": spec.steps, "losses": info["losses"],
-               "train_seconds": round(info["seconds"], 1), "pruned": pm["pruned"], "params": pm["params"]}
+               "train_seconds": round(info["seconds"], 1), "pruned": pm["pruned"], "params": pm["params"],
+               "params_by_part": pm["params_by_part"]}
     return Output(metrics=metrics, artifacts=(Artifact("pruned-torch", "torch", io.MODEL_DIR,
                                                        label="fine-tuned VLM (torch)"),))
 

@@ -39,7 +39,8 @@ class VLMRunData:
             root = resolve_root(d.root)
             tr_x, tr_y = load_mnist(root, "train")
             te_x, te_y = load_mnist(root, "test")
-            train, test = mnist_vlm_task(tr_y, te_y, seed=self.cfg.run.seed, n_train={**DEFAULT_TRAIN, **v.train_counts},
+            train, test = mnist_vlm_task(tr_y, te_y, seed=self.cfg.run.seed,
+                                         n_train={**DEFAULT_TRAIN, **v.train_counts},
                                          n_test={**DEFAULT_TEST, **v.test_counts})
             self.mnist_train = (tr_x, tr_y)
             return VLMData(train, test, tr_x, te_x)
@@ -63,7 +64,7 @@ class VLMRunData:
 
     def mnist_classes(self):
         """MNIST train images and labels (the tower's pre-training) of the embedded task; None for a jsonl."""
-        self._data
+        _ = self._data   # loading it keeps the MNIST classes of the embedded task
         return getattr(self, "mnist_train", None)
 
     def identity(self) -> str:
@@ -144,6 +145,12 @@ def load_vlm(folder: Path):
         modules[f"vision.{name}" if name else "vision"].num_heads = heads
         modules[f"vision.{name}" if name else "vision"].head_dim = head_dim
     return vlm.eval(), tok
+
+
+def read_recipe(folder: Path) -> dict:
+    """The recipe a VLM folder was built from (what save_vlm needs to write the folder of a changed copy)."""
+    meta = json.loads((Path(folder) / "vlm.json").read_text())
+    return {"tower": meta["tower"], "projector": meta["projector"]}
 
 
 def recipe_of(cfg) -> dict:

@@ -66,14 +66,14 @@ def prune(ctx: Context) -> Output:
     vlm, info = prune_vlm(vlm, vision_macs=cfg.vlm.vision_macs if cfg.vlm.vision_macs < 1 else None,
                           vision_ratio=0.0 if cfg.vlm.vision_macs >= 1 else None, decoder_widths=widths,
                           batches=batches, target=target, int4_group=group, seed=cfg.run.seed)
-    io.save_vlm(vlm, tok, ctx.out / io.MODEL_DIR, io.recipe_of(cfg))
+    io.save_vlm(vlm, tok, ctx.out / io.MODEL_DIR, io.read_recipe(ctx.path("baseline", io.MODEL_DIR)))
     metrics, answers = measure(ctx, vlm, tok)
     io.write_answers(ctx.out / io.ANSWERS, answers)
     record = info.to_json()
     record.pop("history", None)
     metrics = {"task": "vlm", **metrics, "pruned": record, "limits": target,
-               "params": {"vision": info.vision_params_after,
-                          "decoder": info.decoder_params_after}}
+               "params": sum(p.numel() for p in vlm.parameters()),
+               "params_by_part": {"vision+projector": info.vision_params_after, "decoder": info.decoder_params_after}}
     return Output(metrics=metrics, artifacts=(Artifact("pruned-torch", "torch", io.MODEL_DIR,
                                                        label="pruned VLM (torch)"),))
 

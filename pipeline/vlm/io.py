@@ -139,8 +139,13 @@ def load_vlm(folder: Path):
         owner, _, attr = key.rpartition(".")
         setattr(modules[owner], attr, torch.nn.Parameter(value, requires_grad=True)
                 if isinstance(getattr(modules[owner], attr), torch.nn.Parameter) else value)
-        if isinstance(modules[owner], torch.nn.LayerNorm):
-            modules[owner].normalized_shape = tuple(value.shape)
+        m = modules[owner]   # the width attributes too: readers of widths (prune_vlm, vlm_facts) ask them
+        if isinstance(m, torch.nn.LayerNorm):
+            m.normalized_shape = tuple(value.shape)
+        elif isinstance(m, torch.nn.Linear) and attr == "weight":
+            m.out_features, m.in_features = value.shape
+        elif isinstance(m, torch.nn.Conv2d) and attr == "weight":
+            m.out_channels, m.in_channels = value.shape[0], value.shape[1] * m.groups
     for name, (heads, head_dim) in meta["heads"].items():
         modules[f"vision.{name}" if name else "vision"].num_heads = heads
         modules[f"vision.{name}" if name else "vision"].head_dim = head_dim

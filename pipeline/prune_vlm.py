@@ -157,6 +157,9 @@ def _validate(vlm, vision_macs, vision_ratio, vision_importance, decoder_widths_
     if needs_data and (loss_fn is None or not batches):
         raise PipelineError("prune_vlm: Taylor importance needs loss_fn(vlm, batch) and at least one calibration "
                             "batch (or vision_importance='l2' and decoder_widths=None)")
+    if vision_importance == "taylor" and batches and all(getattr(b, "pixels", 0) is None for b in batches):
+        raise PipelineError("prune_vlm: the tower's Taylor importance needs batches with images; these are all "
+                            "text-only (or use vision_importance='l2')")
 
 
 def prune_vlm(vlm: nn.Module, *, vision_macs: float | None = None, vision_ratio: float | None = None,

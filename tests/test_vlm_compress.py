@@ -140,6 +140,7 @@ def test_bad_arguments_are_one_line_and_change_nothing(one_thread):
     wide = pd.decoder_widths(vlm.decoder).replace(q_heads=1)    # o_proj in_features 64: not a multiple of 128
     cases = [dict(vision_macs=0.5, vision_ratio=0.2), dict(vision_macs=1.5), dict(vision_ratio=0.3, batches=[]),
              dict(vision_ratio=0.3, vision_importance="lamp", batches=calibration()),
+             dict(vision_ratio=0.3, batches=[batch(0)]),
              dict(vision_macs=0.5, decoder_widths=wide, batches=calibration(), target="jetson-orin", int4_group=128)]
     for kw in cases:
         with pytest.raises(PipelineError) as e:

@@ -161,7 +161,10 @@ def compress_int4(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *, fo
     written to ``onnx_out`` in ``form`` "ort" (MatMulNBits) or "trt" (blocked DequantizeLinear, opset >= 21).
 
     ``dataset``: an iterable of feed dicts {input name: np.ndarray} (every graph input), needed when
-    ``awq`` or ``scale_estimation`` is on; all of it is used. ``ratio``: the share of the layers NNCF
+    ``awq`` or ``scale_estimation`` is on; all of it is used. A VLM's decoder (``inputs_embeds`` instead of
+    ``input_ids``) takes the same call; its feeds must hold the embeddings the decoder sees at run time
+    (pipeline.vlm_calib.decoder_feeds), and without a dataset the probe feeds seeded embeddings.
+    ``ratio``: the share of the layers NNCF
     ranks in INT4 (the rest in ``backup``). ``backup``: "int8" (symmetric, per channel) or "none"
     (float) for the embedding, the LM head and the layers over the ratio.
     Returns {"path", "form", "group_size", "opset", "matmuls": {"int4", "int8", "kept", "embedding_int8"},

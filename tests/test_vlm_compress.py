@@ -21,9 +21,9 @@ DECODER = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, n
                intermediate_size=512)
 
 
-def tiny_vlm(seed: int = 0):
+def tiny_vlm(seed: int = 0, projector: str = "linear"):
     from pipeline.models.vlm import build_vlm
-    return build_vlm(VOCAB, image_token_id=IMAGE, tower=TOWER, decoder=DECODER, seed=seed).eval()
+    return build_vlm(VOCAB, image_token_id=IMAGE, tower=TOWER, decoder=DECODER, projector=projector, seed=seed).eval()
 
 
 def batch(images_per_row: int = 1, rows: int = 2, seed: int = 0) -> VLMBatch:
@@ -123,11 +123,14 @@ def test_taylor_importance_through_the_vlm_leaves_no_gradients(one_thread):
         pd.taylor_importance(vlm.decoder, answer_loss, calibration(), owner=vlm.vision)
 
 
-def test_l2_by_channel_ratio_needs_no_data_and_keeps_the_decoder(one_thread):
-    vlm = tiny_vlm()
+@pytest.mark.parametrize("projector", ["linear", "mlp2"])
+def test_l2_by_channel_ratio_needs_no_data_and_keeps_the_decoder(one_thread, projector):
+    vlm = tiny_vlm(projector=projector)
     dec = pd.decoder_widths(vlm.decoder)
     vlm, info = prune_vlm(vlm, vision_ratio=0.25, vision_importance="l2", decoder_widths=None, batches=None)
-    assert info.vision_after.dim == 24 and info.decoder_after == dec
+    assert info.vision_after.dim == 24 and info.decoder_after == dec and info.projector_out == HIDDEN
+    first = next(m for m in vlm.projector.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == 24 and first.out_features == HIDDEN   # mlp2's inner width is kept too
     with torch.no_grad():
         b = batch(2, seed=3)
         assert torch.isfinite(vlm(b.input_ids, b.pixels).logits).all()
@@ -140,6 +143,7 @@ def test_bad_arguments_are_one_line_and_change_nothing(one_thread):
     wide = pd.decoder_widths(vlm.decoder).replace(q_heads=1)    # o_proj in_features 64: not a multiple of 128
     cases = [dict(vision_macs=0.5, vision_ratio=0.2), dict(vision_macs=1.5), dict(vision_ratio=0.3, batches=[]),
              dict(vision_ratio=0.3, vision_importance="lamp", batches=calibration()),
+             dict(vision_ratio=0.3, batches=[batch(0)]),
              dict(vision_macs=0.5, decoder_widths=wide, batches=calibration(), target="jetson-orin", int4_group=128)]
     for kw in cases:
         with pytest.raises(PipelineError) as e:
@@ -147,6 +151,20 @@ def test_bad_arguments_are_one_line_and_change_nothing(one_thread):
         one_line(e.value)
     assert vlm.vision.classifier is not None
     assert all(torch.equal(v, state[k]) for k, v in vlm.state_dict().items())
+
+
+def test_pruned_vlm_saves_and_loads_to_the_same_function(pruned, tmp_path):
+    from pipeline.prune_vlm import load_pruned_vlm, save_pruned_vlm
+    from pipeline.textdata import build_tokenizer
+    vlm, info = pruned
+    tok = build_tokenizer(["what digit is this ?"])
+    save_pruned_vlm(vlm, info, tok, tmp_path / "pruned")
+    again, tok2 = load_pruned_vlm(tiny_vlm(seed=3), tmp_path / "pruned")
+    assert vision_widths(again.vision) == info.vision_after and pd.decoder_widths(again.decoder) == info.decoder_after
+    assert tok2.get_vocab() == tok.get_vocab()
+    b = batch(2, seed=11)
+    with torch.no_grad():
+        assert torch.allclose(vlm.eval()(b.input_ids, b.pixels).logits, again(b.input_ids, b.pixels).logits, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ vision W8A8

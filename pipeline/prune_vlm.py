@@ -24,9 +24,8 @@ backward passes through the decoder; the choice when there are no calibration ba
 are computed on the unpruned VLM, the teacher the fine-tune distils from.
 
 A pruned VLM trains as it is (its parameters are plain ``nn.Parameter``); the train loop is
-pipeline.train. Everything here prunes in place and returns the same VLM. ``save_pruned_vlm`` /
-``load_pruned_vlm`` carry it between stages: the vision part as a torch-pruning history replayed on a fresh
-VLM plus its weights (pipeline.prune_store), the decoder as a Hugging Face folder whose config holds its widths.
+pipeline.train. Everything here prunes in place and returns the same VLM; pipeline.vlm.io.save_vlm / load_vlm
+carry it between stages (the tensors at their pruned shapes, the heads, the decoder as a Hugging Face folder).
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -263,46 +261,3 @@ def _schedule(loss_fn, batches: list):
             vlm.decoder.zero_grad(set_to_none=True)
             vlm.decoder.train(was_training)
     return schedule
-
-
-
-VISION_DIR, DECODER_DIR, VLM_FILE = "vision", "decoder", "vlm.json"
-
-
-def save_pruned_vlm(vlm: nn.Module, info: PruneInfo, tok, folder) -> Path:
-    """Write the pruned ``vlm`` into ``folder``: ``vision/`` (history + weights of the tower and projector),
-    ``decoder/`` (Hugging Face folder with ``tok``), ``vlm.json`` (image token, the tower head dropped)."""
-    from edgerun.io import write_json
-    from pipeline.models.decoder import save_decoder
-    from pipeline.prune_store import save_pruned
-    folder = Path(folder)
-    save_pruned(_VisionPart(vlm), info.history, folder / VISION_DIR)
-    save_decoder(vlm.decoder, tok, folder / DECODER_DIR)
-    write_json(folder / VLM_FILE, {"image_token_id": int(vlm.image_token_id), "dropped": list(info.dropped)})
-    return folder
-
-
-def load_pruned_vlm(fresh: nn.Module, folder) -> tuple[nn.Module, object]:
-    """(pruned VLM, tokenizer) from ``save_pruned_vlm``'s ``folder``; ``fresh`` is an unpruned VLM of the same
-    build (build_vlm with the same tower, projector and vocabulary), whose vision part the history replays on."""
-    import json
-
-    from pipeline.models.decoder import load_pretrained
-    from pipeline.prune_store import load_pruned
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / VLM_FILE).read_text())
-        token, dropped = int(meta["image_token_id"]), list(meta["dropped"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"prune_vlm: {folder / VLM_FILE} is not a pruned VLM's record ({type(e).__name__})") \
-            from None
-    if token != int(fresh.image_token_id):
-        raise PipelineError(f"prune_vlm: {folder} was saved with image token {token}, the fresh VLM has "
-                            f"{fresh.image_token_id}")
-    for name in dropped:
-        attr = name.removeprefix("vision.")
-        if isinstance(getattr(fresh.vision, attr, None), nn.Module):
-            delattr(fresh.vision, attr)
-    part = load_pruned(_VisionPart(fresh), example_pixels(fresh.vision), folder / VISION_DIR)
-    decoder, tok = load_pretrained(folder / DECODER_DIR)
-    return type(fresh)(part.vision, part.projector, decoder, token).eval(), tok

@@ -153,20 +153,6 @@ def test_bad_arguments_are_one_line_and_change_nothing(one_thread):
     assert all(torch.equal(v, state[k]) for k, v in vlm.state_dict().items())
 
 
-def test_pruned_vlm_saves_and_loads_to_the_same_function(pruned, tmp_path):
-    from pipeline.prune_vlm import load_pruned_vlm, save_pruned_vlm
-    from pipeline.textdata import build_tokenizer
-    vlm, info = pruned
-    tok = build_tokenizer(["what digit is this ?"])
-    save_pruned_vlm(vlm, info, tok, tmp_path / "pruned")
-    again, tok2 = load_pruned_vlm(tiny_vlm(seed=3), tmp_path / "pruned")
-    assert vision_widths(again.vision) == info.vision_after and pd.decoder_widths(again.decoder) == info.decoder_after
-    assert tok2.get_vocab() == tok.get_vocab()
-    b = batch(2, seed=11)
-    with torch.no_grad():
-        assert torch.allclose(vlm.eval()(b.input_ids, b.pixels).logits, again(b.input_ids, b.pixels).logits, atol=1e-5)
-
-
 # ------------------------------------------------------------------------------------------ vision W8A8
 class _ImageEmbeds(torch.nn.Module):
     """What vision.onnx computes: normalised pixels [n, 1, 28, 28] -> projected tokens [n, 16, hidden]."""

@@ -5,7 +5,7 @@ ARGS    ?=
 PYTEST_ARGS ?=
 
 .PHONY: deploy test test-all test-e2e baseline-checkpoint lint profile bench bench-prune bench-quant bench-vit bench-profile bench-coverage \
-	bench-latency bench-cold bench-default bench-llm gpu-check clean venv
+	bench-latency bench-cold bench-default bench-llm bench-vila gpu-check clean venv
 
 # Reinstall only when the dependency list or the pinned set changes: the stamp is older than them then.
 # Editable, so the checkout's code is what runs; `.venv/bin/edgepipe` is the console entry point.
@@ -77,6 +77,9 @@ bench-default: .venv/.stamp
 # its targets and the peer recipes, side by side: benchmarks/llm.md.
 bench-llm: .venv/.stamp
 	$(PY) -m benchmarks.bench_llm
+
+bench-vila: .venv/.stamp
+	$(PY) -m benchmarks.bench_vila
 
 bench-cold: .venv/.stamp
 	$(PY) -m benchmarks.bench_cold

@@ -2,7 +2,8 @@
 
 `--prompt TEXT`: streams the new text to stdout as it comes (`--format text`), or prints one JSON object
 (tokens, text, ttft_s, decode_tokens_per_s, stop_reason). `--eval FILE.jsonl`: greedy answers to records
-{"prompt": ..., "answer": ...}, scored by edgerun.generate.exact_match; prints a JSON summary.
+{"prompt": ..., "answer": ...}, scored by edgerun.generate.exact_match; prints a JSON summary. The bundle is
+verified against its manifest.json first (edgerun.genai.verify_manifest).
 Exit 0 done, 1 a user error (one line).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from edgerun.errors import EdgeError, brief
-from edgerun.genai import read_bundle
+from edgerun.genai import read_bundle, verify_manifest
 from edgerun.generate import DecoderSession, check_sampling, exact_match, generate, greedy_batch
 
 
@@ -41,7 +42,11 @@ def run_generate(args) -> int:
                    top_p=args.top_p)
     if args.batch_size < 1 or args.threads < 0:
         raise EdgeError(f"--batch-size must be >= 1 and --threads >= 0 (got {args.batch_size}, {args.threads})")
+    manifest = verify_manifest(args.bundle)      # before anything in the bundle is read
     bundle = read_bundle(args.bundle)
+    if bundle.onnx != (manifest.bundle / manifest.model).resolve():
+        raise EdgeError(f"{args.bundle}: genai_config.json names {bundle.onnx.name}, the manifest's model is "
+                        f"{manifest.model}: refused")
     tokenizer = bundle.tokenizer()
     if args.eval is not None:
         records = _read_records(Path(args.eval))

@@ -66,7 +66,8 @@ def package_stage(ctx: Context) -> Output:
     sp = lm.specials(tok)
     info = {**decoder_facts(model), "path": "model.onnx", "embeds": False}
     context = int(getattr(model.config, "max_position_embeddings", 256))
-    write_genai_config(bundle, info, context_length=context, eos_token_id=sp["eos"], bos_token_id=sp["bos"],
+    # the runtime stops where the pipeline's own generation does: at every eos of the model's folder
+    write_genai_config(bundle, info, context_length=context, eos_token_id=sp["eos_ids"], bos_token_id=sp["bos"],
                        pad_token_id=sp["pad"])
     write_tokenizer(bundle, tok, add_bos_token=True, context_length=context)
     shutil.copytree(ctx.path("finetune", lm.MODEL_DIR), bundle / "hf")

@@ -18,3 +18,16 @@ def test_speed_table_shows_each_files_peak_memory_and_the_floor():
     assert lines[0].rstrip(" |").endswith("peak memory")
     assert lines[1].endswith("| 312 MiB |") and lines[2].endswith("| 99 MiB |")
     assert "46 MiB before a file is opened" in md
+
+
+def test_not_executed_names_the_decoders_recipe_not_build_engine_sh():
+    from pipeline.records import StageRecord
+    from pipeline.report_summary import not_executed
+    skipped = StageRecord("engine", "skipped", reason="no TensorRT here")
+    decoder = not_executed([StageRecord("baseline", "ran", metrics={"task": "generate", "exact_match": 90.0}),
+                            skipped], [])
+    classifier = not_executed([StageRecord("baseline", "ran", metrics={"task": "classify", "top1": 98.0}),
+                               skipped], [])
+    engine = [n for n in decoder if n.startswith("TensorRT")]
+    assert len(engine) == 1 and "EDGE_LLM.md" in engine[0] and "build_engine.sh" not in " ".join(decoder)
+    assert any("build_engine.sh" in n for n in classifier) and "EDGE_LLM.md" not in " ".join(classifier)

@@ -51,8 +51,8 @@ class DecoderSession:
     """An onnxruntime session on a decoder file; its layers, kv heads, head size and cache dtype are read
     from the file's ``past_key_values.{i}.key|value`` inputs."""
 
-    def __init__(self, path, *, threads: int = 0):
-        self.runner = OrtRunner(path, threads=threads)
+    def __init__(self, path, *, threads: int = 0, providers=("CPUExecutionProvider",)):
+        self.runner = OrtRunner(path, providers=providers, threads=threads)
         self.name = self.runner.name
         inputs = {i.name: i for i in self.runner.session.get_inputs()}
         # position_ids is optional: onnxruntime-genai's own builder writes files that derive them from the mask

@@ -160,7 +160,6 @@ def _search(ctx: Context, model, importance, candidates, target):
                     hi = mid
                 else:
                     lo = mid + 1
-            speedup(hi)
         # the next-wider candidates of the pick are measured too (the rungs, and a check on the bisection's
         # assumption: one of them at the goal moves the pick there); bounded, as each pass measures new ones
         pick = _choose(measured, goal, backoff)[0]

@@ -4,6 +4,8 @@
    MNIST train split, on `cuda` (and, as a reference, the same steps on the CPU for 200 steps).
 2. torch-CUDA latency of each torch artifact (unpruned baseline, pruned) at batch 1/8/64, with
    `torch.cuda.synchronize` inside the timed region, beside torch-CPU.
+3. The decoder's CUDA paths (benchmarks/gpu_check_llm.py): a distillation step of a tiny decoder on CUDA, and
+   greedy decode on onnxruntime's CUDA execution provider against its CPU (where onnxruntime-gpu is installed).
 Writes benchmarks/gpu_check.json and prints a table. Where no CUDA device is present it prints one
 line saying so, writes a JSON with "cuda": false, and exits 0: nothing is claimed that did not run.
 """
@@ -53,13 +55,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from benchmarks.gpu_check_llm import decoder_checks
     from edgerun.io import write_json
     from edgerun.readers import load_mnist
     from pipeline.data import normalize
     result = {"cuda": torch.cuda.is_available(), "torch": torch.__version__, "host": platform.node(),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if not result["cuda"]:
-        write_json(args.output, {**result, "note": "no CUDA device here: nothing was run"})
+        decoder = decoder_checks(cuda=False)
+        write_json(args.output, {**result, "decoder": decoder, "note": "no CUDA device here: nothing was run"})
         print(f"SKIPPED | no CUDA device on this machine: the torch-CUDA paths were not run ({args.output})")
         return 0
     from pipeline.train import train
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
     result["finetune"] = runs
     result["latency"] = [{"model": name, **_latency(m, device, b)} for name, m in (("baseline", teacher),
                          ("pruned", student)) for device in ("cuda", "cpu") for b in (1, 8, 64)]
+    result["decoder"] = decoder_checks(cuda=True)
     write_json(args.output, result)
     for row in result["latency"]:
         print(f"{row['model']:<9} {row['device']:<5} batch {row['batch']:>3}  p50 {row['p50_ms']:.4f} ms  "

@@ -169,9 +169,9 @@ def inside(bundle: Path, name, field: str) -> Path:
 
 # ---------------------------------------------------------------- the manifest
 
-def load_manifest(bundle: str | Path) -> Manifest:
-    """Read and validate ``manifest.json``: types, ranges, file names and cross-references."""
-    bundle = Path(bundle)
+def read_document(bundle: Path) -> tuple[dict, _Checker]:
+    """``manifest.json`` as a JSON object (size-capped, a duplicate key refused) and the checker of its fields:
+    the first step of every bundle's manifest, a classifier's (load_manifest) or a decoder's (edgerun.genai)."""
     path = bundle / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle}: not a deploy bundle (no {MANIFEST})")
@@ -186,13 +186,20 @@ def load_manifest(bundle: str | Path) -> Manifest:
         raise BundleError(f"{path}: unreadable manifest ({detail})") from None
     check = _Checker(path)
     check.kind(doc, dict, "the manifest")
+    return doc, check
+
+
+def load_manifest(bundle: str | Path) -> Manifest:
+    """Read and validate ``manifest.json``: types, ranges, file names and cross-references."""
+    bundle = Path(bundle)
+    doc, check = read_document(bundle)
     spec = _input_spec(check, check.field(doc, "input", dict))
     labels = tuple(check.field(doc, "labels", list))
     if not labels or not all(isinstance(x, str) and x for x in labels):
         check.fail("labels", "a non-empty list of non-empty strings", doc["labels"])
     if len(set(labels)) != len(labels):
         check.fail("labels", "distinct names", doc["labels"])
-    files = _files(check, bundle, check.field(doc, "files", dict))
+    files = listed_files(check, bundle, check.field(doc, "files", dict))
     chosen, why = _chosen(check, doc.get("chosen"), files)
     target = doc.get("target", "")
     if not isinstance(target, str):
@@ -290,7 +297,8 @@ def _input_spec(check: _Checker, obj: dict) -> InputSpec:
                      Normalisation(scale, stats["mean"], stats["std"]))
 
 
-def _files(check: _Checker, bundle: Path, obj: dict) -> dict[str, FileEntry]:
+def listed_files(check: _Checker, bundle: Path, obj: dict) -> dict[str, FileEntry]:
+    """The manifest's ``files``: each name inside the bundle, each entry's fields typed."""
     if not obj:
         check.fail("files", "a non-empty object {name: {kind, sha256, ...}}", obj)
     files = {}

@@ -2,12 +2,18 @@
 file the config names. One file describes the model for both runtimes: onnxruntime-genai (0.18) reads
 ``genai_config.json`` as its model builder writes it (onnxruntime_genai/models/builders/base.py,
 make_genai_config), and edgerun reads its eos/bos/pad ids, context length and file name from the same file.
+
+``manifest.json`` lists every file of the bundle with its kind and sha256 (write_manifest); `generate` verifies it
+before it reads anything (verify_manifest) with the classifier bundle's checks (edgerun.bundle, edgerun.verify):
+every listed file present and as listed, no unlisted file, the one ONNX file the config names.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 from edgerun.errors import EdgeError, brief
 from edgerun.io import atomic_write, write_json
@@ -15,6 +21,8 @@ from edgerun.io import atomic_write, write_json
 GENAI_CONFIG = "genai_config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+MANIFEST_FORMAT = 2     # 1: {name: sha256} only; 2: each file's kind (the runtime's own code, the model, its data)
+MANIFEST_FIELDS = ("format", "task", "model", "files")
 
 
 class BundleError(EdgeError):
@@ -149,3 +157,78 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise BundleError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+# ---------------------------------------------------------------- the manifest
+
+@dataclass(frozen=True)
+class DecoderManifest:
+    """A decoder bundle's verified manifest (what edgerun.verify's listing checks read: bundle, files)."""
+    bundle: Path
+    model: str
+    files: Mapping      # name -> edgerun.bundle.FileEntry
+
+
+def write_manifest(folder, *, model: str = "model.onnx") -> dict:
+    """List every file under ``folder`` (bytecode caches aside) in ``folder/manifest.json`` with its kind and
+    sha256: ``onnx`` the model (and any other .onnx file, which verify_manifest then refuses: one model per
+    bundle), ``onnx-data`` its external data, ``runtime`` edgerun/, else its top folder."""
+    from edgerun.bundle import MANIFEST
+    from edgerun.io import sha256_file
+    from edgerun.verify import EXTERNAL_DATA_KIND, RUNTIME_KIND
+    folder = Path(folder)
+    data = set(_external_data(folder / model))
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        name = p.relative_to(folder).as_posix()
+        if not p.is_file() or "__pycache__" in p.parts or name == MANIFEST:
+            continue
+        top = name.split("/")[0] if "/" in name else "config"
+        kind = ("onnx" if name == model or name.endswith(".onnx") else EXTERNAL_DATA_KIND if name in data
+                else RUNTIME_KIND if top == "edgerun" else top)
+        files[name] = {"kind": kind, "sha256": sha256_file(p)}
+    if files.get(model, {}).get("kind") != "onnx":
+        raise BundleError(f"{folder}: no model file {model!r} to list")
+    doc = {"format": MANIFEST_FORMAT, "task": "generate", "model": model, "files": files}
+    write_json(folder / MANIFEST, doc)
+    return doc
+
+
+def _external_data(path: Path) -> list[str]:
+    """The external data files of an ONNX file, relative to its folder (none without the onnx package: the
+    packager has it)."""
+    try:
+        import onnx
+    except ImportError:
+        return []
+    from edgerun.verify import external_locations
+    return external_locations(onnx.load(str(path), load_external_data=False))
+
+
+def verify_manifest(folder) -> DecoderManifest:
+    """Check a decoder bundle against its manifest before anything in it is read: the format known, every listed
+    file present with its sha256, no unlisted file, exactly one model (the ``onnx`` file the manifest names),
+    the running runtime as listed when it is the bundle's. A mismatch is one BundleError line naming the file."""
+    from edgerun.bundle import listed_files, read_document, verify_file
+    from edgerun.verify import check_listing, verify_model, verify_running_runtime
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such folder (a decoder bundle: {GENAI_CONFIG}, {TOKENIZER}, the ONNX file)")
+    doc, check = read_document(folder)
+    check.only(doc, MANIFEST_FIELDS, "the manifest")
+    if check.field(doc, "format", int) != MANIFEST_FORMAT:
+        check.fail("format", f"{MANIFEST_FORMAT} (this runtime's; package the bundle again)", doc["format"])
+    if check.field(doc, "task", str) != "generate":
+        check.fail("task", "'generate' (a decoder bundle)", doc["task"])
+    model = check.field(doc, "model", str)
+    files = listed_files(check, folder, check.field(doc, "files", dict))
+    models = sorted(n for n, f in files.items() if f.kind == "onnx" or n.endswith(".onnx"))
+    if models != [model]:
+        check.fail("files", f"one ONNX model, {model!r} (kind 'onnx')", models)
+    manifest = DecoderManifest(folder, model, MappingProxyType(files))
+    check_listing(manifest)
+    verify_running_runtime(manifest)
+    verify_model(manifest, model)
+    for name in files:
+        verify_file(folder, manifest, name)
+    return manifest

@@ -57,8 +57,9 @@ class DecoderSession:
     ``inputs_embeds`` (``embeds``); the latter needs ``embed_tokens``, the token embedding table
     [vocab, hidden], to feed generated ids."""
 
-    def __init__(self, path, *, threads: int = 0, embed_tokens: np.ndarray | None = None):
-        self.runner = OrtRunner(path, threads=threads)
+    def __init__(self, path, *, threads: int = 0, embed_tokens: np.ndarray | None = None,
+                 providers=("CPUExecutionProvider",)):
+        self.runner = OrtRunner(path, providers=providers, threads=threads)
         self.name = self.runner.name
         inputs = {i.name: i for i in self.runner.session.get_inputs()}
         # position_ids is optional: onnxruntime-genai's own builder writes files that derive them from the mask

@@ -3,7 +3,8 @@ or from a VLM bundle (vlm.json: edgerun.vlm) with `--image FILE` once per `<imag
 
 `--prompt TEXT`: streams the new text to stdout as it comes (`--format text`), or prints one JSON object
 (tokens, text, ttft_s, decode_tokens_per_s, stop_reason). `--eval FILE.jsonl`: greedy answers to records
-{"prompt": ..., "answer": ...}, scored by edgerun.generate.exact_match; prints a JSON summary.
+{"prompt": ..., "answer": ...}, scored by edgerun.generate.exact_match; prints a JSON summary. The bundle is
+verified against its manifest.json first (edgerun.genai.verify_manifest).
 Exit 0 done, 1 a user error (one line).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edgerun.errors import EdgeError, brief
-from edgerun.genai import read_bundle
+from edgerun.genai import read_bundle, verify_manifest
 from edgerun.generate import DecoderSession, check_sampling, exact_match, generate, greedy_batch
 from edgerun.readers import read_image
 from edgerun.vlm import VLMSession, is_vlm_bundle
@@ -51,7 +52,11 @@ def run_generate(args) -> int:
         return _run_vlm(args)
     if args.image:
         raise EdgeError(f"{args.bundle}: a text-only decoder bundle (no vlm.json) takes no --image")
+    manifest = verify_manifest(args.bundle)      # before anything in the bundle is read
     bundle = read_bundle(args.bundle)
+    if bundle.onnx != (manifest.bundle / manifest.model).resolve():
+        raise EdgeError(f"{args.bundle}: genai_config.json names {bundle.onnx.name}, the manifest's model is "
+                        f"{manifest.model}: refused")
     tokenizer = bundle.tokenizer()
     if args.eval is not None:
         records = _read_records(Path(args.eval))

@@ -64,10 +64,11 @@ def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 8, ba
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
             with torch.no_grad():
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=sp["pad"], eos_token_id=sp["eos"],
+                                     do_sample=False, pad_token_id=sp["pad"], eos_token_id=sp["eos_ids"],
                                      bos_token_id=sp["bos"])
             for row in gen[:, width:].tolist():
-                row = row[:row.index(sp["eos"])] if sp["eos"] in row else row
+                ends = [k for k, t in enumerate(row) if t in sp["eos_ids"]]
+                row = row[:ends[0]] if ends else row
                 out.append(tok.decode(row, skip_special_tokens=True))
     finally:
         model.train(was_training)

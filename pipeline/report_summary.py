@@ -34,7 +34,7 @@ def not_executed(records: list[StageRecord], latency: list[dict]) -> list[str]:
     built = any(a.kind == "engine" for r in records if r.status in ("ran", "cached") for a in r.artifacts)
     if not built:
         out.append("TensorRT: no engine was built, gated or timed here (no TensorRT/GPU); "
-                   "deploy/build_engine.sh builds it on the target")
+                   + tasks.of_run(records).engine_recipe)
     measured = {row.get("backend") for row in latency}
     missing = [b for b in GPU_BACKENDS if b not in measured]
     if missing:

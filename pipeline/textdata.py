@@ -197,14 +197,67 @@ def save_tokenizer(tok, path: str | Path) -> Path:
     return atomic_write(path, tok.to_str())
 
 
+# A tokenizer loaded from a Hugging Face folder carries its folder's ids under this attribute (attach_special_ids):
+# a real tokenizer.json has no <pad> <s> </s> (Llama 3's <|begin_of_text|>, Qwen's <|endoftext|> <|im_end|>,
+# Gemma's <bos> <eos>), and which of its specials ends an answer is the model's config, not the tokenizer's.
+CARRIED = "edgepipe_special_ids"
+
+
 def special_ids(tok) -> dict:
-    """{'pad': id, 'bos': id, 'eos': id, 'unk': id} of a tokenizer built here (or one that has these tokens)."""
+    """{'pad', 'bos', 'eos', 'unk', 'eos_ids'} of a tokenizer: the ids its folder's config gave it (carried, see
+    folder_special_ids), else those of <pad> <s> </s> <unk> (a tokenizer built here). ``eos`` ends an answer in
+    training; generation stops at any of ``eos_ids`` (a chat model's end-of-turn and end-of-text)."""
+    carried = getattr(tok, CARRIED, None)
+    if carried is not None:
+        return {**carried, "eos_ids": list(carried["eos_ids"])}
     ids = {name: tok.token_to_id(t) for name, t in zip(("pad", "bos", "eos", "unk"), SPECIALS, strict=True)}
     missing = [SPECIALS[i] for i, v in enumerate(ids.values()) if v is None]
     if missing:
         raise PipelineError(f"tokenizer: no {', '.join(missing)} token; the decoder workload needs "
                             f"{', '.join(SPECIALS)}")
-    return ids
+    return {**ids, "eos_ids": [ids["eos"]]}
+
+
+def folder_special_ids(folder: str | Path, tok) -> dict:
+    """special_ids of a Hugging Face folder's tokenizer, from its config.json (bos_token_id, eos_token_id -- one id
+    or a list --, pad_token_id) and generation_config.json where config.json leaves one out; pad falls back to the
+    (first) eos, as Hugging Face does. The first eos of config.json ends an answer in training; generation stops at
+    every eos either file lists."""
+    folder = Path(folder)
+    try:
+        files = [json.loads((folder / n).read_text()) for n in ("config.json", "generation_config.json")
+                 if (folder / n).is_file()]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PipelineError(f"model: {folder}: config.json or generation_config.json is not readable JSON "
+                            f"({' '.join(str(e).split())[:200]})") from None
+    if not all(isinstance(f, dict) for f in files):
+        raise PipelineError(f"model: {folder}: config.json or generation_config.json is not a JSON object")
+    size = tok.get_vocab_size(with_added_tokens=True)
+
+    def ids(key: str) -> list[int]:
+        out = []
+        for f in files:
+            value = f.get(key)
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < size:
+                    raise PipelineError(f"model: {folder}: {key} = {value!r} is not a token id of its tokenizer.json "
+                                        f"(0..{size - 1})")
+                out += [] if v in out else [v]
+        return out
+    eos, bos, pad = ids("eos_token_id"), ids("bos_token_id"), ids("pad_token_id")
+    if not eos:
+        raise PipelineError(f"model: {folder}: neither config.json nor generation_config.json gives an "
+                            "eos_token_id; the decoder needs the token that ends an answer")
+    if not bos:
+        raise PipelineError(f"model: {folder}: neither config.json nor generation_config.json gives a "
+                            "bos_token_id; the pipeline starts every prompt with it")
+    return {"pad": (pad or eos)[0], "bos": bos[0], "eos": eos[0], "unk": tok.token_to_id(UNK), "eos_ids": eos}
+
+
+def attach_special_ids(tok, ids: dict):
+    """``tok`` carrying ``ids`` (folder_special_ids): what special_ids returns for it from now on, wherever it goes."""
+    setattr(tok, CARRIED, dict(ids))
+    return tok
 
 
 def _ids(tok, text: str) -> list[int]:

@@ -1,5 +1,6 @@
 """edgerun.generate, edgerun.genai and the generate verb on a tiny exported LLaMA (GQA) and a word-level tokenizer."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -158,7 +159,7 @@ def test_cli_bad_inputs_are_one_line(tmp_path, capsys):
     for args, expected in cases:
         code, out = _cli(capsys, *args)
         assert code == 1 and out.count("\n") == 1 and out.startswith("FAILED | error:") and expected in out, out
-    for folder, expected in ((tmp_path / "missing", "no such folder"), (tmp_path, GENAI_CONFIG)):
+    for folder, expected in ((tmp_path / "missing", "no such folder"), (tmp_path, "no manifest.json")):
         code = main(["generate", "--bundle", str(folder), "--prompt", "the cat"])
         out = capsys.readouterr().out
         assert code == 1 and out.count("\n") == 1 and expected in out, out
@@ -166,6 +167,60 @@ def test_cli_bad_inputs_are_one_line(tmp_path, capsys):
         (tmp_path / GENAI_CONFIG).write_text(json.dumps({"model": {"decoder": {"filename": "gone.onnx"},
                                                                    "eos_token_id": 2, "context_length": 8}}))
         read_bundle(tmp_path)
+
+
+def _copy(tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny.bundle(), folder)
+    return folder
+
+
+def _refusal(capsys, folder, expected):
+    code = main(["generate", "--bundle", str(folder), "--prompt", "the cat", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert code == 1 and out.count("\n") == 1 and out.startswith("FAILED | error:") and expected in out, out
+    return out
+
+
+def test_generate_verifies_the_bundle_against_its_manifest(tmp_path, capsys):
+    folder = _copy(tmp_path)
+    code = main(["generate", "--bundle", str(folder), "--prompt", "the cat", "--max-new-tokens", "2"])
+    assert code == 0 and capsys.readouterr().out.strip()                  # intact: it runs
+    model = folder / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01                                          # one byte of the weights
+    model.write_bytes(bytes(data))
+    _refusal(capsys, folder, "model.onnx: sha256")
+    model.write_bytes(bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x01]) + data[len(data) // 2 + 1:]))
+    code = main(["generate", "--bundle", str(folder), "--prompt", "the cat", "--max-new-tokens", "2"])
+    assert code == 0, capsys.readouterr().out                             # restored: it runs again
+    capsys.readouterr()
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text().replace('"cat"', '"cot"'))
+    _refusal(capsys, folder, "tokenizer.json: sha256")
+
+
+def test_generate_refuses_unlisted_models_and_unknown_manifests(tmp_path, capsys):
+    from edgerun.genai import write_manifest
+    folder = _copy(tmp_path)
+    shutil.copy(folder / "model.onnx", folder / "other.onnx")             # a model the packager did not write
+    _refusal(capsys, folder, "other.onnx is in the bundle but not listed")
+    write_manifest(folder)                                                # listed: still one model per bundle
+    _refusal(capsys, folder, "one ONNX model")
+    (folder / "other.onnx").unlink()
+    write_manifest(folder)
+    doc = json.loads((folder / "manifest.json").read_text())
+    (folder / "tokenizer_config.json").unlink()
+    _refusal(capsys, folder, "tokenizer_config.json: listed in manifest.json but missing")
+    folder = _copy(tmp_path / "again")
+    for change, expected in (({"format": 1}, "format must be 2"), ({"task": "classify"}, "task must be"),
+                             ({"extra": 1}, "unknown field 'extra'")):
+        (folder / "manifest.json").write_text(json.dumps({**doc, **change}))
+        _refusal(capsys, folder, expected)
+    genai = json.loads((folder / GENAI_CONFIG).read_text())
+    genai["model"]["decoder"]["filename"] = "manifest.json"             # the config must name the listed model
+    (folder / GENAI_CONFIG).write_text(json.dumps(genai))
+    write_manifest(folder)
+    _refusal(capsys, folder, "the manifest's model is model.onnx")
 
 
 def test_onnxruntime_genai_generates_the_same_greedy_tokens(session):

@@ -19,7 +19,10 @@ RUN = ["data.kind=jsonl", "task.kind=generate", "baseline.min_top1=-1", "decoder
        *(f"{s}.gate=warn" for s in ("prune", "finetune", "export", "quantize")), "finetune.epochs=0.2"]
 
 
-def _folder(tmp_path, family):
+def _folder(tmp_path, family, tokenizer=None, ids=None):
+    """A tiny random Hugging Face folder of ``family`` and a jsonl of number-task prompts. ``tokenizer``
+    (given the training texts) replaces the word tokenizer with <pad> <s> </s> <unk>; ``ids`` the config's
+    special ids (config keys); a ``generation_config`` entry in it is written as generation_config.json."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     train, test = number_task(seed=1, n_train=300, n_test=24)
@@ -27,15 +30,23 @@ def _folder(tmp_path, family):
     data.mkdir()
     for name, rows in (("train", train), ("test", test)):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = build_tokenizer([r["prompt"] + " " + r["answer"] for r in train])
+    texts = [r["prompt"] + " " + r["answer"] for r in train + test]
+    tok = tokenizer(texts) if tokenizer else build_tokenizer(texts[:len(train)])
+    ids = dict(ids or {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+    generation = ids.pop("generation_config", None)
     kw = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, **ids)
     if family == "phi3":
         kw.pop("head_dim")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
-    save_decoder(model, tok, tmp_path / family)
+    if tokenizer is None:
+        save_decoder(model, tok, tmp_path / family)
+    else:   # a tokenizer without <pad> <s> </s>: written as a hub folder is, not through the pipeline's writer
+        model.save_pretrained(tmp_path / family)
+        tok.save(str(tmp_path / family / "tokenizer.json"))
+    if generation is not None:
+        (tmp_path / family / "generation_config.json").write_text(json.dumps(generation))
     return tmp_path / family, data
 
 

@@ -63,6 +63,7 @@ def test_profile_times_prefill_and_decode_against_the_unpruned_file(run):
     assert set(rows) == {"baseline-onnx", "onnx-fp32", "baseline-int4", "onnx-int4"}
     assert rows["baseline-onnx"]["decode"]["speedup"] == 1.0
     assert all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert all(0 < r["import_rss_mib"] <= r["peak_rss_mib"] for r in rows.values())   # a process per file
 
 
 def test_the_bundle_generates_on_its_own(run):

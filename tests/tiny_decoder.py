@@ -52,12 +52,14 @@ def _exported(family: str, embeds: bool):
 
 @functools.cache
 def bundle(family: str = "llama") -> Path:
-    """A decoder bundle folder for the exported tiny model: genai_config.json, tokenizer files, model.onnx."""
-    from edgerun.genai import write_genai_config, write_tokenizer
+    """A decoder bundle folder for the exported tiny model: genai_config.json, tokenizer files, model.onnx and
+    the manifest.json listing them (what `generate` verifies)."""
+    from edgerun.genai import write_genai_config, write_manifest, write_tokenizer
 
     _, info = exported(family)
     folder = Path(info["path"]).parent
     write_genai_config(folder, info, context_length=64, eos_token_id=EOS, bos_token_id=BOS, pad_token_id=PAD)
     write_tokenizer(folder, tokenizer(), add_bos_token=True, context_length=64, bos_token="<s>", eos_token="</s>",
                     pad_token="<pad>")
+    write_manifest(folder)
     return folder

@@ -187,9 +187,9 @@ def onnx_answers(path: Path, tok, records: list[dict], max_new_tokens: int) -> l
     from edgerun.generate import DecoderSession, greedy_batch
     sp = specials(tok)
     session = DecoderSession(path)
-    new = greedy_batch(session, prompt_ids(tok, records), max_new_tokens=max_new_tokens, eos_token_id=sp["eos"],
-                       pad_token_id=sp["pad"])
-    return [tok.decode([i for i in ids if i != sp["eos"]], skip_special_tokens=True) for ids in new]
+    new = greedy_batch(session, prompt_ids(tok, records), max_new_tokens=max_new_tokens,
+                       eos_token_id=sp["eos_ids"], pad_token_id=sp["pad"])
+    return [tok.decode([i for i in ids if i not in sp["eos_ids"]], skip_special_tokens=True) for ids in new]
 
 
 def score_onnx(path: Path, tok, records: list[dict], max_new_tokens: int, teacher_next: np.ndarray,

@@ -9,7 +9,8 @@
     hf/                        the pruned, fine-tuned decoder as a Hugging Face folder, for TensorRT Edge-LLM's
                                exporter on the Jetson; EDGE_LLM.md says how (NOT executed here: no TensorRT)
     preflight.json             the widths against each target's kernel limits (edgerun/llm_limits.json)
-    manifest.json              every file with its sha256
+    manifest.json              every file with its kind and sha256 (edgerun.genai.write_manifest);
+                               `generate` verifies the bundle against it before it runs
 
 Before the run may pass, the bundle's own runtime, in a fresh process inside the bundle, scores
 sample/expected.jsonl: every answer must be the pipeline's (100 %).
@@ -21,7 +22,7 @@ import shutil
 import subprocess
 import sys
 
-from edgerun.io import copy_file, sha256_file, write_json
+from edgerun.io import copy_file, write_json
 from pipeline.errors import PipelineError
 from pipeline.llm import lm
 from pipeline.runner import Context, Output
@@ -54,7 +55,7 @@ def package_environment() -> dict:
 
 
 def package_stage(ctx: Context) -> Output:
-    from edgerun.genai import write_genai_config, write_tokenizer
+    from edgerun.genai import write_genai_config, write_manifest, write_tokenizer
     from export.decoder import decoder_facts
     bundle = ctx.out
     model, tok = lm.load_model(ctx.path("finetune", lm.MODEL_DIR))
@@ -65,7 +66,8 @@ def package_stage(ctx: Context) -> Output:
     sp = lm.specials(tok)
     info = {**decoder_facts(model), "path": "model.onnx", "embeds": False}
     context = int(getattr(model.config, "max_position_embeddings", 256))
-    write_genai_config(bundle, info, context_length=context, eos_token_id=sp["eos"], bos_token_id=sp["bos"],
+    # the runtime stops where the pipeline's own generation does: at every eos of the model's folder
+    write_genai_config(bundle, info, context_length=context, eos_token_id=sp["eos_ids"], bos_token_id=sp["bos"],
                        pad_token_id=sp["pad"])
     write_tokenizer(bundle, tok, add_bos_token=True, context_length=context)
     shutil.copytree(ctx.path("finetune", lm.MODEL_DIR), bundle / "hf")
@@ -79,9 +81,7 @@ def package_stage(ctx: Context) -> Output:
     write_json(bundle / "preflight.json", preflight)
     widths = ctx.record("prune").metrics["widths"]
     (bundle / "EDGE_LLM.md").write_text(EDGE_LLM.format(family=model.config.model_type, widths=widths))
-    files = {str(p.relative_to(bundle)): {"sha256": sha256_file(p)} for p in sorted(bundle.rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts}
-    write_json(bundle / "manifest.json", {"format": 1, "task": "generate", "model": "model.onnx", "files": files})
+    files = write_manifest(bundle, model="model.onnx")["files"]
     check = _self_test(bundle, ctx.cfg.decoder.max_new_tokens)
     metrics = {"task": "generate", "shipped": shipped.name, "size_bytes": (bundle / "model.onnx").stat().st_size,
                "self_test": check, "preflight": preflight, "files": len(files)}

@@ -1,7 +1,8 @@
 """The decoder's profile stage: time to first token (a prefill of decoder.prefill_tokens) and decode time per
 token (decoder.decode_past cached) at batch 1 on onnxruntime CPU, for every decoder file of the run against the
 unpruned FP32 file, with the timing protocol of the CNNs (interleaved rounds, fresh processes, spread; see
-edgerun/timing.py); file sizes beside them. Peak memory is not measured yet."""
+edgerun/timing.py); file sizes beside them, and each file's peak resident memory running the same prefill and
+decode in a fresh process of its own (edgerun/decode_memory.py says what the peak includes)."""
 from __future__ import annotations
 
 from edgerun.io import write_json
@@ -42,6 +43,14 @@ def profile(ctx: Context) -> Output:
             rows[r][workload] = {"ms": round(pair.p50_ms, 4), "speedup": round(1 / pair.median, 3),
                                  "p10_p90": [round(1 / pair.p90, 3), round(1 / pair.p10, 3)],
                                  "reproducible": pair.reproducible}
+    from edgerun.decode_memory import peak_rss
+    threads = p.threads or cfg.run.threads
+    for r in names:
+        mem = peak_rss(files[r][0], prefill_tokens=cfg.decoder.prefill_tokens, decode_past=cfg.decoder.decode_past,
+                       threads=threads)
+        rows[r]["peak_rss_mib"], rows[r]["import_rss_mib"] = mem.peak_rss_mib, mem.import_rss_mib
+        ctx.log(f"  peak resident memory of {r}: {mem.peak_rss_mib:.1f} MiB ({mem.import_rss_mib:.1f} MiB before "
+                "the file is opened)")
     for r in names:
         rows[r]["ttft_ms"] = rows[r]["prefill"]["ms"]
         rows[r]["decode_tokens_per_s"] = round(1000.0 / rows[r]["decode"]["ms"], 2)

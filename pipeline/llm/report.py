@@ -42,11 +42,15 @@ def to_markdown(section: dict) -> str:
         lines += ["", f"## Decoder: speed (batch {p['batch']}, {p['backend']}, {p['threads'] or 'default'} "
                   f"thread(s); prefill of {p['prefill_tokens']} tokens, decode after {p['decode_past']} cached)", "",
                   "| file | time to first token | vs unpruned (p10–p90) | decode | vs unpruned (p10–p90) "
-                  "| size ratio |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| size ratio | peak memory |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for role, r in p["rows"].items():
             lines.append(f"| {r['label'] or role} | {r['ttft_ms']:.3f} ms | {_ratio(r['prefill'])} | "
-                         f"{r['decode_tokens_per_s']:.1f} tokens/s | {_ratio(r['decode'])} | {r['size_ratio']:.2f}x |")
+                         f"{r['decode_tokens_per_s']:.1f} tokens/s | {_ratio(r['decode'])} | {r['size_ratio']:.2f}x "
+                         f"| {_mib(r.get('peak_rss_mib'))} |")
+        lines += ["", "Peak memory: the peak resident set of a fresh process that opens the file alone and runs the "
+                  "prefill and decode above (Python, numpy and onnxruntime included: "
+                  f"{_mib(_floor(p['rows']))} before a file is opened)."]
     return "\n".join(lines) + "\n"
 
 
@@ -54,6 +58,15 @@ def _ratio(t: dict) -> str:
     lo, hi = t["p10_p90"]
     flag = "" if t.get("reproducible") is not False else " (not reproducible)"
     return f"{t['speedup']:.2f}x ({lo:.2f}–{hi:.2f}){flag}"
+
+
+def _mib(v) -> str:
+    return "–" if v is None else f"{v:.0f} MiB"
+
+
+def _floor(rows: dict):
+    values = [r["import_rss_mib"] for r in rows.values() if r.get("import_rss_mib") is not None]
+    return min(values) if values else None
 
 
 def _size(n) -> str:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.textdata import save_tokenizer, special_ids
+from pipeline.textdata import attach_special_ids, folder_special_ids, save_tokenizer, special_ids
 
 # The LLaMA family: RMSNorm, RoPE, gated MLP, grouped-query attention; what transformers builds natively
 # and Edge-LLM's exporter reads. model_type in config.json -> the family's name in messages.
@@ -67,7 +67,8 @@ def _one_line(e: Exception) -> str:
 
 def load_pretrained(folder: str | Path):
     """(model, tokenizer) from a Hugging Face folder of the LLaMA family (config.json, *.safetensors,
-    tokenizer.json), offline: no download, no remote code, safetensors only (no pickled weights)."""
+    tokenizer.json), offline: no download, no remote code, safetensors only (no pickled weights). The tokenizer
+    carries the folder's bos/eos/pad ids (textdata.folder_special_ids): what textdata.special_ids returns."""
     from tokenizers import Tokenizer
     d = Path(folder)
     if not d.is_dir():
@@ -96,7 +97,7 @@ def load_pretrained(folder: str | Path):
     if tok.get_vocab_size() > model.config.vocab_size:
         raise PipelineError(f"model: {d}: tokenizer.json has {tok.get_vocab_size()} tokens, the model's "
                             f"embedding {model.config.vocab_size}")
-    return model.eval(), tok
+    return model.eval(), attach_special_ids(tok, folder_special_ids(d, tok))
 
 
 def save_decoder(model, tok, folder: str | Path) -> Path:

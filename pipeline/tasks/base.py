@@ -42,6 +42,8 @@ class Task:
     token_distillation = False    # whether finetune.token_weight means anything for this task
     NO_TOKEN_TERM = "has no tokens to distil (an encoder's tokens output)"   # why token_weight is refused
     figures: type[Figures] | None = None   # the typed form of metrics() (None: a task's plain dict)
+    # how the target gets its TensorRT engine, for the report's "Not executed here" line (the bundle's file)
+    engine_recipe = "deploy/build_engine.sh builds it on the target"
 
     def describe(self) -> Metric:
         """How the report, the plots and the bundle's manifest name, write and rank this task's figure

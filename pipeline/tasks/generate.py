@@ -29,6 +29,8 @@ class Generate(Task):
     label, unit, drop_unit = "exact-match", " %", " pt"
     bounds, min_span = (0.0, 100.0), 2.0
     figures = GenerateMetrics
+    engine_recipe = ("deploy/EDGE_LLM.md is the recipe: TensorRT Edge-LLM exports deploy/hf/ and builds the engine "
+                     "on the Jetson")
 
     def claims(self, output_names):
         # A decoder exported with its cache: logits beside present.* outputs. (The decoder stages are chosen

@@ -169,10 +169,15 @@ class DecoderManifest:
     files: Mapping      # name -> edgerun.bundle.FileEntry
 
 
-def write_manifest(folder, *, model: str = "model.onnx") -> dict:
+TASKS = ("generate", "vlm")   # a decoder bundle; a VLM bundle (edgerun/vlm.py), whose other .onnx files are parts
+PART_KIND = "onnx-part"
+
+
+def write_manifest(folder, *, model: str = "model.onnx", task: str = "generate") -> dict:
     """List every file under ``folder`` (bytecode caches aside) in ``folder/manifest.json`` with its kind and
     sha256: ``onnx`` the model (and any other .onnx file, which verify_manifest then refuses: one model per
-    bundle), ``onnx-data`` its external data, ``runtime`` edgerun/, else its top folder."""
+    decoder bundle; a VLM bundle's other .onnx files are ``onnx-part``), ``onnx-data`` its external data,
+    ``runtime`` edgerun/, else its top folder."""
     from edgerun.bundle import MANIFEST
     from edgerun.io import sha256_file
     from edgerun.verify import EXTERNAL_DATA_KIND, RUNTIME_KIND
@@ -184,12 +189,15 @@ def write_manifest(folder, *, model: str = "model.onnx") -> dict:
         if not p.is_file() or "__pycache__" in p.parts or name == MANIFEST:
             continue
         top = name.split("/")[0] if "/" in name else "config"
-        kind = ("onnx" if name == model or name.endswith(".onnx") else EXTERNAL_DATA_KIND if name in data
+        kind = ("onnx" if name == model else PART_KIND if task == "vlm" and name.endswith(".onnx")
+                else "onnx" if name.endswith(".onnx") else EXTERNAL_DATA_KIND if name in data
                 else RUNTIME_KIND if top == "edgerun" else top)
         files[name] = {"kind": kind, "sha256": sha256_file(p)}
     if files.get(model, {}).get("kind") != "onnx":
         raise BundleError(f"{folder}: no model file {model!r} to list")
-    doc = {"format": MANIFEST_FORMAT, "task": "generate", "model": model, "files": files}
+    if task not in TASKS:
+        raise BundleError(f"manifest: task {task!r} is not one of {', '.join(TASKS)}")
+    doc = {"format": MANIFEST_FORMAT, "task": task, "model": model, "files": files}
     write_json(folder / MANIFEST, doc)
     return doc
 
@@ -205,7 +213,7 @@ def _external_data(path: Path) -> list[str]:
     return external_locations(onnx.load(str(path), load_external_data=False))
 
 
-def verify_manifest(folder) -> DecoderManifest:
+def verify_manifest(folder, task: str = "generate") -> DecoderManifest:
     """Check a decoder bundle against its manifest before anything in it is read: the format known, every listed
     file present with its sha256, no unlisted file, exactly one model (the ``onnx`` file the manifest names),
     the running runtime as listed when it is the bundle's. A mismatch is one BundleError line naming the file."""
@@ -218,17 +226,19 @@ def verify_manifest(folder) -> DecoderManifest:
     check.only(doc, MANIFEST_FIELDS, "the manifest")
     if check.field(doc, "format", int) != MANIFEST_FORMAT:
         check.fail("format", f"{MANIFEST_FORMAT} (this runtime's; package the bundle again)", doc["format"])
-    if check.field(doc, "task", str) != "generate":
-        check.fail("task", "'generate' (a decoder bundle)", doc["task"])
+    if check.field(doc, "task", str) != task:
+        check.fail("task", f"{task!r} ({'a decoder' if task == 'generate' else 'a VLM'} bundle)", doc["task"])
     model = check.field(doc, "model", str)
     files = listed_files(check, folder, check.field(doc, "files", dict))
-    models = sorted(n for n, f in files.items() if f.kind == "onnx" or n.endswith(".onnx"))
+    parts = sorted(n for n, f in files.items() if f.kind == PART_KIND) if task == "vlm" else []
+    models = sorted(n for n, f in files.items() if (f.kind == "onnx" or n.endswith(".onnx")) and n not in parts)
     if models != [model]:
         check.fail("files", f"one ONNX model, {model!r} (kind 'onnx')", models)
     manifest = DecoderManifest(folder, model, MappingProxyType(files))
     check_listing(manifest)
     verify_running_runtime(manifest)
-    verify_model(manifest, model)
+    for name in (model, *parts):
+        verify_model(manifest, name)
     for name in files:
         verify_file(folder, manifest, name)
     return manifest

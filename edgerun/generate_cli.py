@@ -84,6 +84,7 @@ def run_generate(args) -> int:
 
 
 def _run_vlm(args) -> int:
+    verify_manifest(args.bundle, task="vlm")      # before anything in the bundle is read
     session = VLMSession(args.bundle, threads=args.threads)
     if args.eval is not None:
         if args.image:

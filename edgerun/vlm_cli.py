@@ -35,6 +35,8 @@ def run_eval(args) -> int:
     if not is_vlm_bundle(bundle):
         raise EdgeError(f"{bundle}: not a VLM bundle (no vlm.json); a decoder bundle is scored with "
                         f"`generate --bundle {bundle} --eval FILE.jsonl`")
+    from edgerun.genai import verify_manifest
+    verify_manifest(bundle, task="vlm")      # before anything in the bundle is read
     data = Path(args.data) if args.data is not None else bundle / SAMPLE
     records = read_records(data)
     result = evaluate(VLMSession(bundle, threads=args.threads), records, max_new_tokens=args.max_new_tokens,

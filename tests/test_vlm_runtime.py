@@ -98,6 +98,8 @@ def test_cli_generate_and_eval_end_to_end(bundle, session, tmp_path):
     folder = tmp_path / "bundle"
     shutil.copytree(bundle[2], folder)
     records = _with_sample(folder, session)
+    from edgerun.genai import write_manifest
+    write_manifest(folder, task="vlm")
     code, out = _cli("eval", "--bundle", folder, "--format", "json", "--threads", 1)
     assert code == 0, out
     r = json.loads(out)
@@ -110,6 +112,13 @@ def test_cli_generate_and_eval_end_to_end(bundle, session, tmp_path):
     assert json.loads(out)["text"] == records[0]["answer"]
     code, out = _cli("generate", "--bundle", folder, "--image", png, "--prompt", PROMPTS[2])
     assert code == 1 and "1 image" in out and len(out.splitlines()) == 1
+    data = bytearray((folder / "vision.onnx").read_bytes())   # one byte of a part changed: refused before reading
+    data[len(data) // 2] ^= 1
+    (folder / "vision.onnx").write_bytes(bytes(data))
+    generate = ("generate", "--bundle", folder, "--image", png, "--prompt", PROMPTS[1])
+    for verb in (("eval", "--bundle", folder), generate):
+        code, out = _cli(*verb)
+        assert code == 1 and "vision.onnx" in out and len(out.splitlines()) == 1, out
 
 
 def test_cli_refuses_an_image_for_a_text_bundle(tmp_path):

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 
-from edgerun.io import atomic_write, sha256_file, write_json
+from edgerun.io import atomic_write, write_json
 from pipeline.errors import PipelineError
 from pipeline.runner import Context, Output
 from pipeline.vlm import io
@@ -63,6 +63,7 @@ def package_environment() -> dict:
 
 
 def package_stage(ctx: Context) -> Output:
+    from edgerun.genai import write_manifest
     from edgerun.vlm import read_vlm_config
     from edgerun.vlm_sample import write_sample
     from pipeline.llm.package import _preflight, _runtime
@@ -90,9 +91,7 @@ def package_stage(ctx: Context) -> Output:
     (bundle / "JETSON.md").write_text(JETSON.format(family=vlm.decoder.config.model_type, widths=widths,
                                                     tpi=c.tokens_per_image, c=c.channels, h=c.image_size[0],
                                                     w=c.image_size[1]))
-    files = {str(p.relative_to(bundle)): {"sha256": sha256_file(p)} for p in sorted(bundle.rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts}
-    write_json(bundle / "manifest.json", {"format": 1, "task": "vlm", "files": files})
+    files = write_manifest(bundle, task="vlm")["files"]   # what the runtime verifies before it reads anything
     check = _self_test(bundle, ctx.cfg.decoder.max_new_tokens)
     size = sum((bundle / f).stat().st_size for f in ("vision.onnx", "model.onnx", "embed_tokens.npy"))
     metrics = {"task": "vlm", "shipped": shipped.name, "size_bytes": size, "self_test": check,

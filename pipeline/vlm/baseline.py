@@ -19,7 +19,7 @@ RECIPE = ("tower", "projector", "train_counts", "tower_epochs", "text_steps", "t
 
 
 def baseline_keys(cfg):
-    return ["task.kind", "model.kwargs", "decoder.max_new_tokens", *(f"vlm.{k}" for k in RECIPE)]
+    return ["task.kind", "model.name", "model.kwargs", "decoder.max_new_tokens", *(f"vlm.{k}" for k in RECIPE)]
 
 
 def steps_of(cfg) -> list:

@@ -86,7 +86,10 @@ def _worker(rank: int, world: int, tmp: str, backend: str, sharding: str, studen
         val = None
         if (Path(tmp) / "xv.npy").is_file():
             val = (np.load(Path(tmp) / "xv.npy"), np.load(Path(tmp) / "yv.npy"))
-        student = student.to(device)
+        # torch.multiprocessing hands the ranks the pickled model in SHARED memory: on the CPU every rank's
+        # optimizer would step the same storage (the update applied world times over, or lost in a race), so
+        # each rank trains its own copy. The teacher is only read, and sharing it saves its memory per rank.
+        student = copy.deepcopy(student).to(device)
         teacher = teacher.to(device) if teacher is not None else None
         checkpoint, resume = kwargs.pop("checkpoint"), None
         if checkpoint is not None and kwargs.pop("resume"):

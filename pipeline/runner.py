@@ -7,10 +7,9 @@ shared by every run folder (`<runs>/.store/<stage>-<fingerprint>`), so a new run
 override toggled back reuses it. Gates are evaluated after every stage, on fresh and on cached
 results alike: a gate's settings are not part of the fingerprint, so relaxing one never reruns.
 
-A stage that trains may checkpoint inside its run (``Context.checkpoint``): the files live in
-``<run>/.checkpoints/<stage>-<fingerprint>/``, outside the ``.tmp`` folder that a rerun clears, so a
-killed attempt's rerun with the SAME fingerprint finds them and a changed config or input never does;
-the stage's checkpoint folders go once it finished.
+A stage may checkpoint inside its run (``Context.checkpoint``) into ``<run>/.checkpoints/<stage>-<fp>/``:
+not the ``.tmp`` folder a rerun clears, so only a rerun with the SAME fingerprint finds them; they go
+once the stage finished.
 
 What is reused is verified whole: the record's seal (a metric edited by hand), its fingerprint
 against the one recomputed now, and the folder holding exactly the files the record lists, as
@@ -87,9 +86,8 @@ class Context:
         self._checkpoints, self._fingerprint = checkpoints, fingerprint
 
     def checkpoint(self, name: str) -> tuple[Path, str] | None:
-        """(file, key) for the training run ``name`` of this stage to checkpoint into: a file that survives a kill
-        and that only a rerun with the same fingerprint is given; the key names the fingerprint too, so a file
-        moved from elsewhere is refused. None where the runner keeps no checkpoints (a Context built by hand)."""
+        """(file, key) a training run ``name`` of this stage checkpoints into (the key names the fingerprint: a file
+        moved from elsewhere is refused); None in a Context built by hand."""
         if self._checkpoints is None or not self._fingerprint:
             return None
         if not name or "/" in name or name.startswith("."):
@@ -330,8 +328,7 @@ class Runner:
         return self.run_dir / ".checkpoints" / f"{stage.name}-{fp_hash[:24]}"
 
     def _drop_checkpoints(self, stage: Stage) -> None:
-        """The finished stage's checkpoints, of this fingerprint and of earlier ones (a decoder's are gigabytes;
-        an older config's would be resumed only if the config went back to it)."""
+        """The finished stage's checkpoints, this fingerprint's and older ones' (a decoder's are gigabytes)."""
         root = self.run_dir / ".checkpoints"
         if not root.is_dir() or root.is_symlink():
             return

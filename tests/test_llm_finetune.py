@@ -160,3 +160,28 @@ def test_when_no_pick_passes_the_most_accurate_one_ships_and_the_gate_fails(inpu
         m, {"baseline": base}, ConfigView("finetune", ctx.cfg._cfg, ("finetune.gate", "finetune.max_drop",
                                                                      *llm_finetune.GATE_CONFIG)))
     assert gate.stops and "exact_match" in gate.first_failure().message()
+
+
+@pytest.mark.parametrize("config, change, words", [
+    ("configs/cpu.toml", ["finetune.sharding=fsdp", "finetune.nproc=2"], "shards a decoder's layers"),
+    ("configs/llm-cpu.toml", ["finetune.sharding=fsdp"], "set finetune.nproc >= 2"),
+    ("configs/cpu.toml", ["finetune.checkpoint_every=10"], "only the decoder's fine-tune checkpoints"),
+    ("configs/llm-cpu.toml", ["finetune.sharding=fsdp", "finetune.nproc=2", "finetune.checkpoint_every=10"],
+     "FSDP shards the optimizer state"),
+    ("configs/llm-cpu.toml", ["finetune.checkpoint_every=-2"], "-1 (auto), 0 (off)"),
+    ("configs/llm-cpu.toml", ["finetune.sharding=zero"], "is not one of 'ddp', 'fsdp'"),
+])
+def test_sharding_and_checkpoints_are_refused_in_one_line_where_they_cannot_apply(config, change, words):
+    from conftest import one_line
+
+    from pipeline.errors import PipelineError
+    with pytest.raises(PipelineError) as e:
+        load(config, change)
+    assert words in one_line(e.value)
+
+
+def test_the_decoder_default_checkpoints_every_100_steps_and_fsdp_not_at_all():
+    cfg, _ = load("configs/llm-cpu.toml")
+    assert llm_finetune.checkpoint_every(cfg.finetune) == 100
+    cfg, _ = load("configs/llm-cpu.toml", ["finetune.sharding=fsdp", "finetune.nproc=2"])
+    assert llm_finetune.checkpoint_every(cfg.finetune) == 0

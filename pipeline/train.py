@@ -18,8 +18,8 @@ teacher (a classifier's logits) is computed once up front (the data is not augme
 epoch); a task that needs more (an encoder's projected outputs) has the teacher run beside the student
 every step.
 
-``train_ddp`` runs the same loop in ``nproc`` processes with DistributedDataParallel or FSDP2 (gloo on the
-CPU, nccl when there is one GPU per process; pipeline/train_dist.py); every process takes its own 1/nproc of
+``train_ddp`` (pipeline/train_dist.py) runs the same loop in ``nproc`` processes with DistributedDataParallel or
+FSDP2 (gloo on the CPU, nccl when there is one GPU per process); every process takes its own 1/nproc of
 each epoch's shuffled order and ``batch_size`` is per process. ``checkpoint`` saves the run every so many steps
 and resumes an interrupted one bit for bit (pipeline/train_ckpt.py).
 """
@@ -292,10 +292,3 @@ def training_threads() -> int:
     are many and keeps a shared 2-core machine from that cliff, at some speed on a quiet one."""
     from edgerun.machine import usable_cores
     return max(1, usable_cores() - 1)
-
-
-def train_ddp(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_train: np.ndarray,
-              **kwargs) -> dict:
-    """:func:`train` over several processes (DDP or FSDP2): pipeline/train_dist.py."""
-    from pipeline.train_dist import train_ddp as run
-    return run(student, teacher, x_train, y_train, **kwargs)

@@ -11,7 +11,8 @@ import torch
 from pipeline import train_ckpt as ckpt
 from pipeline.errors import PipelineError
 from pipeline.tasks.generate import Generate
-from pipeline.train import train, train_ddp
+from pipeline.train import train
+from pipeline.train_dist import train_ddp
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]   # ~20 s a spawn: two interpreters start
 

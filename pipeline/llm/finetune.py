@@ -48,8 +48,9 @@ def checkpoint_every(f) -> int:
 
 def distil(ctx: Context, student, teacher, tok, name: str) -> dict:
     """Distil ``teacher`` into ``student`` in place (one process or several), checkpointed as ``name``."""
-    from pipeline.train import train, train_ddp
+    from pipeline.train import train
     from pipeline.train_ckpt import Checkpoint
+    from pipeline.train_dist import train_ddp
     cfg, f = ctx.cfg, ctx.cfg.finetune
     ids, labels = lm.token_rows(tok, ctx.data.train)
     every, where = checkpoint_every(f), ctx.checkpoint(name)

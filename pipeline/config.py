@@ -117,6 +117,8 @@ class FinetuneCfg:
     between_steps_epochs: float = 0.0  # fine-tune between iterative prune steps
     device: str = "auto"        # auto | cpu | cuda
     nproc: int = 1              # > 1: DistributedDataParallel over nproc processes
+    sharding: str = "ddp"       # ddp | fsdp (nproc > 1; FSDP2 shards a decoder that does not fit one device)
+    checkpoint_every: int = -1  # steps between checkpoints inside the run (0 = off; -1 = auto: 100 for a decoder)
     gate: str = "fail"
     max_drop: float = 0.5
 
@@ -265,6 +267,7 @@ CHOICES = {
     "baseline.schedule": ("constant", "onecycle", "cosine"),
     "finetune.optimizer": ("adam", "sgd"),
     "finetune.device": ("auto", "cpu", "cuda"),
+    "finetune.sharding": ("ddp", "fsdp"),
     "quantize.target": ("onnxruntime", "tensorrt"),
     "quantize.model_type": ("", "transformer"),
     "quantize.keep_fp32": ("auto", "none", "listed"),

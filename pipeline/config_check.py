@@ -233,10 +233,28 @@ def _check_finetune(cfg, bad) -> None:
         bad("finetune.kd_weight must be in [0, 1] and finetune.token_weight >= 0")
     if f.nproc < 1 or f.val_size < 0:
         bad("finetune.nproc must be >= 1 and finetune.val_size >= 0")
+    _check_distributed(cfg, bad)
     if f.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             bad("finetune.device = 'cuda' but no CUDA device is present here (use 'auto' or 'cpu')")
+
+
+def _check_distributed(cfg, bad) -> None:
+    """finetune.sharding and finetune.checkpoint_every: refused where they cannot apply, never ignored."""
+    from pipeline.llm import is_decoder
+    f, decoder = cfg.finetune, is_decoder(cfg)
+    if f.sharding == "fsdp" and not decoder:
+        bad("finetune.sharding = 'fsdp' shards a decoder's layers; the image models' fine-tune runs DDP: set 'ddp'")
+    if f.sharding == "fsdp" and f.nproc < 2:
+        bad("finetune.sharding = 'fsdp' shards over several processes: set finetune.nproc >= 2, or sharding = 'ddp'")
+    if f.checkpoint_every < -1:
+        bad(f"finetune.checkpoint_every must be -1 (auto), 0 (off) or a number of steps, got {f.checkpoint_every}")
+    if f.checkpoint_every > 0 and not decoder:
+        bad("finetune.checkpoint_every: only the decoder's fine-tune checkpoints inside its run; set it to -1 or 0")
+    if f.checkpoint_every > 0 and f.sharding == "fsdp":
+        bad("finetune.checkpoint_every: FSDP shards the optimizer state, which these checkpoints do not gather; "
+            "set it to 0 with sharding = 'fsdp'")
 
 
 def _check_export(e, bad) -> None:

@@ -47,7 +47,8 @@ def finetune_keys(cfg):
 
 def finetune_model(ctx: Context, student, teacher, *, epochs: float, early_stop: bool) -> dict:
     """Distil ``teacher`` into ``student``; early stopping looks at a held-out slice of the TRAIN split."""
-    from pipeline.train import train, train_ddp
+    from pipeline.train import train
+    from pipeline.train_dist import train_ddp
     f, data = ctx.cfg.finetune, ctx.data
     n = min(f.val_size, len(data.train.labels) // 5)
     perm = np.random.default_rng(ctx.cfg.run.seed + 1).permutation(len(data.train.labels))

@@ -7,6 +7,10 @@ shared by every run folder (`<runs>/.store/<stage>-<fingerprint>`), so a new run
 override toggled back reuses it. Gates are evaluated after every stage, on fresh and on cached
 results alike: a gate's settings are not part of the fingerprint, so relaxing one never reruns.
 
+A stage may checkpoint inside its run (``Context.checkpoint``) into ``<run>/.checkpoints/<stage>-<fp>/``:
+not the ``.tmp`` folder a rerun clears, so only a rerun with the SAME fingerprint finds them; they go
+once the stage finished.
+
 What is reused is verified whole: the record's seal (a metric edited by hand), its fingerprint
 against the one recomputed now, and the folder holding exactly the files the record lists, as
 regular files (an added file, such as a planted ``onnxruntime.py`` that a bundle would import, a
@@ -74,10 +78,21 @@ class Stage:
 class Context:
     """A stage's view of the run: its config keys, its input stages, its output folder."""
 
-    def __init__(self, stage: Stage, cfg: ConfigView, out: Path, inputs: dict, data, log):
+    def __init__(self, stage: Stage, cfg: ConfigView, out: Path, inputs: dict, data, log, *,
+                 checkpoints: Path | None = None, fingerprint: str = ""):
         self.stage, self.cfg, self.out, self.log = stage, cfg, out, log
         self._inputs = inputs          # name -> (folder, StageRecord)
         self._data = data
+        self._checkpoints, self._fingerprint = checkpoints, fingerprint
+
+    def checkpoint(self, name: str) -> tuple[Path, str] | None:
+        """(file, key) a training run ``name`` of this stage checkpoints into (the key names the fingerprint: a file
+        moved from elsewhere is refused); None in a Context built by hand."""
+        if self._checkpoints is None or not self._fingerprint:
+            return None
+        if not name or "/" in name or name.startswith("."):
+            raise ContractError(f"stage {self.stage.name}: checkpoint name {name!r} is not a plain file name")
+        return self._checkpoints / name, f"{self.stage.name}-{self._fingerprint}/{name}"
 
     def _input(self, name: str):
         if name not in self._inputs:
@@ -230,7 +245,8 @@ class Runner:
         inputs = {name: (self.folder[name], self.records[name]) for name in stage.reads}
         t0 = time.perf_counter()
         # A crash or an interrupt here leaves only the .tmp folder, which never counts as finished.
-        out = stage.fn(Context(stage, view, tmp, inputs, self.data, self.log))
+        out = stage.fn(Context(stage, view, tmp, inputs, self.data, self.log,
+                               checkpoints=self._checkpoints(stage, fp_hash), fingerprint=fp_hash))
         record = StageRecord(
             name=stage.name, status=out.status, reason=out.reason, seconds=round(time.perf_counter() - t0, 3),
             metrics=out.metrics, artifacts=tuple(replace(a, stage=stage.name) for a in out.artifacts),
@@ -248,6 +264,7 @@ class Runner:
                 os.replace(final, trash)
             os.replace(tmp, final)
         remove(trash)
+        self._drop_checkpoints(stage)
         return self._finish(stage, final, record, label, cached=False)
 
     def _reusable(self, stage: Stage, fp_hash: str, final: Path, failed: Path, label: str):
@@ -309,6 +326,18 @@ class Runner:
                      f"ran{f'; {len(unlisted)} such entries' if len(unlisted) > 1 else ''}); not reused")
             return None
         return rec
+
+    def _checkpoints(self, stage: Stage, fp_hash: str) -> Path:
+        return self.run_dir / ".checkpoints" / f"{stage.name}-{fp_hash[:24]}"
+
+    def _drop_checkpoints(self, stage: Stage) -> None:
+        """The finished stage's checkpoints, this fingerprint's and older ones' (a decoder's are gigabytes)."""
+        root = self.run_dir / ".checkpoints"
+        if not root.is_dir() or root.is_symlink():
+            return
+        for entry in root.iterdir():
+            if entry.name.startswith(f"{stage.name}-"):
+                remove(entry)
 
     def _store_entry(self, stage: Stage, fp_hash: str) -> Path | None:
         return self.store / f"{stage.name}-{fp_hash[:24]}" if self.store else None

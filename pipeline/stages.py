@@ -75,7 +75,7 @@ DECODER_STAGES = [
           gate=llm_baseline.baseline_gate, gate_config=("baseline.gate", "baseline.min_top1")),
     Stage("prune", 1, llm_prune.prune, llm_prune.prune_keys, ("baseline",), uses_data=True, measures=True,
           gate=llm_finetune.quality_gate("prune", "baseline"), gate_config=("prune.gate", "prune.max_drop", *LLM_GATE)),
-    Stage("finetune", 1, llm_finetune.finetune, llm_finetune.finetune_keys, ("baseline", "prune"), uses_data=True,
+    Stage("finetune", 2, llm_finetune.finetune, llm_finetune.finetune_keys, ("baseline", "prune"), uses_data=True,
           measures=True,
           gate=llm_finetune.quality_gate("finetune", "baseline"),
           gate_config=("finetune.gate", "finetune.max_drop", *LLM_GATE)),

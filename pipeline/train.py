@@ -18,24 +18,22 @@ teacher (a classifier's logits) is computed once up front (the data is not augme
 epoch); a task that needs more (an encoder's projected outputs) has the teacher run beside the student
 every step.
 
-``train_ddp`` runs the same loop in ``nproc`` processes with DistributedDataParallel (gloo on the
-CPU, nccl when there is one GPU per process); every process takes its own 1/nproc of each epoch's
-shuffled order and ``batch_size`` is per process.
+``train_ddp`` (pipeline/train_dist.py) runs the same loop in ``nproc`` processes with DistributedDataParallel or
+FSDP2 (gloo on the CPU, nccl when there is one GPU per process); every process takes its own 1/nproc of
+each epoch's shuffled order and ``batch_size`` is per process. ``checkpoint`` saves the run every so many steps
+and resumes an interrupted one bit for bit (pipeline/train_ckpt.py).
 """
 from __future__ import annotations
 
-import copy
-import json
+import dataclasses
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline import train_ckpt as ckpt
 from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 from pipeline.tasks import Classify, Task
@@ -140,17 +138,26 @@ def _batch_loss(task, model, teacher, xb, yb, kept, *, online, kd_temperature, k
                                 token_weight=token_weight)
 
 
+def run_shape(n: int, batch_size: int, epochs: float, world: int = 1) -> ckpt.RunShape:
+    """Steps per epoch and in all of a run over ``n`` rows (each of ``world`` ranks takes its 1/world)."""
+    per_rank = n // world if world > 1 else n
+    steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
+    return ckpt.RunShape(max(1, int(math.ceil(float(epochs) * steps_per_epoch))), steps_per_epoch, world)
+
+
 def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperature, kd_weight, token_weight,
                 schedule, optimizer, weight_decay, early_stop_top1, val, eval_every_steps, seed, device,
-                progress, task, rank=0, world=1, dist=None, teacher_logits=None):
-    """The one training loop, used in-process and by every DDP rank (``dist`` is torch.distributed)."""
+                progress, task, rank=0, world=1, dist=None, teacher_logits=None, checkpoint=None, resume=None):
+    """The one training loop, used in-process and by every DDP/FSDP rank (``dist`` is torch.distributed).
+    ``checkpoint``: where rank 0 saves every ``checkpoint.every`` steps and at the end (pipeline/train_ckpt.py);
+    ``resume``: a verified checkpoint payload to go on from."""
     torch.manual_seed(seed)
     model = student  # possibly a DDP wrapper
     core = student.module if hasattr(student, "module") else student
     n = len(x)
     per_rank = n // world if world > 1 else n
-    steps_per_epoch = max(1, math.ceil(per_rank / batch_size))
-    total_steps = max(1, int(math.ceil(float(epochs) * steps_per_epoch)))
+    shape = run_shape(n, batch_size, epochs, world)
+    steps_per_epoch, total_steps = shape.steps_per_epoch, shape.total_steps
     opt, sched = _optimizer(model, optimizer, schedule, lr=lr, weight_decay=weight_decay, total_steps=total_steps)
     teacher, online_teacher, t_logits = _teacher(teacher, x, device, task, kd_weight=kd_weight,
                                                  token_weight=token_weight, teacher_logits=teacher_logits)
@@ -158,20 +165,24 @@ def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperatur
     xt = torch.from_numpy(np.ascontiguousarray(x))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     g = torch.Generator().manual_seed(seed)
+    st = ckpt.LoopState()
+    if resume is not None:
+        if resume["shape"] != dataclasses.asdict(shape):
+            raise PipelineError(f"checkpoint: a different shape of run ({resume['shape']}) cannot be resumed here")
+        st = ckpt.restore(resume, core, opt, sched, g)
+    saving = checkpoint is not None and rank == 0
     bar = Progress(progress, total_steps) if progress and rank == 0 else None
     model.train()
-    step, losses, val_history = 0, [], []
-    stopped_early, last_val = False, None
-    run_loss, run_correct, run_seen = 0.0, 0, 0
     t0 = time.perf_counter()
     try:
-        while step < total_steps and not stopped_early:
+        while st.step < total_steps and not st.stopped_early:
+            if st.batch == 0:
+                st.g_epoch = g.get_state()   # a checkpoint inside this epoch draws its order again from here
             perm = torch.randperm(n, generator=g)
             if world > 1:
                 perm = perm[rank::world][:per_rank]
-            epoch_loss, epoch_steps = 0.0, 0
-            for b in range(steps_per_epoch):
-                if step >= total_steps:
+            for b in range(st.batch, steps_per_epoch):
+                if st.step >= total_steps:
                     break
                 idx = perm[b * batch_size:(b + 1) * batch_size]
                 xb, yb = xt[idx].to(device, non_blocking=True), yt[idx].to(device, non_blocking=True)
@@ -183,42 +194,59 @@ def _train_loop(student, teacher, x, y, *, epochs, lr, batch_size, kd_temperatur
                 opt.step()
                 if sched is not None:
                     sched.step()
-                step += 1
-                lv = float(loss.detach())
-                epoch_loss += lv
-                epoch_steps += 1
-                run_loss = lv if step == 1 else 0.98 * run_loss + 0.02 * lv
-                right, counted = task.train_hits(out, yb)
-                run_correct += right
-                run_seen += counted
-                if early_stop_top1 is not None and eval_every_steps and step % eval_every_steps == 0:
-                    stop = torch.zeros(1)
-                    if rank == 0:
-                        last_val = task.held_out(core, val[0], val[1], device=device)
-                        val_history.append((step, last_val))
-                        stop[0] = float(last_val >= early_stop_top1)
-                    if dist is not None:
-                        stop = stop.to(device)
-                        dist.broadcast(stop, 0)
-                    stopped_early = bool(stop.item())
+                _count(st, task, out, yb, float(loss.detach()))
+                st.batch = b + 1
+                if early_stop_top1 is not None and eval_every_steps and st.step % eval_every_steps == 0:
+                    _early_stop(st, task, core, val, early_stop_top1, rank, dist, device)
                 if bar is not None:
-                    acc = 100.0 * run_correct / max(1, run_seen)
-                    bar.update(step, f"loss {run_loss:.4f} acc {acc:5.1f} %"
-                               + (f" val {last_val:5.2f} %" if last_val is not None else ""))
-                if stopped_early:
+                    acc = 100.0 * st.run_correct / max(1, st.run_seen)
+                    bar.update(st.step, f"loss {st.run_loss:.4f} acc {acc:5.1f} %"
+                               + (f" val {st.last_val:5.2f} %" if st.last_val is not None else ""))
+                if st.stopped_early:
                     break
-            losses.append(epoch_loss / max(1, epoch_steps))
+                if saving and st.step % checkpoint.every == 0 and st.step < total_steps:
+                    ckpt.save(checkpoint, st, shape, core, opt, sched, st.seconds + time.perf_counter() - t0)
+            st.losses.append(st.epoch_loss / max(1, st.epoch_steps))
+            st.batch, st.epoch_loss, st.epoch_steps = 0, 0.0, 0
+        if saving and st.resumed_at != st.step:   # the finished run: a rerun of the stage skips it
+            ckpt.save(checkpoint, st, shape, core, opt, sched, st.seconds + time.perf_counter() - t0)
     finally:
         if bar is not None:
             bar.close()
     model.eval()
-    info = {"epochs_run": step / steps_per_epoch, "steps": step, "seconds": time.perf_counter() - t0,
-            "stopped_early": stopped_early, "losses": losses, "steps_per_epoch": steps_per_epoch,
-            "train_top1": 100.0 * run_correct / max(1, run_seen)}
-    if val_history:
-        info["val_top1"] = val_history[-1][1]
-        info["val_history"] = val_history
+    info = {"epochs_run": st.step / steps_per_epoch, "steps": st.step, "seconds": st.seconds + time.perf_counter() - t0,
+            "stopped_early": st.stopped_early, "losses": st.losses, "steps_per_epoch": steps_per_epoch,
+            "train_top1": 100.0 * st.run_correct / max(1, st.run_seen)}
+    if st.resumed_at is not None:
+        info["resumed_at_step"] = st.resumed_at
+    if st.val_history:
+        info["val_top1"] = st.val_history[-1][1]
+        info["val_history"] = st.val_history
     return info
+
+
+def _count(st, task, out, yb, lv: float) -> None:
+    """One step's loss and hits into the running figures."""
+    st.step += 1
+    st.epoch_loss += lv
+    st.epoch_steps += 1
+    st.run_loss = lv if st.step == 1 else 0.98 * st.run_loss + 0.02 * lv
+    right, counted = task.train_hits(out, yb)
+    st.run_correct += right
+    st.run_seen += counted
+
+
+def _early_stop(st, task, core, val, threshold, rank, dist, device) -> None:
+    """Rank 0 evaluates the held-out slice; every rank learns whether to stop."""
+    stop = torch.zeros(1)
+    if rank == 0:
+        st.last_val = task.held_out(core, val[0], val[1], device=device)
+        st.val_history.append((st.step, st.last_val))
+        stop[0] = float(st.last_val >= threshold)
+    if dist is not None:
+        stop = stop.to(device)
+        dist.broadcast(stop, 0)
+    st.stopped_early = bool(stop.item())
 
 
 def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_train: np.ndarray, *,
@@ -227,14 +255,20 @@ def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_
              optimizer: str = "adam", weight_decay: float = 0.0, early_stop_top1: float | None = None,
              val: tuple[np.ndarray, np.ndarray] | None = None, eval_every_steps: int = 100, seed: int = 0,
              device: str = "auto", progress: str | None = "train", teacher_logits: np.ndarray | None = None,
-             task: Task | None = None) -> dict:
+             task: Task | None = None, checkpoint: ckpt.Checkpoint | None = None,
+             log=None) -> dict:
     """Train ``student`` in place (``x_train``: normalized float32 NCHW). Returns
     {"epochs_run", "steps", "seconds", "stopped_early", "losses" (mean per epoch), ...}.
 
     ``teacher_logits`` (optional, [N, classes]): what ``task`` keeps of the teacher's output for ``x_train``
     (a classifier's logits), computed once by the caller (e.g. a benchmark that fine-tunes many students from
-    one teacher) instead of here. ``task``: what is minimised and watched (default: classification)."""
+    one teacher) instead of here. ``task``: what is minimised and watched (default: classification).
+    ``checkpoint``: save every ``checkpoint.every`` steps and resume from a verified file of the same key
+    (pipeline/train_ckpt.py; ``log`` says when a file is ignored)."""
     _check_args(x_train, y_train, epochs, schedule, optimizer, kd_weight, early_stop_top1, val, batch_size)
+    resume = None
+    if checkpoint is not None:
+        resume = ckpt.read(checkpoint, run_shape(len(x_train), batch_size, epochs), log)
     dev = pick_device(device)
     student.to(dev)
     before, threads = torch.get_num_threads(), training_threads()
@@ -245,7 +279,7 @@ def train(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_
                            schedule=schedule, optimizer=optimizer, weight_decay=weight_decay,
                            early_stop_top1=early_stop_top1, val=val, eval_every_steps=eval_every_steps,
                            seed=seed, device=dev, progress=progress, teacher_logits=teacher_logits,
-                           task=task if task is not None else Classify())
+                           task=task if task is not None else Classify(), checkpoint=checkpoint, resume=resume)
     finally:
         torch.set_num_threads(before)   # process-wide: the stages after this one time with their own threads
     return {**info, "threads": threads}
@@ -258,79 +292,3 @@ def training_threads() -> int:
     are many and keeps a shared 2-core machine from that cliff, at some speed on a quiet one."""
     from edgerun.machine import usable_cores
     return max(1, usable_cores() - 1)
-
-
-# --------------------------------------------------------------------------------------------- DDP
-def _ddp_worker(rank: int, world: int, tmp: str, backend: str, student, teacher, kwargs: dict):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
-    dist.init_process_group(backend, init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
-        if backend == "nccl":
-            device = torch.device("cuda", rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        x = np.load(Path(tmp) / "x.npy", mmap_mode="c")  # copy-on-write: shared pages, writable for torch
-        y = np.load(Path(tmp) / "y.npy")
-        val = None
-        if (Path(tmp) / "xv.npy").is_file():
-            val = (np.load(Path(tmp) / "xv.npy"), np.load(Path(tmp) / "yv.npy"))
-        student = student.to(device)
-        ddp = DDP(student, device_ids=[rank] if backend == "nccl" else None)
-        info = _train_loop(ddp, teacher, np.asarray(x), y, val=val, device=device, rank=rank, world=world,
-                           dist=dist, **kwargs)
-        if rank == 0:
-            state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-            torch.save(state, Path(tmp) / "weights.pt")
-            (Path(tmp) / "info.json").write_text(json.dumps(info))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def train_ddp(student: nn.Module, teacher: nn.Module | None, x_train: np.ndarray, y_train: np.ndarray, *,
-              nproc: int = 2, backend: str | None = None, task: Task | None = None, **kwargs) -> dict:
-    """:func:`train` in ``nproc`` processes (torch.multiprocessing spawn, file:// rendezvous) with
-    DistributedDataParallel; rank 0's weights are loaded back into ``student``. ``backend``: gloo on the
-    CPU, nccl when CUDA has >= nproc GPUs (default picks); ``task`` travels to every rank, so it must pickle
-    (a module-level class). Returns rank 0's info plus ``world_size``."""
-    import torch.multiprocessing as mp
-
-    epochs = kwargs.get("epochs", 1.0)
-    _check_args(x_train, y_train, epochs, kwargs.get("schedule", "onecycle"), kwargs.get("optimizer", "adam"),
-                kwargs.get("kd_weight", 0.7), kwargs.get("early_stop_top1"), kwargs.get("val"),
-                kwargs.get("batch_size", 64))
-    if nproc < 1:
-        raise PipelineError(f"finetune.nproc: must be >= 1, got {nproc}")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
-    val = kwargs.pop("val", None)
-    kwargs.pop("device", None)
-    defaults = dict(epochs=1.0, lr=1e-3, batch_size=64, kd_temperature=4.0, kd_weight=0.7, token_weight=0.0,
-                    schedule="onecycle", optimizer="adam", weight_decay=0.0, early_stop_top1=None,
-                    eval_every_steps=100, seed=0, progress="train")
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise PipelineError(f"train_ddp: unknown arguments {sorted(unknown)}")
-    cfg = {**defaults, **kwargs, "task": task if task is not None else Classify()}
-    with tempfile.TemporaryDirectory(prefix="train_ddp_") as tmp:
-        np.save(Path(tmp) / "x.npy", np.ascontiguousarray(x_train, dtype=np.float32))
-        np.save(Path(tmp) / "y.npy", np.asarray(y_train, dtype=np.int64))
-        if val is not None:
-            np.save(Path(tmp) / "xv.npy", np.ascontiguousarray(val[0], dtype=np.float32))
-            np.save(Path(tmp) / "yv.npy", np.asarray(val[1], dtype=np.int64))
-        s_cpu = copy.deepcopy(student).cpu()
-        t_cpu = copy.deepcopy(teacher).cpu() if teacher is not None else None
-        mp.start_processes(_ddp_worker, args=(nproc, tmp, backend, s_cpu, t_cpu, cfg), nprocs=nproc,
-                           join=True, start_method="spawn")
-        state = torch.load(Path(tmp) / "weights.pt", map_location="cpu", weights_only=True)
-        info = json.loads((Path(tmp) / "info.json").read_text())
-    dev = next(student.parameters()).device
-    student.load_state_dict(state)
-    student.to(dev)
-    info["world_size"] = nproc
-    info["backend"] = backend
-    return info

@@ -13,7 +13,8 @@ from pipeline.models.cnn import SimpleCNN
 from pipeline.progress import LOG_EVERY_S, Progress
 from pipeline.prune import prune_model
 from pipeline.tasks import Encode
-from pipeline.train import evaluate_top1, kd_loss, logits_of, split_train_val, train, train_ddp
+from pipeline.train import evaluate_top1, kd_loss, logits_of, split_train_val, train
+from pipeline.train_dist import train_ddp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -195,6 +195,7 @@ class DecoderCfg:
     min_parity: float = 99.0      # export gate: % of held-out prompts whose ONNX greedy answer equals torch's
     prefill_tokens: int = 32      # profile: time to first token for a prompt of this many tokens
     decode_past: int = 32         # profile and search: decode time per token with this many tokens cached
+    keep_layers: int = 0          # prune: keep this many decoder layers, the least important dropped (0 = all)
 
 
 @dataclass(frozen=True)

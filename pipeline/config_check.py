@@ -104,6 +104,8 @@ def _check_decoder(cfg, bad) -> None:
     g = d.int4_group
     if g < 16 or g & (g - 1):
         bad(f"decoder.int4_group must be a power of two >= 16 (onnxruntime's MatMulNBits), got {g}")
+    if d.keep_layers < 0:
+        bad(f"decoder.keep_layers must be >= 0 (0 = every layer kept), got {d.keep_layers}")
     for key in ("max_new_tokens", "calib_prompts", "prefill_tokens", "decode_past"):
         if getattr(d, key) < 1:
             bad(f"decoder.{key} must be >= 1, got {getattr(d, key)}")

@@ -7,6 +7,7 @@ import pytest
 from test_llm_byo import RUN, _folder
 
 import pipeline
+from pipeline.errors import PipelineError
 from pipeline.llm.prune import _choose
 
 SIZE = ("intermediate_size", "num_attention_heads")
@@ -55,3 +56,20 @@ def test_speedup_prune_saves_a_ladder_fastest_first_and_none_without_backoff(tmp
     again = pipeline.run("configs/llm-cpu.toml", [*over, "prune.backoff=0"], runs=tmp_path / "runs",
                          run_name="ladder", until="prune", log=lambda m: None)
     assert "ladder" not in {r.name: r for r in again.records}["prune"].metrics
+
+
+def test_keep_layers_drops_the_least_important_whole_layers(tmp_path, one_thread):
+    folder, data = _folder(tmp_path, "llama")
+    over = [*RUN, f"model.pretrained={folder}", f"data.root={data}", "prune.ratio=0", "decoder.keep_layers=1"]
+    result = pipeline.run("configs/llm-cpu.toml", over, runs=tmp_path / "runs", run_name="layers", until="prune",
+                          log=lambda m: None)
+    rec = {r.name: r for r in result.records}
+    base, pruned = rec["baseline"].metrics, rec["prune"].metrics
+    assert base["config"]["num_hidden_layers"] == 2 and pruned["widths"]["num_hidden_layers"] == 1
+    assert pruned["params"] < base["params"]
+    (out,) = list(result.run_dir.glob("*_prune"))
+    assert json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"] == 1
+    with pytest.raises(PipelineError) as e:
+        pipeline.run("configs/llm-cpu.toml", [*over, "decoder.keep_layers=5"], runs=tmp_path / "runs",
+                     run_name="layers", until="prune", log=lambda m: None)
+    assert "keep_layers = 5" in str(e.value)

@@ -36,7 +36,7 @@ SEARCH_ROUNDS = 9                      # interleaved rounds per measured pick (a
 
 def prune_keys(cfg):
     keys = ["prune.target", "decoder.limits", "decoder.int4_group", "run.target", "decoder.max_new_tokens",
-            "decoder.eval_prompts"]
+            "decoder.eval_prompts", "decoder.keep_layers"]
     if cfg.prune.target == "speedup":
         return [*keys, "prune.speedup", "decoder.decode_past", "prune.latency_threads", "prune.backoff"]
     return [*keys, "prune.ratio", "prune.head_ratio"]
@@ -53,12 +53,16 @@ def prune(ctx: Context) -> Output:
     from pipeline.prune_decoder import decoder_widths, legal_widths, prune_decoder, taylor_importance
     cfg, data = ctx.cfg, ctx.data
     model, tok = lm.load_model(ctx.path("baseline", lm.MODEL_DIR))
-    if cfg.prune.target == "ratio" and cfg.prune.ratio == 0 and cfg.prune.head_ratio == 0:
+    if cfg.prune.target == "ratio" and cfg.prune.ratio == 0 and cfg.prune.head_ratio == 0 and not \
+            cfg.decoder.keep_layers:
         return _unpruned(ctx, model, tok)   # any family, a layout the pruner cannot rewrite (Phi-3's) included
     target, group = limits_target(cfg), cfg.decoder.int4_group
     ids, labels = lm.token_rows(tok, data.train[:CALIB_BATCHES * CALIB_BATCH])
     importance = taylor_importance(model, _lm_loss, _batches(ids, labels))
-    candidates = legal_widths(model, target, int4_group=group)
+    keep = cfg.decoder.keep_layers
+    if keep > decoder_widths(model).layers:
+        raise PipelineError(f"decoder.keep_layers = {keep}: the model has {decoder_widths(model).layers} layers")
+    candidates = legal_widths(model, target, int4_group=group, layers=keep or None)
     if not candidates:
         raise PipelineError(f"prune: no widths of this model are legal for {target} with INT4 group {group} "
                             f"({decoder_widths(model)})")

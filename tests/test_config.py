@@ -195,4 +195,4 @@ def test_task_kind_is_checked_where_the_config_enters():
     assert load_config(cpu).task.kind == "auto"
     assert load_config(cpu, ["task.kind=encode"]).task.kind == "encode"
     msg = one_line_error(cpu, ["task.kind=detect"])
-    assert msg.endswith("task.kind must be auto or one of generate, encode, classify, got 'detect'"), msg
+    assert msg.endswith("task.kind must be auto or one of generate, vlm, encode, classify, got 'detect'"), msg

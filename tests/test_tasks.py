@@ -58,7 +58,7 @@ def test_auto_resolves_from_the_output_names_and_a_named_kind_must_exist():
     assert tasks.resolve("classify", ("tokens", "logits")).kind == "classify"   # the config wins over auto
     with pytest.raises(PipelineError) as e:
         tasks.resolve("detect", ("logits",))
-    assert one_line(e.value) == "task.kind: unknown 'detect'; expected auto or one of generate, encode, classify"
+    assert one_line(e.value) == "task.kind: unknown 'detect'; expected auto or one of generate, vlm, encode, classify"
 
 
 def test_a_registered_task_is_asked_first_and_can_be_removed_again():

@@ -41,7 +41,7 @@ def variant_steps(name: str, steps):
     return [s2, s3]
 
 
-def findings(seeds=(0,), *, scale: float = 1.0, variants=VARIANTS, n_test: int = 300, tower_epochs: float = 2.0,
+def findings(seeds=(0,), *, scale: float = 1.0, variants=VARIANTS, n_test: int = 300, tower_epochs: float = 4.0,
              decoder_steps: int = 300, log=print) -> dict:
     """{variant: {seed: {kind: exact-match %}}} plus the minutes per seed."""
     import torch

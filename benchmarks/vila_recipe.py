@@ -38,7 +38,7 @@ def _load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def run(name: str, *, scale: float = 1.0, tower_epochs: float = 1.0, decoder_steps: int = 300,
+def run(name: str, *, scale: float = 1.0, tower_epochs: float = 4.0, decoder_steps: int = 300,
         decoder_lr: float = 2e-3, layers: int = 2, projector: str = "linear", seed: int = 0,
         n_test: int = 300, steps=None, train_vision: bool = False) -> dict:
     import torch
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step's step count")
-    ap.add_argument("--tower-epochs", type=float, default=1.0)
+    ap.add_argument("--tower-epochs", type=float, default=4.0)
     ap.add_argument("--decoder-steps", type=int, default=300)
     ap.add_argument("--decoder-lr", type=float, default=2e-3)
     ap.add_argument("--layers", type=int, default=2)

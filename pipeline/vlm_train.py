@@ -149,7 +149,8 @@ class StepSpec:
             raise PipelineError(f"vlm step {self.name!r}: steps, batch_size and lr must be > 0")
 
 
-# VILA's recipe at this scale (benchmarks/vila_recipe.md measured it).
+# VILA's recipe at this scale, after pretrain_tower (4 epochs: 97.9 % top-1) and pretrain_decoder (300 steps):
+# benchmarks/vila_recipe.md "tower-4-epochs" measured digit 98.0, two-image 92.7, few-shot 96.3, text 56.0 %.
 VILA_STEPS = (
     StepSpec("1-projector", {"caption": 1.0}, frozen=("vision", "decoder"), steps=150, lr=2e-3),
     StepSpec("2-interleaved", {"caption": 0.2, "digit": 0.2, "two_image": 0.35, "few_shot": 0.25},
@@ -232,10 +233,11 @@ def train_vila(vlm: nn.Module, tok, data: VLMData, steps, *, eval_records: list[
 
 
 # ------------------------------------------------------------------------------------------ pre-training
-def pretrain_tower(tower: nn.Module, images_uint8: np.ndarray, labels: np.ndarray, *, epochs: float = 1.0,
+def pretrain_tower(tower: nn.Module, images_uint8: np.ndarray, labels: np.ndarray, *, epochs: float = 4.0,
                    lr: float = 2e-3, batch_size: int = 128, seed: int = 0, progress: str | None = None) -> dict:
     """The vision tower trained as an MNIST classifier through its own projector and classifier head (the
-    stand-in for VILA's pretrained CLIP); only its encoder is used by the VLM afterwards."""
+    stand-in for VILA's pretrained CLIP); only its encoder is used by the VLM afterwards. The tower's top-1
+    bounds what the VLM reads off an image: 2 epochs (96.9 %) left digit at 95.7 %, 4 (97.9 %) gave 98.0 %."""
     from pipeline.train import train
     x = normalise(images_uint8, mean=MNIST_MEAN, std=MNIST_STD)
     tower.requires_grad_(True)

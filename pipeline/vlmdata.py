@@ -88,7 +88,8 @@ def _two_image(rng, pick) -> VLMRecord:
 
 
 def _few_shot(rng, pick) -> VLMRecord:
-    # Two examples of other digits name the format; the query's digit is only in its image.
+    # Two examples of other digits name the format; the query's digit is only in its image. Always "is a"
+    # (never "an"): the article would give "eight"/"eleven" away without the image.
     d1, d2 = rng.sample(range(10), 2)
     q = rng.randrange(10)
     prompt = f"{IMAGE} is a {words(d1)} . {IMAGE} is a {words(d2)} . {IMAGE} is a"
@@ -120,7 +121,7 @@ def _image_records(kind: str, n: int, labels: np.ndarray, rng: random.Random) ->
 
 
 def mnist_vlm_task(train_labels: np.ndarray, test_labels: np.ndarray, *, seed: int = 0,
-                   n_train: int | dict = None, n_test: int | dict = None,
+                   n_train: int | dict | None = None, n_test: int | dict | None = None,
                    kinds: tuple[str, ...] = KINDS) -> tuple[list[VLMRecord], list[VLMRecord]]:
     """(train, test) records, the same for the same arguments. ``n_train``/``n_test``: records per kind
     (an int for every kind, or {kind: count}; default DEFAULT_TRAIN / DEFAULT_TEST). Train records index

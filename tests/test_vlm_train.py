@@ -134,3 +134,30 @@ def test_tiny_three_step_run_after_pretraining():
     assert [r.name for r in results] == ["1", "2", "3"] and seen == results
     assert all(math.isfinite(r.final_loss) for r in results)
     assert set(results[-1].scores) == {r.kind for r in data.test} | {"all"}
+
+
+def test_findings_variants_change_only_what_they_name():
+    from benchmarks.vila_findings import variant_steps
+    from pipeline.vlm_train import VILA_STEPS
+    s1, s2, s3 = VILA_STEPS
+    assert variant_steps("default", VILA_STEPS) == [s2, s3]
+    frozen = variant_steps("llm-frozen-step2", VILA_STEPS)
+    assert "decoder" in frozen[0].frozen and "decoder" not in s2.frozen and frozen[1] == s3
+    captions = variant_steps("captions-only-step2", VILA_STEPS)
+    assert captions[0].mix == {"caption": 1.0} and captions[0].steps == s2.steps
+    no_text = variant_steps("no-text-step3", VILA_STEPS)
+    assert "text" in s3.mix and "text" not in no_text[1].mix and no_text[0] == s2
+    assert s1.frozen == ("vision", "decoder") and s1.mix == {"caption": 1.0}   # VILA step 1: the projector alone
+
+
+def test_distillation_from_a_vlm_teacher_runs_on_the_same_loop():
+    import copy
+    data = _data()
+    tok = build_vlm_tokenizer(data.train)
+    student = _vlm(tok)
+    teacher = copy.deepcopy(student)
+    spec = StepSpec("kd", {"digit": 0.5, "few_shot": 0.5}, steps=2, batch_size=4, lr=1e-2, schedule="constant")
+    info = train_step(student, tok, data.train, image_bank(X_TRAIN), spec, max_images=3, teacher=teacher,
+                      kd_weight=0.5)
+    assert math.isfinite(info["losses"][-1])
+    assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), teacher.parameters(), strict=True))

@@ -186,8 +186,8 @@ def sample_mix(records: list[VLMRecord], mix: dict, n: int, seed: int) -> list[V
 
 
 def train_step(vlm: nn.Module, tok, records: list[VLMRecord], bank: torch.Tensor, spec: StepSpec, *,
-               max_images: int, teacher: nn.Module | None = None, kd_weight: float = 0.0, seed: int = 0,
-               progress: str | None = None) -> dict:
+               max_images: int, teacher: nn.Module | None = None, kd_weight: float = 0.0,
+               kd_temperature: float = 1.0, seed: int = 0, progress: str | None = None) -> dict:
     """One StepSpec through pipeline.train.train with the generate task; returns the loop's info."""
     from pipeline.tasks import named
     from pipeline.train import train
@@ -197,8 +197,8 @@ def train_step(vlm: nn.Module, tok, records: list[VLMRecord], bank: torch.Tensor
     student = VLMView(vlm, bank, max_images)
     t_view = VLMView(teacher, bank, max_images) if teacher is not None else None
     info = train(student, t_view, x, y, epochs=1.0, lr=spec.lr, batch_size=spec.batch_size, kd_weight=kd_weight,
-                 schedule=spec.schedule, weight_decay=spec.weight_decay, seed=seed, device="cpu",
-                 progress=progress, task=named("generate"))
+                 kd_temperature=kd_temperature, schedule=spec.schedule, weight_decay=spec.weight_decay, seed=seed,
+                 device="cpu", progress=progress, task=named("generate"))
     freeze(vlm, ())
     return info
 

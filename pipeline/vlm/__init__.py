@@ -9,6 +9,9 @@ and the task (pipeline/tasks/vlm.py) for what the gates compare.
 """
 
 VLM_DATA = ("vila-mnist", "vlm-jsonl")
+# Keys the run's data (io.VLMRunData) reads; its identity is the records' content, so every stage reading the data
+# reruns when they change.
+DATA_READS = ("vlm.train_counts", "vlm.test_counts")
 
 
 def is_vlm(cfg) -> bool:

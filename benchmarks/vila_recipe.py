@@ -19,6 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+NOTES = "## What it shows"   # the hand-written findings below it survive a rewrite of the table
 TARGETS = {"digit": 97.0, "two_image": 92.0, "few_shot": 90.0, "text": 97.0}
 DECODER = dict(hidden_size=256, num_hidden_layers=2, intermediate_size=768, num_attention_heads=4,
                num_key_value_heads=2, head_dim=64, max_position_embeddings=128)
@@ -132,7 +133,8 @@ def write_md(runs: dict, path: Path) -> None:
                      f"decoder {rec['layers']} layers, {rec['decoder_steps']} text steps at lr {rec['decoder_lr']}, "
                      f"projector {rec['projector']}, {r['params']:,} params"
                      f"{', tower trained in steps 2-3' if rec.get('train_vision') else ''}; {steps}.")
-    atomic_write(path, "\n".join(lines) + "\n")
+    notes = path.read_text().partition(NOTES)[2] if path.is_file() else ""
+    atomic_write(path, "\n".join(lines) + "\n" + (f"\n{NOTES}{notes}" if notes else ""))
 
 
 def main(argv=None) -> None:

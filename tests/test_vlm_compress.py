@@ -89,6 +89,8 @@ def exported_decoder(pruned, tmp_path_factory):
     return export_decoder(pruned[0].decoder, tmp_path_factory.mktemp("vlm") / "decoder.onnx", embeds=True)
 
 
+# The pruned decoder exported (~20 s here): slow; the VLM end to end (test_vlm_pipeline.py) runs them in CI.
+@pytest.mark.slow
 def test_decoder_widths_are_legal_and_it_exports_with_embeds(pruned, exported_decoder):
     vlm, info = pruned
     after = pd.decoder_widths(vlm.decoder)
@@ -217,6 +219,7 @@ def test_token_cosine_is_per_token_and_refuses_other_shapes():
 
 
 # ------------------------------------------------------------------------------------------ decoder INT4
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["ort", "trt"])
 def test_embeds_decoder_int4_with_vlm_feeds_in_both_forms(pruned, exported_decoder, form, tmp_path):
     from calib.int4 import check_int4_form, compress_int4
@@ -241,6 +244,7 @@ def test_embeds_decoder_int4_with_vlm_feeds_in_both_forms(pruned, exported_decod
     assert worst < 0.3 and agree / n >= 0.95, (worst, agree / n)
 
 
+@pytest.mark.slow
 def test_embeds_decoder_int4_without_data_probes_with_embeddings(exported_decoder, tmp_path):
     from calib.int4 import check_int4_form, compress_int4
     info = compress_int4(exported_decoder["path"], tmp_path / "d.onnx", form="ort", group_size=128, awq=False,

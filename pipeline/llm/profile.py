@@ -17,32 +17,48 @@ def profile_keys(cfg):
             "profile.threads", "profile.block_ms", "run.threads"]
 
 
-def profile(ctx: Context) -> Output:
-    from edgerun.timing import Spec, SpecItem, repeat_in_processes
-    cfg, p = ctx.cfg, ctx.cfg.profile
+def run_files(ctx: Context, order) -> dict:
+    """{role: (path, label)} of the export and quantize stages' artifacts whose role is in ``order``."""
     files = {}
     for stage in ("export_onnx", "quantize"):
         rec = ctx.record(stage)
         for art in rec.artifacts if rec.status != "skipped" else ():
-            if art.role in ORDER:
+            if art.role in order:
                 files[art.role] = (ctx.path(stage, art.file), art.label)
+    return files
+
+
+def time_parts(ctx: Context, files: dict, names: list, parts, rows: dict) -> dict:
+    """Each ``(key, workload, tokens)`` of ``parts`` timed for the ``names`` of ``files`` against baseline-onnx in
+    one interleaved comparison per part (profile.processes fresh processes); ``rows[name][key]`` gets its ms,
+    speed-up, p10-p90 and reproducibility. Returns {key: the comparison's record}."""
+    from edgerun.timing import Spec, SpecItem, repeat_in_processes
+    cfg, p = ctx.cfg, ctx.cfg.profile
+    items = tuple(SpecItem(r, str(files[r][0]), "onnxruntime-cpu") for r in names)
+    timings = {}
+    for key, workload, tokens in parts:
+        spec = Spec(items, reference="baseline-onnx", batches=(1,), input_shape=(), block_ms=p.block_ms,
+                    threads=p.threads or cfg.run.threads, rounds=p.rounds, workload=workload, tokens=tokens)
+        ctx.log(f"  timing {key} ({tokens} tokens) of {len(items)} models in {p.processes} processes")
+        (rep,) = repeat_in_processes(spec, p.processes, log=ctx.log)
+        timings[key] = rep.to_json()
+        for r in names:
+            pair = rep.pair(r)
+            rows[r][key] = {"ms": round(pair.p50_ms, 4), "speedup": round(1 / pair.median, 3),
+                            "p10_p90": [round(1 / pair.p90, 3), round(1 / pair.p10, 3)],
+                            "reproducible": pair.reproducible}
+    return timings
+
+
+def profile(ctx: Context) -> Output:
+    cfg, p = ctx.cfg, ctx.cfg.profile
+    files = run_files(ctx, ORDER)
     if "baseline-onnx" not in files:
         return Output(status="skipped", reason="no unpruned ONNX to compare with (profile.baseline_onnx = false)")
     names = [r for r in ORDER if r in files]
-    items = tuple(SpecItem(r, str(files[r][0]), "onnxruntime-cpu") for r in names)
     rows = {r: {"label": files[r][1], "size_bytes": files[r][0].stat().st_size} for r in names}
-    timings = {}
-    for workload, tokens in (("prefill", cfg.decoder.prefill_tokens), ("decode", cfg.decoder.decode_past)):
-        spec = Spec(items, reference="baseline-onnx", batches=(1,), input_shape=(), block_ms=p.block_ms,
-                    threads=p.threads or cfg.run.threads, rounds=p.rounds, workload=workload, tokens=tokens)
-        ctx.log(f"  timing {workload} ({tokens} tokens) of {len(items)} files in {p.processes} processes")
-        (rep,) = repeat_in_processes(spec, p.processes, log=ctx.log)
-        timings[workload] = rep.to_json()
-        for r in names:
-            pair = rep.pair(r)
-            rows[r][workload] = {"ms": round(pair.p50_ms, 4), "speedup": round(1 / pair.median, 3),
-                                 "p10_p90": [round(1 / pair.p90, 3), round(1 / pair.p10, 3)],
-                                 "reproducible": pair.reproducible}
+    timings = time_parts(ctx, files, names, (("prefill", "prefill", cfg.decoder.prefill_tokens),
+                                             ("decode", "decode", cfg.decoder.decode_past)), rows)
     from edgerun.decode_memory import peak_rss
     threads = p.threads or cfg.run.threads
     for r in names:

@@ -107,13 +107,20 @@ def _preflight(config, group: int) -> dict:
 def _self_test(bundle, max_new_tokens: int) -> dict:
     """The bundle's own runtime, in a fresh process inside it, must give the pipeline's answers (cut at the same
     length: an answer that reached decoder.max_new_tokens without the end token goes on otherwise)."""
-    p = subprocess.run([sys.executable, "-m", "edgerun", *SELF_TEST, "--max-new-tokens", str(max_new_tokens)],
-                       cwd=bundle, capture_output=True, text=True, timeout=600)
+    return bundle_self_test(bundle, [*SELF_TEST, "--max-new-tokens", str(max_new_tokens)])
+
+
+def bundle_self_test(bundle, args: list[str]) -> dict:
+    """``python -m edgerun ARGS`` in a fresh process inside ``bundle`` (its own runtime), whose last line is the
+    JSON of an evaluation of the pipeline's own answers: every one must be matched (100 %)."""
+    verb = args[0]
+    p = subprocess.run([sys.executable, "-m", "edgerun", *args], cwd=bundle, capture_output=True, text=True,
+                       timeout=600)
     if p.returncode != 0:
-        raise PipelineError(f"package: the bundle's generate failed in {bundle} "
+        raise PipelineError(f"package: the bundle's {verb} failed in {bundle} "
                             f"({(p.stdout.strip() or p.stderr.strip()).splitlines()[-1:]})")
     result = json.loads(p.stdout.strip().splitlines()[-1])
     if result.get("exact_match") != 100.0:
-        raise PipelineError(f"package: the bundle's generate answered {result.get('exact_match')} % of its sample "
+        raise PipelineError(f"package: the bundle's {verb} answered {result.get('exact_match')} % of its sample "
                             "as the pipeline did; expected 100 %")
     return result

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 from edgerun.io import atomic_write, write_json
-from pipeline.errors import PipelineError
 from pipeline.runner import Context, Output
 from pipeline.vlm import io
 
@@ -121,14 +118,6 @@ def _answers(bundle, sample, images, max_new_tokens: int) -> list[str]:
 
 def _self_test(bundle, max_new_tokens: int) -> dict:
     """The bundle's own runtime, in a fresh process inside it, must give the pipeline's answers."""
-    p = subprocess.run([sys.executable, "-m", "edgerun", "eval", "--bundle", ".", "--data", "expected.jsonl",
-                        "--max-new-tokens", str(max_new_tokens), "--threads", "1", "--format", "json"],
-                       cwd=bundle, capture_output=True, text=True, timeout=600)
-    if p.returncode != 0:
-        raise PipelineError(f"package: the bundle's eval failed in {bundle} "
-                            f"({(p.stdout.strip() or p.stderr.strip()).splitlines()[-1:]})")
-    result = json.loads(p.stdout.strip().splitlines()[-1])
-    if result.get("exact_match") != 100.0:
-        raise PipelineError(f"package: the bundle's eval answered {result.get('exact_match')} % of its sample as "
-                            "the pipeline did; expected 100 %")
-    return result
+    from pipeline.llm.package import bundle_self_test
+    return bundle_self_test(bundle, ["eval", "--bundle", ".", "--data", "expected.jsonl", "--max-new-tokens",
+                                     str(max_new_tokens), "--threads", "1", "--format", "json"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,15 +24,9 @@ FINDINGS = ROOT / "benchmarks" / "vila_findings.json"
 TARGETS = {"digit": 97.0, "two_image": 92.0, "few_shot": 90.0, "text": 97.0}
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def _isa() -> str:
-    flags = Path("/proc/cpuinfo").read_text()
+    from edgerun.machine import cpu_flags
+    flags = cpu_flags()
     return "AVX-512/VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
         "AVX2" if "avx2" in flags else "no AVX2"
 
@@ -86,10 +79,11 @@ def main(argv=None) -> None:
         found = findings(tuple(a.findings_seeds), scale=a.findings_scale)
         write_json(FINDINGS, found)
         write_md(found, FINDINGS.with_suffix(".md"))
-    load = Path("/proc/loadavg").read_text().split()[:3]
+    from edgerun.machine import cpu_name, load_average
+    load = load_average() or ()
     note = (f"Run `{result.run_dir.name}` of {CONFIG}{' with ' + ' '.join(a.overrides) if a.overrides else ''}: "
-            f"{'PASSED' if result.passed else 'FAILED: ' + str(result.message)}; {_cpu()} ({_isa()}), load average "
-            f"{' '.join(load)} at the end.")
+            f"{'PASSED' if result.passed else 'FAILED: ' + str(result.message)}; {cpu_name()} ({_isa()}), load average "
+            f"{' '.join(f'{x:.2f}' for x in load) or 'unknown'} at the end.")
     lines = ["# VILA on MNIST: the three findings and the compressed VLM (benchmarks/bench_vila.py)", ""]
     if FINDINGS.with_suffix(".md").is_file():
         lines += ["## (a) VILA's findings", ""] + FINDINGS.with_suffix(".md").read_text().splitlines()[1:] + [""]

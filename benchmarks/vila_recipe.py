@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import time
 from pathlib import Path
+
+from edgerun.machine import cpu_name
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -25,18 +26,9 @@ DECODER = dict(hidden_size=256, num_hidden_layers=2, intermediate_size=768, num_
                num_key_value_heads=2, head_dim=64, max_position_embeddings=128)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
+    from edgerun.machine import load_average
+    return (load_average() or (float("nan"),))[0]
 
 
 def run(name: str, *, scale: float = 1.0, tower_epochs: float = 4.0, decoder_steps: int = 300,
@@ -94,7 +86,7 @@ def run(name: str, *, scale: float = 1.0, tower_epochs: float = 4.0, decoder_ste
     eval_s = time.perf_counter() - t1
     return {"name": name, "scores": scores, "minutes_total": (time.perf_counter() - t0 - eval_s) / 60,
             "cpu_minutes": cpu_min,
-            "eval_minutes": eval_s / 60, "load_min": min(loads), "load_max": max(loads), "cpu": _cpu(),
+            "eval_minutes": eval_s / 60, "load_min": min(loads), "load_max": max(loads), "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "params": sum(p.numel() for p in vlm.parameters()),
             "recipe": {"tower_epochs": tower_epochs, "decoder_steps": decoder_steps, "decoder_lr": decoder_lr,
                        "layers": layers, "projector": projector, "seed": seed, "train_vision": train_vision,

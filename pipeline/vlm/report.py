@@ -24,8 +24,7 @@ def vlm_section(records) -> dict | None:
                        "params": m.get("params"), "size_bytes": m.get("size_bytes"),
                        "gate": r.gate.to_json() if r.gate is not None else None})
     profile = recs.get("profile")
-    rows = profile.metrics.get("rows") if profile is not None and profile.status == "ran" or (
-        profile is not None and profile.status == "cached") else None
+    rows = profile.metrics.get("rows") if profile is not None and profile.status in ("ran", "cached") else None
     return {"stages": stages, "counts": base.metrics.get("counts"), "steps": base.metrics.get("steps"),
             "profile": rows and {k: profile.metrics[k] for k in ("rows", "new_tokens", "decode_past", "batch",
                                                                    "backend", "threads")}}
@@ -42,9 +41,8 @@ def to_markdown(section: dict) -> str:
     for s in section["stages"]:
         per = [f"{s['per_kind'][k]:.2f}" if k in s["per_kind"] else "–" for k in kinds]
         agree = s.get("next_token_agreement")
-        lines.append(f"| {s['stage']} | {s['exact_match']:.2f} % | " + " | ".join(per)
-                     + f" | {agree:.2f} % | {_size(s.get('size_bytes'))} |" if agree is not None else
-                     f"| {s['stage']} | {s['exact_match']:.2f} % | " + " | ".join(per) + " | – | – |")
+        tail = f"{agree:.2f} % | {_size(s.get('size_bytes'))}" if agree is not None else "– | –"
+        lines.append(f"| {s['stage']} | {s['exact_match']:.2f} % | " + " | ".join(per) + f" | {tail} |")
     p = section.get("profile")
     if p:
         lines += ["", f"## VLM: answer latency (batch {p['batch']}, {p['backend']}, {p['threads'] or 'default'} "

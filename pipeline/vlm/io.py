@@ -42,7 +42,7 @@ class VLMRunData:
             train, test = mnist_vlm_task(tr_y, te_y, seed=self.cfg.run.seed,
                                          n_train={**DEFAULT_TRAIN, **v.train_counts},
                                          n_test={**DEFAULT_TEST, **v.test_counts})
-            self.mnist_train = (tr_x, tr_y)
+            self.mnist = ((tr_x, tr_y), (te_x, te_y))
             return VLMData(train, test, tr_x, te_x)
         data = read_vlm_jsonl(resolve_root(d.root), size=tuple(d.size), channels=d.channels)
         return VLMData(data.train[:d.train_subset or None], data.test[:d.test_subset or None], data.train_images,
@@ -63,9 +63,10 @@ class VLMRunData:
     has_answers = True   # every VLM record carries its answer
 
     def mnist_classes(self):
-        """MNIST train images and labels (the tower's pre-training) of the embedded task; None for a jsonl."""
+        """((train images, labels), (test images, labels)) of MNIST (the tower's pre-training) for the embedded
+        task; None for a jsonl."""
         _ = self._data   # loading it keeps the MNIST classes of the embedded task
-        return getattr(self, "mnist_train", None)
+        return getattr(self, "mnist", None)
 
     def identity(self) -> str:
         """What the run's records are, by content: the records and the bytes of every image they use."""
@@ -200,14 +201,15 @@ def torch_logits(vlm, tok, records, bank) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure_torch(vlm, tok, records, bank, teacher_next: np.ndarray | None, max_new_tokens: int):
-    """(figures, greedy answers) of a torch VLM; ``teacher_next`` None: the VLM is the reference itself."""
+    """(figures, greedy answers, teacher-forced next tokens) of a torch VLM; ``teacher_next`` None: the VLM is the
+    reference itself (its next tokens are what later stages are compared with)."""
     from pipeline.llm import lm
     from pipeline.vlm_train import vlm_answers
     logits, labels = torch_logits(vlm, tok, records, bank)
-    if teacher_next is None:
-        teacher_next = lm.next_tokens(logits)
+    own_next = lm.next_tokens(logits)
     answers = vlm_answers(vlm, tok, records, bank, max_new_tokens=max_new_tokens)
-    return figures(logits, answers, records, labels, teacher_next), answers
+    reference = own_next if teacher_next is None else teacher_next
+    return figures(logits, answers, records, labels, reference), answers, own_next
 
 
 def onnx_logits(session, records, images: np.ndarray, labels_width: int) -> np.ndarray:
@@ -215,11 +217,13 @@ def onnx_logits(session, records, images: np.ndarray, labels_width: int) -> np.n
     from pipeline.vlmdata import prompt_ids
     tok = session.tokenizer
     sp_eos = list(session.config.eos_token_id)[0]
-    rows = []
+    visual = session.image_embeds([images[i] for r in records for i in r.images])   # one batched vision run
+    rows, at = [], 0
     for r in records:
         ids = prompt_ids(tok, r, session.config.tokens_per_image)
         ids = ids + tok.encode(r.answer, add_special_tokens=False).ids + [sp_eos]
-        embeds = session.embed(ids, session.image_embeds([images[i] for i in r.images]))[None]
+        embeds = session.embed(ids, visual[at:at + len(r.images)])[None]
+        at += len(r.images)
         t = len(ids)
         logits, _ = session.decoder.step(embeds, np.ones((1, t), np.int64), np.arange(t)[None],
                                          session.decoder.empty_past(1))

@@ -83,5 +83,6 @@ def measure(ctx: Context, vlm, tok):
     import numpy as np
 
     from pipeline.vlm_train import image_bank
-    return io.measure_torch(vlm, tok, ctx.data.test, image_bank(ctx.data.data.test_images),
-                            np.load(ctx.path("baseline", io.TEST_NEXT)), ctx.cfg.decoder.max_new_tokens)
+    metrics, answers, _ = io.measure_torch(vlm, tok, ctx.data.test, image_bank(ctx.data.data.test_images),
+                                           np.load(ctx.path("baseline", io.TEST_NEXT)), ctx.cfg.decoder.max_new_tokens)
+    return metrics, answers

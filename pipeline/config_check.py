@@ -152,6 +152,9 @@ def _check_vlm(cfg, bad) -> None:
         bad(f"vlm.vision_macs is the fraction of the tower's MACs kept, in (0, 1], got {v.vision_macs}")
     if not 0 <= v.min_cosine <= 1:
         bad(f"vlm.min_cosine must be in [0, 1], got {v.min_cosine}")
+    if cfg.data.kind == "vlm-jsonl" and v.tower_epochs > 0:   # refused, not skipped: the tower would stay random
+        bad(f"vlm.tower_epochs = {v.tower_epochs}: the tower pre-trains on MNIST's classes (data.kind = "
+            "\"vila-mnist\"); a vlm-jsonl dataset has none: set vlm.tower_epochs = 0")
     if v.tower_epochs < 0 or v.text_steps < 0 or v.batch_size < 1 or not v.text_lr > 0:
         bad("vlm.tower_epochs and vlm.text_steps must be >= 0, vlm.batch_size >= 1 and vlm.text_lr > 0")
 

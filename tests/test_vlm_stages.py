@@ -92,6 +92,10 @@ def test_vlm_configs_are_checked_in_one_line():
         with pytest.raises(PipelineError) as e:
             check(vlm_config(**bad), "cfg")
         assert words in one_line(e.value)
+    jsonl = Config(task=TaskCfg("vlm"), data=DataCfg(kind="vlm-jsonl", root="data/mnist"), model=ModelCfg(name="vlm"))
+    with pytest.raises(PipelineError) as e:   # no classes to pre-train the tower on: refused, not skipped
+        check(jsonl, "cfg")
+    assert "vlm.tower_epochs" in one_line(e.value)
     with pytest.raises(PipelineError) as e:   # VLM data with a classifier task
         check(Config(task=TaskCfg("classify"), data=DataCfg(kind="vila-mnist", root="data/mnist")), "cfg")
     assert "image-text records" in one_line(e.value)

@@ -77,29 +77,47 @@ def export_vlm(vlm, folder, *, opset: int = 18, parity_atol: float = 1e-4) -> VL
     return VLMFiles(vision_path, folder / DECODER, embed_path, worst, info)
 
 
-def vlm_facts(vlm, *, mean=MNIST_MEAN, std=MNIST_STD) -> dict:
+def tower_input(vision) -> dict:
+    """{channels, image_size [H, W], mean, std} of a vision tower: its own ``in_channels``, ``image_size``,
+    ``mean`` and ``std`` (a tower of pipeline/vlm/byo.py's contract), else the embedded VisionTower's: read off its
+    patch convolution and square token grid, normalised as MNIST (what it is pre-trained on here)."""
+    if all(hasattr(vision, a) for a in ("in_channels", "image_size", "mean", "std")):
+        size = vision.image_size
+        size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(v) for v in size]
+        mean, std = ([float(m) for m in (x if isinstance(x, (list, tuple)) else [x])] for x in (vision.mean,
+                                                                                               vision.std))
+        return {"channels": int(vision.in_channels), "image_size": size, "mean": mean, "std": std}
+    conv = getattr(vision, "patch_embed", None)
+    if conv is None or not hasattr(conv, "kernel_size"):
+        raise ExportError(f"vlm: the vision tower {type(vision).__name__} has neither in_channels, image_size, "
+                          f"mean and std nor a patch_embed convolution to read its input from")
+    tokens = int(vision.num_tokens)
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ExportError(f"vlm: {tokens} visual tokens is not a square grid of patches")
+    return {"channels": int(conv.in_channels), "image_size": [side * conv.kernel_size[0], side * conv.kernel_size[1]],
+            "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
+
+
+def vlm_facts(vlm, *, mean=None, std=None) -> dict:
     """What the runtime must know of ``vlm`` (vlm.json's model half): tokens_per_image, image_token (the prompt's
     placeholder) and image_token_id, hidden, image_size [H, W], channels, mean/std (edgerun.pixels.normalise's,
-    the tower's training normalisation: MNIST's by default), vocab, bos/eos/pad ids, add_bos (the prompt starts
-    with bos, as pipeline.textdata.encode trains it), context_length (the decoder's max positions)."""
-    conv = getattr(vlm.vision, "patch_embed", None)
-    if conv is None or not hasattr(conv, "kernel_size"):
-        raise ExportError(f"vlm: the vision tower {type(vlm.vision).__name__} has no patch_embed convolution "
-                          f"to read the image size from")
-    side = math.isqrt(vlm.tokens_per_image)
-    if side * side != vlm.tokens_per_image:
-        raise ExportError(f"vlm: {vlm.tokens_per_image} visual tokens is not a square grid of patches")
+    the tower's training normalisation: tower_input's unless given), vocab, bos/eos/pad ids (pad: eos when the
+    decoder's config has none), add_bos (the prompt starts with bos, as pipeline.textdata.encode trains it),
+    context_length (the decoder's max positions)."""
+    tower = tower_input(vlm.vision)
+    mean, std = tower["mean"] if mean is None else mean, tower["std"] if std is None else std
     config = vlm.decoder.config
-    channels = int(conv.in_channels)
+    channels = tower["channels"]
     if len(mean) not in (1, channels) or len(std) != len(mean):
         raise ExportError(f"vlm: mean {mean} / std {std} for {channels}-channel images")
-    eos = config.eos_token_id
+    eos = [int(e) for e in np.atleast_1d(config.eos_token_id)]
     return {"tokens_per_image": int(vlm.tokens_per_image), "image_token": IMAGE_TOKEN,
             "image_token_id": int(vlm.image_token_id), "hidden": int(config.hidden_size),
-            "image_size": [side * conv.kernel_size[0], side * conv.kernel_size[1]], "channels": channels,
+            "image_size": tower["image_size"], "channels": channels,
             "mean": [float(m) for m in mean], "std": [float(s) for s in std], "vocab": int(config.vocab_size),
-            "bos_token_id": int(config.bos_token_id), "eos_token_id": [int(e) for e in np.atleast_1d(eos)],
-            "pad_token_id": int(config.pad_token_id), "add_bos": True,
+            "bos_token_id": int(config.bos_token_id), "eos_token_id": eos,
+            "pad_token_id": int(eos[0] if config.pad_token_id is None else config.pad_token_id), "add_bos": True,
             "context_length": int(config.max_position_embeddings)}
 
 

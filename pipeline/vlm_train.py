@@ -33,9 +33,18 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 PARTS = ("vision", "projector", "decoder")
 
 
-def image_bank(images_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 [n, C, H, W] -> the normalised float32 bank VLMView and vlm_answers read (the one normaliser)."""
-    return torch.from_numpy(normalise(images_uint8, mean=MNIST_MEAN, std=MNIST_STD))
+def image_bank(images_uint8: np.ndarray, mean=MNIST_MEAN, std=MNIST_STD) -> torch.Tensor:
+    """uint8 [n, C, H, W] -> the normalised float32 bank VLMView and vlm_answers read (the one normaliser);
+    ``mean``/``std``: the tower's (pixel_norm)."""
+    return torch.from_numpy(normalise(images_uint8, mean=mean, std=std))
+
+
+def pixel_norm(vlm: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the VLM's tower was trained with: its own (a tower of pipeline/vlm/byo.py's contract), else
+    MNIST's (the embedded VisionTower, pre-trained on MNIST here)."""
+    from export.vlm import tower_input
+    facts = tower_input(vlm.vision)
+    return tuple(facts["mean"]), tuple(facts["std"])
 
 
 class VLMView(nn.Module):
@@ -190,12 +199,14 @@ def train_step(vlm: nn.Module, tok, records: list[VLMRecord], bank: torch.Tensor
                kd_temperature: float = 1.0, seed: int = 0, progress: str | None = None) -> dict:
     """One StepSpec through pipeline.train.train with the generate task; returns the loop's info."""
     from pipeline.tasks import named
+    from pipeline.textdata import special_ids
     from pipeline.train import train
     freeze(vlm, spec.frozen)
     batch = sample_mix(records, spec.mix, spec.steps * spec.batch_size, seed)
     x, y = encode_vlm(tok, batch, vlm.tokens_per_image, max_images)
-    student = VLMView(vlm, bank, max_images)
-    t_view = VLMView(teacher, bank, max_images) if teacher is not None else None
+    pad = special_ids(tok)["pad"]
+    student = VLMView(vlm, bank, max_images, pad)
+    t_view = VLMView(teacher, bank, max_images, pad) if teacher is not None else None
     info = train(student, t_view, x, y, epochs=1.0, lr=spec.lr, batch_size=spec.batch_size, kd_weight=kd_weight,
                  kd_temperature=kd_temperature, schedule=spec.schedule, weight_decay=spec.weight_decay, seed=seed,
                  device="cpu", progress=progress, task=named("generate"))
@@ -215,7 +226,8 @@ def train_vila(vlm: nn.Module, tok, data: VLMData, steps, *, eval_records: list[
                seed: int = 0, progress: str | None = None, log=None) -> list[StepResult]:
     """Run ``steps`` (StepSpecs) in order on ``data.train``; with ``eval_records`` (test records), score
     exact-match by kind after each step. ``log``: called with each StepResult as it finishes."""
-    train_bank, test_bank = image_bank(data.train_images), image_bank(data.test_images)
+    norm = pixel_norm(vlm)
+    train_bank, test_bank = image_bank(data.train_images, *norm), image_bank(data.test_images, *norm)
     max_images = max((len(r.images) for r in data.train + data.test), default=0)
     results = []
     for i, spec in enumerate(steps):

@@ -263,11 +263,19 @@ def build_vlm_tokenizer(records: list[VLMRecord], kind: str = "word"):
 
 def prompt_ids(tok, record: VLMRecord, tokens_per_image: int) -> list[int]:
     """<s> and the prompt's ids, each <image> expanded to ``tokens_per_image`` image-token ids."""
-    sp = special_ids(tok)
+    sp, image_id = special_ids(tok), image_token_id(tok)
     ids = [sp["bos"]]
     for t in tok.encode(record.prompt, add_special_tokens=False).ids:
-        ids += [IMAGE_ID] * tokens_per_image if t == IMAGE_ID else [t]
+        ids += [image_id] * tokens_per_image if t == image_id else [t]
     return ids
+
+
+def image_token_id(tok) -> int:
+    """The tokenizer's id of ``<image>`` (IMAGE_ID for the embedded tokenizer; a decoder folder's own elsewhere)."""
+    image_id = tok.token_to_id(IMAGE)
+    if image_id is None:
+        raise PipelineError(f"tokenizer: no {IMAGE} token")
+    return image_id
 
 
 def encode_vlm(tok, records: list[VLMRecord], tokens_per_image: int, max_images: int,
@@ -281,8 +289,8 @@ def encode_vlm(tok, records: list[VLMRecord], tokens_per_image: int, max_images:
             raise PipelineError(f"vlm data: a {r.kind} record has {len(r.images)} images, more than "
                                 f"max_images {max_images}")
         prompt = prompt_ids(tok, r, tokens_per_image)
-        if prompt.count(IMAGE_ID) != len(r.images) * tokens_per_image:
-            raise PipelineError(f"vlm data: {r.prompt!r} has {prompt.count(IMAGE_ID) // tokens_per_image} "
+        if prompt.count(image_token_id(tok)) != len(r.images) * tokens_per_image:
+            raise PipelineError(f"vlm data: {r.prompt!r} has {prompt.count(image_token_id(tok)) // tokens_per_image} "
                                 f"{IMAGE} for {len(r.images)} images")
         answer = tok.encode(r.answer, add_special_tokens=False).ids + [sp["eos"]]
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer, r.images))

@@ -18,7 +18,7 @@ def finetune_keys(cfg):
 
 
 def finetune(ctx: Context) -> Output:
-    from pipeline.vlm_train import StepSpec, image_bank, train_step
+    from pipeline.vlm_train import StepSpec, image_bank, pixel_norm, train_step
     cfg, f, data = ctx.cfg, ctx.cfg.finetune, ctx.data
     student, tok = io.load_vlm(ctx.path("prune", io.MODEL_DIR))
     teacher, _ = io.load_vlm(ctx.path("baseline", io.MODEL_DIR))
@@ -26,7 +26,7 @@ def finetune(ctx: Context) -> Output:
     spec = StepSpec("distil", dict(cfg.vlm.step3_mix), frozen=(), steps=cfg.vlm.distil_steps, lr=f.lr,
                     batch_size=f.batch_size, schedule=f.schedule)
     ctx.log(f"  distilling the pruned VLM for {spec.steps} steps of {spec.batch_size} on {dict(spec.mix)}")
-    bank = image_bank(data.data.train_images)
+    bank = image_bank(data.data.train_images, *pixel_norm(student))
     max_images = max((len(r.images) for r in data.train + data.test), default=0)
     info = train_step(student, tok, data.train, bank, spec, max_images=max_images, teacher=teacher,
                       kd_weight=f.kd_weight, kd_temperature=f.kd_temperature, seed=cfg.run.seed, progress="distil")

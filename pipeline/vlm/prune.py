@@ -24,7 +24,9 @@ def calibration_batches(vlm, tok, records, bank, seed: int):
     import torch
 
     from pipeline.prune_vlm import VLMBatch
+    from pipeline.textdata import special_ids
     from pipeline.vlmdata import encode_vlm
+    pad = special_ids(tok)["pad"]
     pool = list(records)
     random.Random(seed).shuffle(pool)
     out = []
@@ -37,7 +39,7 @@ def calibration_batches(vlm, tok, records, bank, seed: int):
         ids = torch.from_numpy(x[:, :y.shape[1]])
         index = [i for r in rows for i in r.images]
         out.append(VLMBatch(ids, torch.from_numpy(y), bank[index] if index else None,
-                            (ids != 0).long()))
+                            (ids != pad).long()))
     return out
 
 
@@ -45,7 +47,7 @@ def prune(ctx: Context) -> Output:
     from pipeline.llm.prune import _by_ratio, limits_target
     from pipeline.prune_decoder import decoder_widths, legal_widths
     from pipeline.prune_vlm import prune_vlm
-    from pipeline.vlm_train import image_bank
+    from pipeline.vlm_train import image_bank, pixel_norm
     cfg, data, p = ctx.cfg, ctx.data, ctx.cfg.prune
     if p.target != "ratio":
         raise PipelineError(f"prune.target = {p.target!r}: a VLM prunes its decoder by ratio (prune.ratio, "
@@ -59,7 +61,7 @@ def prune(ctx: Context) -> Output:
             raise PipelineError(f"prune: no decoder widths are legal for {target} with INT4 group {group} "
                                 f"({decoder_widths(vlm.decoder)})")
         widths = _by_ratio(decoder_widths(vlm.decoder), candidates, p.ratio, p.head_ratio)
-    train_bank = image_bank(data.data.train_images)
+    train_bank = image_bank(data.data.train_images, *pixel_norm(vlm))
     batches = calibration_batches(vlm, tok, data.train, train_bank, cfg.run.seed)
     ctx.log(f"  pruning the tower to {cfg.vlm.vision_macs:.0%} of its MACs and the decoder to "
             f"{widths.config_dict() if widths else 'its widths'}")
@@ -82,7 +84,8 @@ def measure(ctx: Context, vlm, tok):
     """(figures, greedy answers) of a torch VLM on the held-out records, against the baseline's next tokens."""
     import numpy as np
 
-    from pipeline.vlm_train import image_bank
-    metrics, answers, _ = io.measure_torch(vlm, tok, ctx.data.test, image_bank(ctx.data.data.test_images),
+    from pipeline.vlm_train import image_bank, pixel_norm
+    metrics, answers, _ = io.measure_torch(vlm, tok, ctx.data.test, image_bank(ctx.data.data.test_images,
+                                                                               *pixel_norm(vlm)),
                                            np.load(ctx.path("baseline", io.TEST_NEXT)), ctx.cfg.decoder.max_new_tokens)
     return metrics, answers

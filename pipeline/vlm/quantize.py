@@ -31,15 +31,17 @@ def quantize(ctx: Context) -> Output:
     from edgerun.vlm import DECODER, VISION
     from pipeline.vlm.prune import calibration_batches
     from pipeline.vlm_calib import decoder_feeds
-    from pipeline.vlm_train import image_bank
+    from pipeline.vlm_train import image_bank, pixel_norm
     cfg, d, data = ctx.cfg, ctx.cfg.decoder, ctx.data
+    vlm, tok = io.load_vlm(ctx.path("finetune", io.MODEL_DIR))
+    norm = pixel_norm(vlm)
     src = ctx.path("export_onnx", io.FILES_DIR)
     out, trt = ctx.out / QUANT_DIR, ctx.out / TRT_DIR
     shutil.copytree(src, out)
     (out / DECODER).unlink()
     record = {}
     if cfg.vlm.vision_w8a8:
-        calib = image_bank(data.data.train_images[:min(CALIB_IMAGES, cfg.quantize.calib_size)]).numpy()
+        calib = image_bank(data.data.train_images[:min(CALIB_IMAGES, cfg.quantize.calib_size)], *norm).numpy()
         ctx.log(f"  vision tower to W8A8 on {len(calib)} images")
         (out / VISION).unlink()
         ort = quantize_vision(src / VISION, out / VISION, calib, target="onnxruntime")
@@ -48,10 +50,9 @@ def quantize(ctx: Context) -> Output:
             trt.mkdir()
             tq = quantize_vision(src / VISION, trt / VISION, calib, target="tensorrt")
             record["vision"]["tensorrt"] = tq.fidelity.__dict__
-    vlm, tok = io.load_vlm(ctx.path("finetune", io.MODEL_DIR))
     feeds = None
     if d.awq:
-        batches = calibration_batches(vlm, tok, data.train, image_bank(data.data.train_images), cfg.run.seed)
+        batches = calibration_batches(vlm, tok, data.train, image_bank(data.data.train_images, *norm), cfg.run.seed)
         feeds = decoder_feeds(vlm, batches, max_feeds=d.calib_prompts)
     ctx.log(f"  decoder weights to INT4 (group {d.int4_group}{', AWQ + scale estimation' if d.awq else ''})")
     info = compress_int4(src / DECODER, out / DECODER, form="ort", group_size=d.int4_group, dataset=feeds,

@@ -205,8 +205,12 @@ class VLMCfg:
     then three steps (pipeline/vlm_train.py): step 1 the projector alone on captions, step 2 interleaved
     image-text pre-training with the decoder unfrozen, step 3 the instruction mix with text-only data blended
     in. A step's ``mix`` is {question type: share}; ``frozen`` lists parts among vision, projector, decoder."""
-    tower: dict = field(default_factory=dict)    # VisionTower kwargs over pipeline.models.vlm's default
+    tower: dict = field(default_factory=dict)    # VisionTower kwargs over pipeline.models.vlm's default, or the
+    #                                              keyword arguments of tower_factory
+    tower_factory: str = ""       # your own tower: package.module:function returning one (pipeline/vlm/byo.py)
+    tower_weights: str = ""       # the tower's weights (safetensors or a state_dict file), loaded strictly
     projector: str = "linear"                    # linear (VILA) | mlp2 (Linear, GELU, Linear)
+    projector_weights: str = ""   # the projector's weights; empty = random, trained by step 1
     train_counts: dict = field(default_factory=dict)   # {question type: records} over vlmdata.DEFAULT_TRAIN
     test_counts: dict = field(default_factory=dict)    # {question type: records} over vlmdata.DEFAULT_TEST
     tower_epochs: float = 1.0     # tower pre-training on MNIST classes

@@ -129,10 +129,9 @@ def _check_vlm(cfg, bad) -> None:
             f"({' or '.join(VLM_DATA)}), and only a VLM does")
     if not vlm:
         return
-    if cfg.model.pretrained or cfg.model.weights:
-        bad("model.pretrained / model.weights: a VLM is built from [vlm] and trained with VILA's steps here "
-            "(bringing your own VLM is not supported yet)")
-    if cfg.model.name not in ("vlm", "decoder"):
+    from pipeline.vlm.byo import check_config
+    check_config(cfg, bad)   # your own tower, projector and decoder folder (pipeline/vlm/byo.py)
+    if not cfg.model.pretrained and cfg.model.name not in ("vlm", "decoder"):
         bad(f"model.name = {cfg.model.name!r}: a VLM is model.name = \"vlm\" (model.kwargs: the decoder's widths)")
     from pipeline.vlm_train import PARTS
     from pipeline.vlmdata import KINDS

@@ -191,8 +191,21 @@ def _record_hash(value: str) -> str:
     return sha256_file(path)
 
 
+def _file_hash(key: str) -> Callable[[str], str]:
+    """A weights file named by ``key`` (vlm.tower_weights, vlm.projector_weights): its content."""
+    def content(value: str) -> str:
+        path = resolve_root(value)
+        if not path.is_file():
+            raise PipelineError(f"{key}: {path} is not a file")
+        return _content(path, key)
+    return content
+
+
 FILE_VALUED: dict[str, Callable[[str], str]] = {"model.weights": _weights_hash, "model.factory": _factory_hash,
-                                                "prune.from_record": _record_hash}
+                                                "prune.from_record": _record_hash,
+                                                "vlm.tower_factory": _factory_hash,
+                                                "vlm.tower_weights": _file_hash("vlm.tower_weights"),
+                                                "vlm.projector_weights": _file_hash("vlm.projector_weights")}
 
 
 def fingerprint_values(cfg: Config, keys: Iterable[str], data_identity: Callable[[], str]) -> dict:

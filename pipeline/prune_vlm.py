@@ -30,7 +30,6 @@ carry it between stages (the tensors at their pruned shapes, the heads, the deco
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -80,8 +79,8 @@ class PruneInfo:
     """What ``prune_vlm`` did. MACs / params of the vision part are torch-pruning's count of
     ``projector(vision.encode(x))`` for one image (what vision.onnx computes); ``history`` is torch-pruning's
     JSON-friendly history of the vision part (module names as in the VLM: ``vision.*``, ``projector*``)."""
-    vision_before: VisionWidths
-    vision_after: VisionWidths
+    vision_before: VisionWidths | None   # None: a tower this pruner does not know, kept whole
+    vision_after: VisionWidths | None
     vision_macs_before: int
     vision_macs_after: int
     vision_params_before: int
@@ -119,7 +118,16 @@ class _VisionPart(nn.Module):
         return cls(self.vision, self.projector, decoder, token)
 
 
-def vision_widths(vision: nn.Module) -> VisionWidths:
+def is_ours(vision: nn.Module) -> bool:
+    """Whether the tower is pipeline.models.tower.VisionTower, the one tower this pruner knows: its attention's
+    head attributes and its pre-training head. Another tower (pipeline/vlm/byo.py) is kept whole."""
+    from pipeline.models.tower import VisionTower
+    return isinstance(vision, VisionTower)
+
+
+def vision_widths(vision: nn.Module) -> VisionWidths | None:
+    if not is_ours(vision):
+        return None
     blocks = list(vision.blocks)
     return VisionWidths(dim=int(vision.patch_embed.out_channels),
                         mlp=tuple(int(b.mlp.fc1.out_features) for b in blocks),
@@ -129,9 +137,9 @@ def vision_widths(vision: nn.Module) -> VisionWidths:
 
 def example_pixels(vision: nn.Module) -> torch.Tensor:
     """One zero image of the tower's input shape."""
-    conv = vision.patch_embed
-    side = int(round(math.sqrt(vision.num_tokens))) * int(conv.kernel_size[0])
-    return torch.zeros(1, int(conv.in_channels), side, side)
+    from export.vlm import tower_input
+    facts = tower_input(vision)
+    return torch.zeros(1, facts["channels"], *facts["image_size"])
 
 
 def _validate(vlm, vision_macs, vision_ratio, vision_importance, decoder_widths_, loss_fn, batches, head_ratio):
@@ -151,6 +159,9 @@ def _validate(vlm, vision_macs, vision_ratio, vision_importance, decoder_widths_
                             f"got {vision_importance!r}")
     if not 0.0 <= float(head_ratio) < 1.0:
         raise PipelineError(f"prune_vlm: vision_head_ratio must be in [0, 1), got {head_ratio}")
+    if not is_ours(vlm.vision) and (vision_macs is not None and vision_macs < 1 or vision_ratio or head_ratio):
+        raise PipelineError(f"prune_vlm: the tower {type(vlm.vision).__name__} is not pipeline.models.tower."
+                            "VisionTower, the one tower this pruner knows: keep it whole (vision_ratio=0)")
     if decoder_widths_ is not None and not isinstance(decoder_widths_, DecoderWidths):
         raise PipelineError(f"prune_vlm: decoder_widths must be a DecoderWidths or None, got "
                             f"{type(decoder_widths_).__name__}")
@@ -191,8 +202,9 @@ def prune_vlm(vlm: nn.Module, *, vision_macs: float | None = None, vision_ratio:
         importance = pd.taylor_importance(vlm.decoder, loss_fn, batches, owner=vlm)
     dec_params_before = sum(p.numel() for p in vlm.decoder.parameters())
 
-    dropped = tuple(f"vision.{n}" for n in TOWER_HEAD if isinstance(getattr(vlm.vision, n, None), nn.Module))
-    for name in TOWER_HEAD:
+    head = TOWER_HEAD if is_ours(vlm.vision) else ()   # another tower's modules are all its own function
+    dropped = tuple(f"vision.{n}" for n in head if isinstance(getattr(vlm.vision, n, None), nn.Module))
+    for name in head:
         if isinstance(getattr(vlm.vision, name, None), nn.Module):
             delattr(vlm.vision, name)
     part = _VisionPart(vlm)
@@ -202,8 +214,8 @@ def prune_vlm(vlm: nn.Module, *, vision_macs: float | None = None, vision_ratio:
     common = _schedule_options(part, vision_importance, vision_head_ratio, global_pruning, round_to, seed,
                                len(batches))
     schedule = _schedule(loss_fn, batches)
-    if vision_ratio is not None:
-        ratio = float(vision_ratio)
+    if vision_ratio is not None or not is_ours(vlm.vision):
+        ratio = float(vision_ratio or 0.0)
     else:
         ratio, _ = bisect_ratio(part, example, float(vision_macs) * macs_before,
                                 lambda m: count_macs(m, example)[0], "MACs", common, schedule, cost0=macs_before)

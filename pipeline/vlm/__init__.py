@@ -10,8 +10,8 @@ and the task (pipeline/tasks/vlm.py) for what the gates compare.
 
 VLM_DATA = ("vila-mnist", "vlm-jsonl")
 # Keys the run's data (io.VLMRunData) reads; its identity is the records' content, so every stage reading the data
-# reruns when they change.
-DATA_READS = ("vlm.train_counts", "vlm.test_counts")
+# reruns when they change. Your tower (vlm.tower_factory and its kwargs) decides the images' size and channels.
+DATA_READS = ("vlm.train_counts", "vlm.test_counts", "vlm.tower_factory", "vlm.tower")
 
 
 def is_vlm(cfg) -> bool:

@@ -14,12 +14,14 @@ from pipeline.stage_io import np_write
 from pipeline.tasks import named
 from pipeline.vlm import io
 
-RECIPE = ("tower", "projector", "train_counts", "tower_epochs", "text_steps", "text_lr", "batch_size",
+RECIPE = ("tower", "tower_factory", "tower_weights", "projector", "projector_weights", "train_counts",
+          "tower_epochs", "text_steps", "text_lr", "batch_size",
           *(f"step{i}_{k}" for i in (1, 2, 3) for k in ("mix", "frozen", "steps", "lr")))
 
 
 def baseline_keys(cfg):
-    return ["task.kind", "model.name", "model.kwargs", "decoder.max_new_tokens", *(f"vlm.{k}" for k in RECIPE)]
+    model = ["model.pretrained"] if cfg.model.pretrained else ["model.name", "model.kwargs"]
+    return ["task.kind", *model, "decoder.max_new_tokens", *(f"vlm.{k}" for k in RECIPE)]
 
 
 def steps_of(cfg) -> list:
@@ -33,15 +35,16 @@ def steps_of(cfg) -> list:
 
 def baseline(ctx: Context) -> Output:
     from pipeline.llm import lm
-    from pipeline.models.vlm import build_vlm
-    from pipeline.textdata import special_ids
-    from pipeline.vlm_train import image_bank, pretrain_decoder, pretrain_tower, tower_top1, train_vila
+    from pipeline.vlm import byo
+    from pipeline.vlm_train import image_bank, pixel_norm, pretrain_decoder, pretrain_tower, tower_top1, train_vila
     from pipeline.vlmdata import IMAGE_ID, build_vlm_tokenizer
     cfg, data, v = ctx.cfg, ctx.data, ctx.cfg.vlm
-    tok = build_vlm_tokenizer(data.train)
-    recipe = io.recipe_of(cfg)
-    vlm = build_vlm(tok.get_vocab_size(), image_token_id=IMAGE_ID, tower=recipe["tower"], decoder=cfg.model.kwargs,
-                    projector=v.projector, special=special_ids(tok), seed=cfg.run.seed)
+    # Your decoder folder brings its tokenizer (with <image>); the embedded decoder's is made from the records.
+    tok = None if cfg.model.pretrained else build_vlm_tokenizer(data.train)
+    vlm, tok, recipe = byo.build(cfg, tok, IMAGE_ID)
+    loaded = {part: key for part, key in (("decoder", cfg.model.pretrained), ("tower", v.tower_factory),
+                                          ("tower_weights", v.tower_weights),
+                                          ("projector_weights", v.projector_weights)) if key}
     trained = {}
     classes = data.mnist_classes()
     if v.tower_epochs > 0:   # config_check refuses tower_epochs for data without MNIST's classes
@@ -58,14 +61,15 @@ def baseline(ctx: Context) -> Output:
                           log=lambda r: ctx.log(f"  step {r.name}: {r.seconds:.0f} s, loss {r.final_loss:.4f}")):
         steps.append({"name": res.name, "seconds": round(res.seconds, 1), "loss": round(res.final_loss, 4)})
     folder = io.save_vlm(vlm, tok, ctx.out / io.MODEL_DIR, recipe)
-    metrics, answers, own_next = io.measure_torch(vlm, tok, data.test, image_bank(data.data.test_images), None,
-                                                  cfg.decoder.max_new_tokens)
+    metrics, answers, own_next = io.measure_torch(vlm, tok, data.test, image_bank(data.data.test_images,
+                                                                                  *pixel_norm(vlm)),
+                                                  None, cfg.decoder.max_new_tokens)
     np_write(ctx.out / io.TEST_NEXT, np.save, own_next)
     io.write_answers(ctx.out / io.ANSWERS, answers)
     params = {part: sum(p.numel() for p in getattr(vlm, part).parameters()) for part in ("vision", "projector",
                                                                                          "decoder")}
-    metrics = {"task": "vlm", **metrics, "pretrain": trained, "steps": steps, "params": sum(params.values()),
-               "params_by_part": params,
+    metrics = {"task": "vlm", **metrics, "pretrain": trained, "loaded": loaded, "steps": steps,
+               "params": sum(params.values()), "params_by_part": params,
                "size_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
                "decoder_config": lm.widths_of(vlm.decoder.config), "tower": recipe["tower"]}
     return Output(metrics=metrics, artifacts=(Artifact("baseline-torch", "torch", io.MODEL_DIR,

@@ -32,8 +32,10 @@ class VLMRunData:
     @cached_property
     def _data(self):
         from pipeline.data import resolve_root
+        from pipeline.vlm.byo import tower_input
         from pipeline.vlmdata import DEFAULT_TEST, DEFAULT_TRAIN, VLMData, mnist_vlm_task, read_vlm_jsonl
         d, v = self.cfg.data, self.cfg.vlm
+        tower = tower_input(self.cfg)   # your tower's ((H, W), channels) decide how images are read
         if d.kind == "vila-mnist":
             from edgerun.readers import load_mnist
             root = resolve_root(d.root)
@@ -43,8 +45,11 @@ class VLMRunData:
                                          n_train={**DEFAULT_TRAIN, **v.train_counts},
                                          n_test={**DEFAULT_TEST, **v.test_counts})
             self.mnist = ((tr_x, tr_y), (te_x, te_y))
+            if tower is not None:
+                tr_x, te_x = (_mnist_for(x, *tower, v.tower_factory) for x in (tr_x, te_x))
             return VLMData(train, test, tr_x, te_x)
-        data = read_vlm_jsonl(resolve_root(d.root), size=tuple(d.size), channels=d.channels)
+        size, channels = tower if tower is not None else (tuple(d.size), d.channels)
+        data = read_vlm_jsonl(resolve_root(d.root), size=size, channels=channels)
         return VLMData(data.train[:d.train_subset or None], data.test[:d.test_subset or None], data.train_images,
                        data.test_images)
 
@@ -76,6 +81,15 @@ class VLMRunData:
             used = sorted({i for r in records for i in r.images})
             h.update(np.ascontiguousarray(bank[used]).tobytes() if used else b"")
         return h.hexdigest()
+
+
+def _mnist_for(images: np.ndarray, size, channels: int, factory: str) -> np.ndarray:
+    """MNIST's 28x28 grey images as your tower takes them: grey repeated into 3 channels where it takes RGB; a
+    tower of another size is refused (resampling digits would change the task)."""
+    if tuple(size) != tuple(images.shape[2:]):
+        raise PipelineError(f"vlm.tower_factory {factory} takes {list(size)} images; vila-mnist's are "
+                            f"{list(images.shape[2:])}: use data.kind = \"vlm-jsonl\" with your images")
+    return np.repeat(images, channels, axis=1) if channels != images.shape[1] else images
 
 
 # ---------------------------------------------------------------- the model folder every stage hands on
@@ -123,13 +137,19 @@ def load_vlm(folder: Path):
     folder = Path(folder)
     meta = json.loads((folder / "vlm.json").read_text())
     decoder, tok = lm.load_model(folder / "decoder")
-    vision = VisionTower(**meta["tower"])
-    projector = build_projector(meta["projector"], vision.norm.normalized_shape[0], decoder.config.hidden_size)
+    if meta.get("tower_factory"):   # your tower (pipeline/vlm/byo.py), built again by its factory
+        from pipeline.vlm.byo import build_tower
+        vision, facts = build_tower(meta["tower_factory"], meta["tower"])
+        dim = facts["dim"]
+    else:
+        vision = VisionTower(**meta["tower"])
+        dim = vision.norm.normalized_shape[0]
+    projector = build_projector(meta["projector"], dim, decoder.config.hidden_size)
     vlm = VLM(vision, projector, decoder, meta["image_token_id"])
     state = load_file(str(folder / "vision.safetensors"))
-    for name in ("projector", "classifier"):   # the tower's pre-training head, dropped by pruning
-        if not any(k.startswith(f"vision.{name}.") for k in state):
-            delattr(vlm.vision, name)
+    for name in ("projector", "classifier") if isinstance(vision, VisionTower) else ():
+        if not any(k.startswith(f"vision.{name}.") for k in state):   # the tower's pre-training head, dropped
+            delattr(vlm.vision, name)                                  # by pruning
     own = {k for k in vlm.state_dict() if k.split(".")[0] in ("vision", "projector")}
     if own != set(state):
         extra = sorted(set(state) - own) or sorted(own - set(state))
@@ -156,12 +176,7 @@ def load_vlm(folder: Path):
 def read_recipe(folder: Path) -> dict:
     """The recipe a VLM folder was built from (what save_vlm needs to write the folder of a changed copy)."""
     meta = json.loads((Path(folder) / "vlm.json").read_text())
-    return {"tower": meta["tower"], "projector": meta["projector"]}
-
-
-def recipe_of(cfg) -> dict:
-    from pipeline.models.vlm import TOWER_DEFAULT
-    return {"tower": {**TOWER_DEFAULT, **cfg.vlm.tower}, "projector": cfg.vlm.projector}
+    return {k: meta[k] for k in ("tower", "tower_factory", "projector") if k in meta}
 
 
 # ---------------------------------------------------------------- measurements
@@ -192,7 +207,8 @@ def torch_logits(vlm, tok, records, bank) -> tuple[np.ndarray, np.ndarray]:
 
     from pipeline.vlm_train import VLMView
     (x, y), max_images = _rows(tok, records, vlm.tokens_per_image)
-    view = VLMView(vlm, bank, max_images).eval()
+    from pipeline.textdata import special_ids
+    view = VLMView(vlm, bank, max_images, special_ids(tok)["pad"]).eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(x), 64):

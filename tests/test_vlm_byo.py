@@ -5,6 +5,7 @@ line. End to end (e2e): the tiny random parts through every VLM stage; the bundl
 pipeline did. Random weights answer nonsense: accuracy gates warn here, parity is what is checked."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import one_line
@@ -139,12 +140,52 @@ def test_weights_that_do_not_fit_are_one_line(parts, one_thread):
     assert torch.equal(vlm.projector.weight, torch.load(root / "proj_ok.pt")["weight"])
 
 
-def test_a_decoder_folder_without_the_image_token_is_one_line(parts, one_thread):
+@pytest.mark.parametrize("image, words", [("none", "has no <image> token"),
+                                          ("word", "does not encode <image> as its one token")])
+def test_a_decoder_folder_without_the_image_token_is_one_line(parts, image, words, one_thread):
     _, _, root = parts
-    plain = decoder_folder(root / "plain", image=False)
+    plain = decoder_folder(root / image, image=image)
     with pytest.raises(PipelineError) as e:
         build(parts, **{"model.pretrained": str(plain)})
-    assert f"{plain / 'tokenizer.json'} has no <image> token" in one_line(e.value)
+    assert f"{plain / 'tokenizer.json'} {words}" in one_line(e.value)
+
+
+def test_your_decoder_with_the_embedded_tower_and_your_tower_with_the_embedded_decoder(parts, one_thread):
+    from tiny_byo_vlm import task_texts
+
+    from pipeline.models.tower import VisionTower
+    from pipeline.vlmdata import IMAGE_ID, build_vlm_tokenizer
+    vlm, _, recipe = build(parts, **{"vlm.tower_factory": "", "vlm.tower_weights": "", "vlm.tower_epochs": 1})
+    assert isinstance(vlm.vision, VisionTower) and "tower_factory" not in recipe
+    assert vlm.projector.in_features == 64 and vlm.projector.out_features == 128   # the folder's hidden size
+    tok = build_vlm_tokenizer(task_texts())
+    from pipeline.vlm import byo
+    folder, weights, _ = parts
+    cfg = load(overrides(folder, weights, **{"model.pretrained": "", "model.kwargs": "{hidden_size = 64, "
+                                             "num_hidden_layers = 1, intermediate_size = 128, num_attention_heads = 1, "
+                                             "num_key_value_heads = 1, head_dim = 64}", "vlm.text_steps": 5}))
+    vlm, _, recipe = byo.build(cfg, tok, IMAGE_ID)
+    assert type(vlm.vision).__name__ == "PatchTower" and recipe["tower_factory"] == "tiny_byo_vlm:tower"
+    assert vlm.projector.out_features == 64 and vlm.image_token_id == IMAGE_ID
+
+
+def test_images_are_read_at_the_towers_size_or_refused(parts, tmp_path, one_thread):
+    from PIL import Image
+
+    from pipeline.vlm.io import VLMRunData
+    folder, weights, _ = parts
+    big = overrides(folder, weights, **{"vlm.tower": "{image_size = 35}", "vlm.tower_weights": ""})
+    with pytest.raises(PipelineError) as e:   # MNIST digits are 28x28: not resampled
+        VLMRunData(load(big)).data
+    assert "takes [35, 35] images; vila-mnist's are [28, 28]" in one_line(e.value)
+    for i in range(4):
+        Image.fromarray(np.full((10, 12), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    lines = [{"images": [f"{i}.png"], "prompt": "<image> what digit is this ?", "answer": "one"} for i in range(4)]
+    for name, rows in (("train", lines[:3]), ("test", lines[3:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load([*big, "data.kind=vlm-jsonl", f"data.root={json.dumps(str(tmp_path))}", "vlm.test_counts={}"])
+    data = VLMRunData(cfg).data
+    assert data.train_images.shape == (3, 3, 35, 35) and data.test_images.shape == (1, 3, 35, 35)
 
 
 @pytest.mark.e2e

@@ -68,9 +68,10 @@ def task_texts() -> list:
     return train + test
 
 
-def decoder_folder(folder: Path, *, image: bool = True, seed: int = 0) -> Path:
+def decoder_folder(folder: Path, *, image: str = "special", seed: int = 0) -> Path:
     """A tiny random LlamaForCausalLM folder (config.json, model.safetensors, tokenizer.json); its tokenizer
-    holds <image> unless ``image`` is False."""
+    holds <image> as a special token (``image="special"``), as a word its pre-tokenizer splits ("word"), or not
+    at all ("none")."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.models.decoder import save_decoder
@@ -78,7 +79,11 @@ def decoder_folder(folder: Path, *, image: bool = True, seed: int = 0) -> Path:
     from pipeline.vlmdata import build_vlm_tokenizer
     records = task_texts()
     texts = [" ".join(w for w in f"{r.prompt} {r.answer}".split() if w != "<image>") for r in records]
-    tok = build_vlm_tokenizer(records) if image else build_tokenizer(texts)
+    tok = build_vlm_tokenizer(records) if image == "special" else build_tokenizer(texts + ["<image>"] * (
+        image == "word"))
+    if image == "word":   # in the vocabulary, but a prompt's "<image>" is split into "<", "image", ">"
+        from tokenizers import pre_tokenizers
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
     sp = special_ids(tok)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_act="silu", rms_norm_eps=1e-5,

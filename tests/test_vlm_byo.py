@@ -61,6 +61,18 @@ def test_steps_zero_keeps_the_loaded_parts_as_they_are(parts, tmp_path, one_thre
     assert vlm.image_token_id == tok.token_to_id("<image>")
 
 
+def test_the_embedded_vlm_baseline_reads_only_what_it_declares(tmp_path, one_thread):
+    """No part brought: the baseline builds the embedded parts (its declared keys hold for this path too)."""
+    args = [f"vlm.train_counts={COUNTS}", f"vlm.test_counts={TEST_COUNTS}", "vlm.tower_epochs=0", "vlm.text_steps=0",
+            "vlm.step1_steps=0", "vlm.step2_steps=0", "vlm.step3_steps=0", "baseline.gate=off",
+            "model.kwargs={hidden_size = 64, num_hidden_layers = 1, intermediate_size = 128, num_attention_heads = 1, "
+            "num_key_value_heads = 1, head_dim = 64}", "decoder.max_new_tokens=2"]
+    result = pipeline.run("configs/vila-mnist.toml", args, runs=tmp_path / "runs", run_name="own", until="baseline",
+                          log=lambda m: None)
+    assert result.passed, result.message
+    assert result.records[0].metrics["loaded"] == {} and result.records[0].metrics["params_by_part"]["decoder"] > 0
+
+
 def test_the_tower_decides_the_images_and_their_normalisation(parts, one_thread):
     from export.vlm import tower_input
     from pipeline.vlm.io import VLMRunData

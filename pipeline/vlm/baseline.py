@@ -20,8 +20,8 @@ RECIPE = ("tower", "tower_factory", "tower_weights", "projector", "projector_wei
 
 
 def baseline_keys(cfg):
-    model = ["model.pretrained"] if cfg.model.pretrained else ["model.name", "model.kwargs"]
-    return ["task.kind", *model, "decoder.max_new_tokens", *(f"vlm.{k}" for k in RECIPE)]
+    model = [] if cfg.model.pretrained else ["model.name", "model.kwargs"]   # your folder: its own widths
+    return ["task.kind", "model.pretrained", *model, "decoder.max_new_tokens", *(f"vlm.{k}" for k in RECIPE)]
 
 
 def steps_of(cfg) -> list:

@@ -1,6 +1,8 @@
 """VILA's findings, part (a) of `make bench-vila`, at MNIST scale (issue 22).
 
     python -m benchmarks.vila_findings --seeds 0 1 --scale 0.5      # writes benchmarks/vila_findings.json/.md
+    python -m benchmarks.vila_findings --seeds 1 --out /tmp/s1.json # one process per seed, then:
+    python -m benchmarks.vila_findings --merge /tmp/s0.json /tmp/s1.json
 
 Three comparisons, each against the default recipe (pipeline.vlm_train.VILA_STEPS), per seed:
   * ``llm-frozen-step2``: step 2 with the decoder frozen (VILA: unfreezing the LLM in pre-training is what
@@ -85,6 +87,23 @@ def findings(seeds=(0,), *, scale: float = 1.0, variants=VARIANTS, n_test: int =
     return {"scores": out, "minutes_per_seed": minutes, "scale": scale, "n_test": n_test}
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from runs of other seeds (e.g. one process per seed, side by side on several cores); runs of
+    another scale or test size are refused, as are two runs of one seed."""
+    first = results[0]
+    if any((r["scale"], r["n_test"]) != (first["scale"], first["n_test"]) for r in results):
+        raise SystemExit("vila_findings --merge: the runs differ in --scale or --n-test")
+    scores: dict = {v: {} for v in first["scores"]}
+    minutes: dict = {}
+    for r in results:
+        for v, per_seed in r["scores"].items():
+            if set(per_seed) & set(scores.setdefault(v, {})):
+                raise SystemExit(f"vila_findings --merge: seed(s) {sorted(set(per_seed) & set(scores[v]))} twice")
+            scores[v].update(per_seed)
+        minutes.update(r["minutes_per_seed"])
+    return {"scores": scores, "minutes_per_seed": minutes, "scale": first["scale"], "n_test": first["n_test"]}
+
+
 def spread(per_seed: dict, kind: str) -> str:
     vals = [s[kind] for s in per_seed.values() if kind in s]
     if not vals:
@@ -114,8 +133,12 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--out", default=str(HERE / "vila_findings.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine runs of other seeds into --out; no training")
     a = ap.parse_args(argv)
-    result = findings(tuple(a.seeds), scale=a.scale, variants=tuple(a.variants), n_test=a.n_test)
+    if a.merge:
+        result = merge([json.loads(Path(f).read_text()) for f in a.merge])
+    else:
+        result = findings(tuple(a.seeds), scale=a.scale, variants=tuple(a.variants), n_test=a.n_test)
     from edgerun.io import write_json
     write_json(a.out, result)
     write_md(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".md"))

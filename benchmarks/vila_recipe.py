@@ -3,8 +3,9 @@
     python -m benchmarks.vila_recipe --name base                 # the default recipe (VILA_STEPS)
     python -m benchmarks.vila_recipe --name quick --scale 0.5    # every step's step count halved
 
-Trains a VLM from scratch: the vision tower as an MNIST classifier, the decoder on number_task text, then the
-StepSpecs; scores exact-match by kind on the held-out test records (MNIST test images, held-out operands).
+Trains a VLM from scratch: the vision tower as an MNIST classifier, the decoder on the text-only records, then the
+StepSpecs; scores exact-match by kind on the test records (MNIST test images; the text kind a fresh draw of
+its facts).
 Each run is kept in benchmarks/vila_recipe.json by name and benchmarks/vila_recipe.md is rewritten from it:
 recipe, per-kind exact-match, minutes, load average, CPU.
 """
@@ -98,7 +99,7 @@ def write_md(runs: dict, path: Path) -> None:
     from edgerun.io import atomic_write
     kinds = ["caption", "digit", "two_image", "few_shot", "text"]
     lines = ["# VILA's three-step recipe on MNIST (benchmarks/vila_recipe.py)", "",
-             "Exact-match % on held-out test records (MNIST test images; number_task's held-out operands), "
+             "Exact-match % on held-out test records (MNIST test images; the text kind a fresh draw of its facts), "
              "greedy. Minutes: wall clock of all training incl. the tower and decoder pre-training, the per-step "
              "peeks (50 per kind) included, the final evaluation not; CPU min: the process's CPU time over the "
              "same span (what the wall clock would be on a quiet core); one torch thread; load average 1-min, "

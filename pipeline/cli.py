@@ -98,7 +98,8 @@ def _config_show(args) -> int:
 
 def _run(args) -> int:
     from pipeline.api import run
-    t0 = time.perf_counter()
+    from pipeline.runner import cpu_seconds
+    t0, c0 = time.perf_counter(), cpu_seconds()
     result = run(args.config, args.overrides, run_name=args.run_name, runs=args.runs, start=args.start,
                  until=args.until, force=args.force)
     print(f"run folder:  {result.run_dir}\nreport:      {result.report}\nreport json: {result.run_dir / 'report.json'}")
@@ -110,7 +111,8 @@ def _run(args) -> int:
         family = next((f for f in (llm_report, vlm_report) if f.is_run(result)), None)
         print(family.next_block(result) if family is not None else _next_block(result))
     print(f"PASSED | {len(result.records)} stages: {counts['ran']} ran, {counts['cached']} cached, "
-          f"{counts['skipped']} skipped in {time.perf_counter() - t0:.1f} s{_headline(result)} | {result.run_dir}",
+          f"{counts['skipped']} skipped in {time.perf_counter() - t0:.1f} s ({cpu_seconds() - c0:.0f} s of CPU)"
+          f"{_headline(result)} | {result.run_dir}",
           flush=True)
     return 0
 

@@ -198,6 +198,9 @@ class StageRecord:
     finished_at: str = ""
     notices: tuple[str, ...] = ()
     seal: str = ""                       # as read from stage.json; to_json writes the computed one
+    # CPU time of the stage's process and the children it waited for: on a loaded machine the wall clock says
+    # little about what the stage costs; this is about what one quiet core would take (training uses one thread)
+    cpu_seconds: float | None = None
 
     def artifact(self, role: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.role == role), None)
@@ -212,6 +215,8 @@ class StageRecord:
         d = asdict(self)
         for k in ("gate", "status", "seal"):
             d.pop(k)
+        if d["cpu_seconds"] is None:   # records written before it was measured keep their seals
+            d.pop("cpu_seconds")
         d["skipped"] = self.status == "skipped"
         d["artifacts"] = [a.to_json() for a in self.artifacts]
         return hash_json(d)
@@ -245,7 +250,7 @@ class StageRecord:
                    reason=d.get("reason", ""), fingerprint=d.get("fingerprint", {}),
                    fingerprint_hash=d.get("fingerprint_hash", ""), files=files,
                    finished_at=d.get("finished_at", ""), notices=tuple(d.get("notices") or ()),
-                   seal=d.get("seal", ""))
+                   seal=d.get("seal", ""), cpu_seconds=d.get("cpu_seconds"))
 
 
 def _inside(name) -> bool:

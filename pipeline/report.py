@@ -94,8 +94,9 @@ def _ordered(records: list[StageRecord], stage_order: list[str]) -> list[StageRe
 
 
 def _stage_json(r: StageRecord) -> dict:
-    out = {"name": r.name, "status": r.status, "seconds": r.seconds, "metrics": r.metrics,
-           "gate": None if r.gate is None else r.gate.to_json(), "artifacts": [a.to_json() for a in r.artifacts]}
+    out = {"name": r.name, "status": r.status, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds,
+           "metrics": r.metrics, "gate": None if r.gate is None else r.gate.to_json(),
+           "artifacts": [a.to_json() for a in r.artifacts]}
     if r.reason:
         out["reason"] = r.reason
     return out

@@ -243,12 +243,13 @@ class Runner:
         self.log(f"{label}: running")
         view = self.views[stage.name] = ConfigView(stage.name, self.cfg, stage.keys(self.cfg))
         inputs = {name: (self.folder[name], self.records[name]) for name in stage.reads}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         # A crash or an interrupt here leaves only the .tmp folder, which never counts as finished.
         out = stage.fn(Context(stage, view, tmp, inputs, self.data, self.log,
                                checkpoints=self._checkpoints(stage, fp_hash), fingerprint=fp_hash))
         record = StageRecord(
             name=stage.name, status=out.status, reason=out.reason, seconds=round(time.perf_counter() - t0, 3),
+            cpu_seconds=round(cpu_seconds() - c0, 3),
             metrics=out.metrics, artifacts=tuple(replace(a, stage=stage.name) for a in out.artifacts),
             fingerprint=fp, fingerprint_hash=fp_hash, files=file_table(tmp),
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), notices=out.notices)
@@ -395,9 +396,16 @@ class Runner:
             write_json(folder / RECORD, replace(record, status=record.status).to_json())
         for notice in record.notices if not cached else ():
             self.log(f"  note: {notice}")
-        verb = "cached" if cached else f"{record.status} in {record.seconds:.1f} s"
+        cpu = f", {record.cpu_seconds:.1f} s of CPU" if record.cpu_seconds is not None else ""
+        verb = "cached" if cached else f"{record.status} in {record.seconds:.1f} s{cpu}"
         self.log(f"{label}: {verb} ({_summary(record)})")
         return record
+
+
+def cpu_seconds() -> float:
+    """This process's CPU seconds and its waited-for children's: what work cost apart from the machine's load."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def gate_message(stage: str, gate: GateResult) -> str:

@@ -7,7 +7,7 @@
 VILA: (1) the projector alone on captions (ViT and LLM frozen), (2) interleaved image-text pre-training with
 the LLM unfrozen, (3) joint instruction fine-tuning with text-only data blended in. Here the ViT is the MNIST
 VisionTower pre-trained as a classifier (the stand-in for a pretrained CLIP/SigLIP) and the LLM a small LLaMA
-pre-trained on textdata.number_task (the stand-in for the pretrained LLM). A step is a `StepSpec`; freezing is
+pre-trained on the text-only records (the stand-in for the pretrained LLM). A step is a `StepSpec`; freezing is
 ``requires_grad_(False)`` (the loop's optimizer takes the trainable parameters only).
 
 `VLMView` makes a VLM look like a decoder to the loop: it takes the packed rows of vlmdata.encode_vlm (ids, then
@@ -264,7 +264,8 @@ def tower_top1(tower: nn.Module, images_uint8: np.ndarray, labels: np.ndarray) -
 
 def pretrain_decoder(vlm: nn.Module, tok, data: VLMData, *, steps: int = 300, lr: float = 2e-3,
                      batch_size: int = 64, seed: int = 0, progress: str | None = None) -> dict:
-    """The VLM's decoder trained on the text-only records (number_task): the stand-in for the pretrained LLM.
+    """The VLM's decoder trained on the text-only records (digit questions in words): the stand-in for the
+    pretrained LLM.
     Vision and projector stay frozen (no image is seen)."""
     spec = StepSpec("0-decoder", {"text": 1.0}, frozen=("vision", "projector"), steps=steps, lr=lr,
                     batch_size=batch_size)

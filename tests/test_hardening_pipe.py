@@ -26,6 +26,7 @@ from pipeline.contract import fingerprint_values, user_code
 from pipeline.data import Data
 from pipeline.errors import PipelineError
 from pipeline.modelio import check_weights_file
+from pipeline.records import StageRecord
 from pipeline.runner import RECORD, read_record, run_lock
 
 # test_robustness's fixtures, under their names here: a runs folder with one passed baseline, a checkpoint.
@@ -156,6 +157,21 @@ def test_stage_record_from_before_seals_reruns(passed_runs, tmp_path, capsys):
         (folder / RECORD).write_text(json.dumps(d))
     rc, out, err = cli(capsys, *run_args(runs))
     assert rc == 0 and out[-1].startswith("PASSED | 1 stages: 1 ran"), out
+
+
+def test_stage_records_its_cpu_time_and_older_records_keep_their_seal(passed_runs, tmp_path, capsys):
+    """cpu_seconds is measured per stage; a record from before it was measured (no key) is still vouched for."""
+    d = json.loads((passed_runs / "r/01_baseline" / RECORD).read_text())
+    assert d["cpu_seconds"] > 0 and d["cpu_seconds"] < 4 * d["seconds"] + 1, d   # 2 cores, rounding
+    runs = copy_runs(passed_runs, tmp_path)
+    for folder in (runs / "r/01_baseline", *(runs / ".store").iterdir()):
+        old = json.loads((folder / RECORD).read_text())
+        old.pop("cpu_seconds")
+        old["seal"] = StageRecord.from_json(old).computed_seal()   # what the code before it wrote
+        (folder / RECORD).write_text(json.dumps(old))
+    rc, out, err = cli(capsys, *run_args(runs))
+    assert rc == 0 and out[-1].startswith("PASSED | 1 stages: 0 ran, 1 cached"), (out, err)
+    assert " s of CPU)" in out[-1]
 
 
 def test_store_entry_with_a_planted_module(passed_runs, tmp_path, capsys):

@@ -1,4 +1,5 @@
 """pipeline/vlm_train.py: VLMView on the one training loop, freezing, greedy answers, the three steps."""
+import json
 import math
 
 import numpy as np
@@ -148,6 +149,25 @@ def test_findings_variants_change_only_what_they_name():
     no_text = variant_steps("no-text-step3", VILA_STEPS)
     assert "text" in s3.mix and "text" not in no_text[1].mix and no_text[0] == s2
     assert s1.frozen == ("vision", "decoder") and s1.mix == {"caption": 1.0}   # VILA step 1: the projector alone
+
+
+def test_findings_merge_combines_seeds_and_refuses_mismatched_runs(tmp_path):
+    from benchmarks.vila_findings import main, merge
+    run = lambda seed, scale=1.0: {"scores": {"default": {str(seed): {"text": 90.0 + seed}}},   # noqa: E731
+                                   "minutes_per_seed": {str(seed): 40.0}, "scale": scale, "n_test": 300}
+    both = merge([run(0), run(1)])
+    assert both["scores"]["default"] == {"0": {"text": 90.0}, "1": {"text": 91.0}}
+    assert set(both["minutes_per_seed"]) == {"0", "1"}
+    with pytest.raises(SystemExit, match="scale"):
+        merge([run(0), run(1, scale=0.5)])
+    with pytest.raises(SystemExit, match="twice"):
+        merge([run(0), run(0)])
+    files = []
+    for seed in (0, 1):
+        files.append(tmp_path / f"s{seed}.json")
+        files[-1].write_text(json.dumps(run(seed)))
+    main(["--merge", *map(str, files), "--out", str(tmp_path / "all.json")])
+    assert "90.5 ± 0.7 (90.0-91.0)" in (tmp_path / "all.md").read_text()
 
 
 def test_distillation_from_a_vlm_teacher_runs_on_the_same_loop():

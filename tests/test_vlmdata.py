@@ -63,10 +63,20 @@ def test_answers_follow_the_labels_of_their_split():
     assert answers == {"yes", "no"}
 
 
-def test_text_records_keep_the_held_out_operands():
-    train, test = _task(kinds=("text",), n_train=300, n_test=50)
-    assert all(r.kind == "text" and r.images == () for r in train + test)
-    assert not {r.prompt for r in test} & {r.prompt for r in train}
+def test_text_records_answer_their_question_in_words():
+    train, test = _task(kinds=("text",), n_train=400, n_test=100)
+    assert all(r.kind == "text" and r.images == () and IMAGE not in r.prompt for r in train + test)
+    value = {words(d): d for d in range(19)}
+    for r in train + test:
+        nums = [value[w] for w in r.prompt.replace(",", " ").split() if w in value]
+        q = next(k for k in ("plus", "larger", "same", "after") if k in r.prompt.split())
+        want = {"plus": words(sum(nums)), "larger": words(max(nums)), "same": "yes" if len(set(nums)) == 1 else "no",
+                "after": words(nums[0] + 1)}[q]
+        assert r.answer == want, r
+    for q in ("plus", "larger", "same", "after"):   # every question, both yes and no, in each split
+        assert any(q in r.prompt.split() for r in test), q
+    assert {r.answer for r in train if "same" in r.prompt.split()} == {"yes", "no"}
+    assert test != train[:100]   # the test draw is its own stream, not training's first records
 
 
 def test_tokenizer_image_is_id_4_and_never_split():

@@ -184,6 +184,17 @@ def user_code(module: str, spec) -> dict[str, Path]:
     return found
 
 
+def _folder_hash(value: str) -> str:
+    """A Hugging Face folder (model.pretrained): every file's name and content. By its path alone, a folder
+    whose weights were replaced in place (a new fine-tune saved over the old) would reuse the old model's stages."""
+    path = resolve_root(value)
+    if not path.is_dir():
+        raise PipelineError(f"model.pretrained: {path} is not a folder (a Hugging Face model folder: config.json, "
+                            f"weights, tokenizer.json)")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return hash_json({str(p.relative_to(path)): _content(p, "model.pretrained") for p in files})
+
+
 def _record_hash(value: str) -> str:
     path = resolve_root(value)
     if not path.is_file():
@@ -202,6 +213,7 @@ def _file_hash(key: str) -> Callable[[str], str]:
 
 
 FILE_VALUED: dict[str, Callable[[str], str]] = {"model.weights": _weights_hash, "model.factory": _factory_hash,
+                                                "model.pretrained": _folder_hash,
                                                 "prune.from_record": _record_hash,
                                                 "vlm.tower_factory": _factory_hash,
                                                 "vlm.tower_weights": _file_hash("vlm.tower_weights"),

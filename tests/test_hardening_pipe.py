@@ -279,6 +279,27 @@ def test_model_factory_whose_imported_user_code_changes(user_models, factory, ed
     assert factory_fingerprint(factory) != before
 
 
+def test_pretrained_folder_is_fingerprinted_by_its_content(tmp_path):
+    """Weights replaced in place (the same path) change the fingerprint; a missing folder is one line."""
+    folder = tmp_path / "hf"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "model.safetensors").write_bytes(b"one")
+    cfg = Config()
+
+    def fp(path):
+        c = type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(pretrained=str(path))})
+        return fingerprint_values(c, ["model.pretrained"], lambda: "")["model.pretrained"]
+    before = fp(folder)
+    assert before["value"] == str(folder) and fp(folder) == before
+    (folder / "sub" / "model.safetensors").write_bytes(b"two")
+    assert fp(folder) != before
+    (folder / "sub" / "model.safetensors").rename(folder / "model.safetensors")   # same bytes, other name
+    assert fp(folder)["sha256"] != before["sha256"]
+    with pytest.raises(PipelineError, match=r"^model.pretrained: .*/missing is not a folder"):
+        fp(tmp_path / "missing")
+
+
 def test_model_factory_code_is_the_users_only(user_models):
     import importlib.util
     found = user_code("hp_model", importlib.util.find_spec("hp_model"))

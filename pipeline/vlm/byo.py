@@ -51,8 +51,8 @@ def check_config(cfg, bad) -> None:
         bad(f"vlm.tower_epochs = {v.tower_epochs}: your tower (vlm.tower_factory / vlm.tower_weights) is not "
             "pre-trained on MNIST's classes here; set vlm.tower_epochs = 0")
     if cfg.model.pretrained and v.text_steps > 0:
-        bad(f"vlm.text_steps = {v.text_steps}: your decoder (model.pretrained) is not pre-trained on the number "
-            "task here; set vlm.text_steps = 0")
+        bad(f"vlm.text_steps = {v.text_steps}: your decoder (model.pretrained) is not pre-trained on the text-only "
+            "records here; set vlm.text_steps = 0")
     if v.tower_factory and v.vision_macs < 1:
         bad(f"vlm.vision_macs = {v.vision_macs}: the tower pruner knows only pipeline.models.tower.VisionTower, "
             f"not {v.tower_factory}; set vlm.vision_macs = 1 (the decoder is still pruned by prune.ratio)")

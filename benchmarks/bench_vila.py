@@ -3,6 +3,7 @@
     python -m benchmarks.bench_vila                            # the deploy run (cached stages reused) + findings
     python -m benchmarks.bench_vila --findings-seeds 0 1 --findings-scale 0.5
     python -m benchmarks.bench_vila --skip-findings --set vlm.step2_steps=800
+    python -m benchmarks.bench_vila --skip-findings --report runs/vila-s1/report.json   # a finished run, as it is
 
 (a) VILA's three findings (benchmarks/vila_findings.py: LLM frozen vs unfrozen in step 2, interleaved vs
 captions-only pre-training, step 3 with and without text-only data), per seed with their spread.
@@ -62,6 +63,14 @@ def compression_md(report: dict, cfg_note: str) -> list[str]:
     return lines
 
 
+def _profile_load(report: dict) -> tuple:
+    """The 1-minute load averages the run's profile recorded before its comparisons: (lowest, highest)."""
+    prof = next((s for s in report["stages"] if s["name"] == "profile"), {})
+    loads = [c["load_before"][0] for t in (prof.get("metrics", {}).get("timings") or {}).values()
+             for c in t.get("comparisons", ()) if c.get("load_before")]
+    return (min(loads), max(loads)) if loads else ()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="bench-vila", help="run name under runs/ (cached stages are reused)")
@@ -69,21 +78,29 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-findings", action="store_true", help="keep benchmarks/vila_findings.json as it is")
     ap.add_argument("--findings-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--findings-scale", type=float, default=0.5)
+    ap.add_argument("--report", help="write (b) from this finished run's report.json instead of running the config")
     a = ap.parse_args(argv)
-    import pipeline
     from edgerun.io import atomic_write, write_json
-    result = pipeline.run(CONFIG, a.overrides, run_name=a.run, runs=ROOT / "runs")
-    report = json.loads((result.run_dir / "report.json").read_text())
+    if a.report:
+        report = json.loads(Path(a.report).read_text())
+        passed, message, run_name = report["summary"]["passed"], report["summary"]["message"], report["run"]
+        overrides = [f"(as recorded in {a.report})"]
+    else:
+        import pipeline
+        result = pipeline.run(CONFIG, a.overrides, run_name=a.run, runs=ROOT / "runs")
+        report = json.loads((result.run_dir / "report.json").read_text())
+        passed, message, run_name, overrides = result.passed, result.message, result.run_dir.name, a.overrides
     if not a.skip_findings:
         from benchmarks.vila_findings import findings, write_md
         found = findings(tuple(a.findings_seeds), scale=a.findings_scale)
         write_json(FINDINGS, found)
         write_md(found, FINDINGS.with_suffix(".md"))
     from edgerun.machine import cpu_name, load_average
-    load = load_average() or ()
-    note = (f"Run `{result.run_dir.name}` of {CONFIG}{' with ' + ' '.join(a.overrides) if a.overrides else ''}: "
-            f"{'PASSED' if result.passed else 'FAILED: ' + str(result.message)}; {cpu_name()} ({_isa()}), load average "
-            f"{' '.join(f'{x:.2f}' for x in load) or 'unknown'} at the end.")
+    load = (_profile_load(report) if a.report else load_average()) or ()
+    note = (f"Run `{run_name}` of {CONFIG}{' with ' + ' '.join(overrides) if overrides else ''}: "
+            f"{'PASSED' if passed else 'FAILED: ' + str(message)}; {cpu_name()} ({_isa()}), load average "
+            f"{('–' if a.report else ' ').join(f'{x:.2f}' for x in load) or 'unknown'} "
+            f"{'while it profiled (1-minute)' if a.report else 'at the end'}.")
     lines = ["# VILA on MNIST: the three findings and the compressed VLM (benchmarks/bench_vila.py)", ""]
     if FINDINGS.with_suffix(".md").is_file():
         lines += ["## (a) VILA's findings", ""] + FINDINGS.with_suffix(".md").read_text().splitlines()[1:] + [""]

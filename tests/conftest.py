@@ -22,6 +22,42 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torchlib_registry_built_once():
+    """torch.onnx's dynamo exporter rebuilds its table of ~1,100 ATen -> ONNX functions on every export (~0.5 s
+    on 2 shared cores; the suite exports a few dozen times in this process). Within the test process the table
+    is built once per opset and each export gets its own copy of it (fresh lists, so a registration on one
+    export's registry cannot reach another's): what the exporter sees is what a fresh build gives. A torch
+    whose registry is laid out otherwise is left alone. Fresh processes (the CLI tests) build it as usual."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        cls = _registration.ONNXRegistry
+        original = cls.__dict__["from_torchlib"]
+        probe = cls()
+        laid_out = isinstance(original, classmethod) and isinstance(probe.functions, dict)
+        laid_out = laid_out and hasattr(probe, "_opset_version") and set(vars(probe)) == {"functions", "_opset_version"}
+    except (ImportError, AttributeError, KeyError):
+        laid_out = False
+    if not laid_out:
+        yield
+        return
+    built = {}
+
+    def from_torchlib(klass, opset_version=_registration._constants.TORCHLIB_OPSET):
+        key = (klass, opset_version)
+        if key not in built:
+            built[key] = original.__func__(klass, opset_version)
+        registry = klass()
+        registry._opset_version = built[key]._opset_version
+        registry.functions = {k: list(v) for k, v in built[key].functions.items()}
+        return registry
+    cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        cls.from_torchlib = original
+
+
 def fuzz_settings():
     """Hypothesis settings of the fuzz tests: deterministic, no example database, no deadline."""
     from hypothesis import HealthCheck, settings

@@ -13,8 +13,9 @@ from pipeline.contract import fingerprint_values
 from pipeline.stages import STAGES
 
 CONFIG = "configs/cpu.toml"
-# The MAC target and one INT8 form keep these in-process runs fast; test_e2e runs the default recipe.
-FAST = [*SMALL, "prune.target=macs", "prune.macs=0.1", "quantize.keep_fp32=none"]
+# One ratio prune (one pruning schedule; the MAC target's bisection prunes 6 trial copies, ~10 s here: test_prune
+# proves it) and one INT8 form keep these in-process runs fast; test_e2e runs the default recipe.
+FAST = [*SMALL, "prune.target=ratio", "prune.ratio=0.5", "quantize.keep_fp32=none"]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_unchanged_rerun_is_all_cached(first):
 
 def test_finetune_batch_size_reruns_finetune_not_prune(first):
     runs, _ = first
-    result = again(runs, "finetune.batch_size=32", name="bs")
+    result = again(runs, "finetune.batch_size=32", name="bs", until="finetune")   # the later stages are not the point
     s = statuses(result)
     assert s["baseline"] == s["prune"] == "cached" and s["finetune"] == "ran"
 
@@ -157,8 +158,8 @@ def test_new_run_folder_reuses_the_store(first):
 
 def test_ignored_key_warns(first):
     runs, _ = first
-    result = again(runs, "prune.ratio=0.3")
-    assert any("prune.ratio" in w and "ignored" in w for w in result.warnings)
+    result = again(runs, "prune.macs=0.3")
+    assert any("prune.macs" in w and "ignored" in w for w in result.warnings)
     assert any("prune.speedup" in w for w in result.warnings)   # cpu.toml's, not read under target = macs
     assert statuses(result)["prune"] == "cached"
 

@@ -37,7 +37,9 @@ def compression_md(report: dict, cfg_note: str) -> list[str]:
     stages = {s["stage"]: s for s in sec["stages"]}
     base, shipped = stages["baseline"], stages.get("quantize") or stages["export_onnx"]
     kinds = sorted(base["per_kind"])
-    lines = ["## (b) Compression: tower pruned + W8A8, decoder pruned + INT4", "", cfg_note, "",
+    p = sec.get("profile")
+    shipped_label = list(p["rows"].values())[-1]["label"] if p and p.get("rows") else "the shipped files"
+    lines = [f"## (b) Compression: {shipped_label}", "", cfg_note, "",
              "| question type | baseline (torch) | target | met | shipped (runtime) | drop (pt) | ≤ 1 pt |",
              "|---|---:|---:|:-:|---:|---:|:-:|"]
     for k in kinds:

@@ -99,3 +99,15 @@ def test_vlm_configs_are_checked_in_one_line():
     with pytest.raises(PipelineError) as e:   # VLM data with a classifier task
         check(Config(task=TaskCfg("classify"), data=DataCfg(kind="vila-mnist", root="data/mnist")), "cfg")
     assert "image-text records" in one_line(e.value)
+
+
+def test_variant_labels_name_only_the_parts_pruned():
+    from pipeline.vlm.io import pruned_parts
+    dec = {"intermediate": 768}
+    assert pruned_parts({"vision_macs_kept": 0.74, "decoder_before": dec, "decoder_after": {"intermediate": 512}}) \
+        == "tower + decoder pruned"
+    assert pruned_parts({"vision_macs_kept": 1.0, "decoder_before": dec, "decoder_after": {"intermediate": 512}}) \
+        == "decoder pruned, tower whole"
+    assert pruned_parts({"vision_macs_kept": 0.5, "decoder_before": dec, "decoder_after": dec}) \
+        == "tower pruned, decoder whole"
+    assert pruned_parts({"vision_macs_kept": 1.0, "decoder_before": dec, "decoder_after": dec}) == "nothing pruned"

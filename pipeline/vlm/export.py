@@ -62,9 +62,10 @@ def export_onnx(ctx: Context) -> Output:
     same = sum(a == b for a, b in zip(answers, torch_answers, strict=True))
     metrics = {"task": "vlm", **metrics, "parity": round(100.0 * same / max(1, len(answers)), 4),
                "files": rows}
+    pruned = io.pruned_parts(ctx.record("finetune").metrics.get("pruned") or {})
     return Output(metrics=metrics, artifacts=(
-        Artifact("baseline-onnx", "onnx", UNPRUNED, label="unpruned FP32 (vision + decoder)"),
-        Artifact("onnx-fp32", "onnx", io.FILES_DIR, label="pruned FP32 (vision + decoder)")))
+        Artifact("baseline-onnx", "onnx", UNPRUNED, label="unpruned FP32 (tower + decoder)"),
+        Artifact("onnx-fp32", "onnx", io.FILES_DIR, label=f"FP32, {pruned}")))
 
 
 def export_gate(m, inputs, cfg):

@@ -179,6 +179,19 @@ def read_recipe(folder: Path) -> dict:
     return {k: meta[k] for k in ("tower", "tower_factory", "projector") if k in meta}
 
 
+def pruned_parts(pruned: dict) -> str:
+    """What the prune stage changed, from its ``pruned`` figures, for the variants' labels: "tower + decoder
+    pruned", "decoder pruned, tower whole", ... (a label saying "pruned" of a part kept whole misleads a reader
+    comparing rows)."""
+    tower = (pruned.get("vision_macs_kept") or 1.0) < 1.0
+    decoder = pruned.get("decoder_before") != pruned.get("decoder_after")
+    if tower and decoder:
+        return "tower + decoder pruned"
+    if tower or decoder:
+        return f"{'tower' if tower else 'decoder'} pruned, {'decoder' if tower else 'tower'} whole"
+    return "nothing pruned"
+
+
 # ---------------------------------------------------------------- measurements
 
 def _rows(tok, records, tokens_per_image: int):

@@ -72,7 +72,9 @@ def quantize(ctx: Context) -> Output:
     io.write_answers(ctx.out / io.ANSWERS, answers)
     metrics = {"task": "vlm", **metrics, "quantized": record, "form_problems": problems,
                "size_bytes": sum(f.stat().st_size for f in out.iterdir())}
-    arts = [Artifact("onnx-int4", "onnx", QUANT_DIR, label="pruned W8A8 vision + INT4 decoder")]
+    pruned = io.pruned_parts(ctx.record("finetune").metrics.get("pruned") or {})
+    tower = "W8A8" if cfg.vlm.vision_w8a8 else "FP32"
+    arts = [Artifact("onnx-int4", "onnx", QUANT_DIR, label=f"{tower} tower + INT4 decoder, {pruned}")]
     if d.trt_form:
         arts.append(Artifact("tensorrt-form", "onnx", TRT_DIR, label="TensorRT forms (not run here)"))
     return Output(metrics=metrics, artifacts=tuple(arts))

@@ -35,14 +35,14 @@ baseline-checkpoint: .venv/.stamp
 profile: .venv/.stamp
 	$(PY) -m pipeline run --config $(CONFIG) --from profile --force profile package $(ARGS)
 
-# Fast suite plus the end-to-end smoke test; tests marked slow or gpu are left out.
+# The fast suite (under 5 minutes): tests marked slow, gpu, e2e, load or heavy are left out.
 test: .venv/.stamp
-	$(PY) -m pytest -q -m "not slow and not gpu and not load and not e2e" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu and not load and not e2e and not heavy" --durations=15 $(PYTEST_ARGS)
 
-# End to end through the real command line, and the default deploy with two busy loops beside it
+# End to end through the real command line, the default deploy with two busy loops beside it, and the heavy tests
 # (minutes): CI runs it after `make test`.
 test-e2e: .venv/.stamp
-	$(PY) -m pytest -q -s -m "e2e or load" --durations=5 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -s -m "e2e or load or heavy" --durations=5 $(PYTEST_ARGS)
 
 test-all: .venv/.stamp
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

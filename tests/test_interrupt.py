@@ -184,6 +184,7 @@ def finetune_reference(tmp_path_factory, weights):
     return ref / "r"
 
 
+@pytest.mark.heavy
 def test_kill_during_finetune_resumes_there(tmp_path, weights, finetune_reference):
     runs = tmp_path / "runs"
     run_dir = runs / "r"

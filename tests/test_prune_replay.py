@@ -24,6 +24,7 @@ def _prune(runs, name, *sets):
     return pipeline.run(CONFIG, [*TINY, *sets], run_name=name, runs=runs, log=lambda m: None, until="prune")
 
 
+@pytest.mark.heavy
 def test_widths_replay_exactly_from_the_config_and_from_a_record(tmp_path):
     first = _prune(tmp_path, "a", 'prune.widths={"features.0" = 3, "features.2" = 8}')
     assert first.passed, first.message

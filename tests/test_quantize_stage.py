@@ -66,6 +66,7 @@ def fp32_nodes(path) -> set[str]:
     return {n.name for n in g.node if n.op_type in ("Conv", "Gemm") and not any(i in dq for i in n.input)}
 
 
+@pytest.mark.heavy
 def test_auto_picks_the_fastest_measured_variant(runs, fake_clock):
     fake_clock.update(fp32=1.0, all_int8=0.9, stem_fp32=0.6, gemm_fp32=0.8, stem_gemm_fp32=0.7)
     rec, path = run_quantize(runs, "auto")

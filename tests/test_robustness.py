@@ -795,6 +795,7 @@ def test_full_disk_while_writing_the_weights(tmp_path, weights):
     assert (runs / "r/01_baseline.tmp").is_dir()
 
 
+@pytest.mark.heavy
 def test_full_disk_while_writing_the_reference_batch(tmp_path, factories):
     """A tiny model's weights fit under 100 kB; the reference batch (64 x 784 floats) does not."""
     runs = tmp_path / "runs"

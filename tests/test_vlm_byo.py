@@ -39,6 +39,7 @@ def load(args):
     return load_config("configs/vila-mnist.toml", args)
 
 
+@pytest.mark.heavy
 def test_steps_zero_keeps_the_loaded_parts_as_they_are(parts, tmp_path, one_thread):
     from safetensors.torch import load_file
 

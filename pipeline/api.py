@@ -91,10 +91,12 @@ def ignored_keys(cfg: Config, explicit: frozenset[str]) -> list[str]:
     """Keys the config file or --set gave that no stage reads with this configuration."""
     from pipeline.contract import expand
     from pipeline.stages import stages_for
-    from pipeline.vlm import DATA_READS, is_vlm
+    from pipeline.vlm import DATA_READS, data_keys_unread, is_vlm
     read = set(ALWAYS_READ) | (set(DATA_READS) if is_vlm(cfg) else set())   # what the run's data reads itself
     for s in stages_for(cfg):
         read |= set(s.keys(cfg)) | set(expand(cfg, s.gate_config))
+    if is_vlm(cfg):
+        read -= data_keys_unread(cfg)
     return sorted(k for k in explicit if k not in read)
 
 

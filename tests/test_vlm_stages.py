@@ -101,6 +101,21 @@ def test_vlm_configs_are_checked_in_one_line():
     assert "image-text records" in one_line(e.value)
 
 
+def test_data_keys_the_tower_decides_are_reported_ignored(tmp_path):
+    from pipeline.api import load
+    mnist = ["vlm.tower_epochs=0"]
+    jsonl = ["data.kind=vlm-jsonl", "vlm.tower_epochs=0"]
+    for extra, ignored in ((mnist + ["data.size=[32, 32]", "data.mean=[0.5]"], {"data.size", "data.mean"}),
+                           (jsonl + ["data.size=[32, 32]", "data.channels=1"], set()),   # read for the embedded tower
+                           (jsonl + ["data.std=[0.2]"], {"data.std"})):
+        _, warnings = load("configs/vila-mnist.toml", extra)
+        assert {w.split()[1] for w in warnings} == ignored, warnings
+    with_tower = Config(task=TaskCfg("vlm"), data=DataCfg(kind="vlm-jsonl", root="data/mnist"),
+                        vlm=VLMCfg(tower_factory="tiny_byo_vlm:tower", tower_epochs=0, vision_macs=1.0))
+    from pipeline.vlm import data_keys_unread
+    assert {"data.size", "data.channels", "data.mean", "data.std"} == data_keys_unread(with_tower)
+
+
 def test_variant_labels_name_only_the_parts_pruned():
     from pipeline.vlm.io import pruned_parts
     dec = {"intermediate": 768}

@@ -14,6 +14,16 @@ VLM_DATA = ("vila-mnist", "vlm-jsonl")
 DATA_READS = ("vlm.train_counts", "vlm.test_counts", "vlm.tower_factory", "vlm.tower")
 
 
+def data_keys_unread(cfg) -> set[str]:
+    """Data keys a VLM's data never reads with this config (the runner declares every data key for every stage
+    that reads data): the tower decides the pixel normalisation, and the image size and channels too, except
+    for the user's images (vlm-jsonl) read for the embedded tower."""
+    unread = {"data.mean", "data.std"}
+    if cfg.data.kind != "vlm-jsonl" or cfg.vlm.tower_factory:
+        unread |= {"data.size", "data.channels"}
+    return unread
+
+
 def is_vlm(cfg) -> bool:
     """Whether a config runs the VLM stages: task.kind = vlm, or auto with a VLM's data or model.name = vlm."""
     kind = cfg.task.kind

@@ -47,6 +47,14 @@ def pixel_norm(vlm: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(facts["mean"]), tuple(facts["std"])
 
 
+@dataclass
+class ViewOutput:
+    """What VLMView gives the training loop: the [B, T, V] logits the generate task reads, and the batch's
+    projected image tokens [n_images, tokens, hidden] (None without images) for the VLM's token distillation."""
+    logits: torch.Tensor
+    image_tokens: torch.Tensor | None = None
+
+
 class VLMView(nn.Module):
     """A VLM and an image bank seen as a decoder over packed rows [B, T + max_images] (encode_vlm's ``x``).
 
@@ -66,15 +74,16 @@ class VLMView(nn.Module):
         index = index[index >= 0]   # row-major: the order the image tokens appear over the batch
         return ids, (self.bank[index] if len(index) else None)
 
-    def forward(self, packed: torch.Tensor):
-        """A CausalLMOutputWithPast whose ``logits`` are [B, T, V] (the generate task reads ``.logits``)."""
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+    def forward(self, packed: torch.Tensor) -> ViewOutput:
+        """``logits`` [B, T, V] (the generate task reads ``.logits``) and the batch's image tokens."""
         ids, pixels = self.unpack(packed)
         used = int((ids != self.pad_id).any(0).nonzero().max()) + 1
-        logits = self.vlm(ids[:, :used], pixels).logits
+        visual = self.vlm.image_embeds(pixels) if pixels is not None else None
+        embeds = self.vlm.inputs_embeds(ids[:, :used], pixels, visual=visual)
+        logits = self.vlm.decoder(inputs_embeds=embeds).logits
         if used < ids.shape[1]:
             logits = torch.cat([logits, logits.new_zeros(len(ids), ids.shape[1] - used, logits.shape[-1])], 1)
-        return CausalLMOutputWithPast(logits=logits)
+        return ViewOutput(logits, visual)
 
 
 # ------------------------------------------------------------------------------------------------ answers
@@ -196,8 +205,10 @@ def sample_mix(records: list[VLMRecord], mix: dict, n: int, seed: int) -> list[V
 
 def train_step(vlm: nn.Module, tok, records: list[VLMRecord], bank: torch.Tensor, spec: StepSpec, *,
                max_images: int, teacher: nn.Module | None = None, kd_weight: float = 0.0,
-               kd_temperature: float = 1.0, seed: int = 0, progress: str | None = None) -> dict:
-    """One StepSpec through pipeline.train.train with the generate task; returns the loop's info."""
+               kd_temperature: float = 1.0, token_weight: float = 0.0, seed: int = 0,
+               progress: str | None = None) -> dict:
+    """One StepSpec through pipeline.train.train with the VLM task (the generate task's loss; with a teacher
+    and ``token_weight`` > 0, plus the image tokens' distance to the teacher's); returns the loop's info."""
     from pipeline.tasks import named
     from pipeline.textdata import special_ids
     from pipeline.train import train
@@ -208,8 +219,8 @@ def train_step(vlm: nn.Module, tok, records: list[VLMRecord], bank: torch.Tensor
     student = VLMView(vlm, bank, max_images, pad)
     t_view = VLMView(teacher, bank, max_images, pad) if teacher is not None else None
     info = train(student, t_view, x, y, epochs=1.0, lr=spec.lr, batch_size=spec.batch_size, kd_weight=kd_weight,
-                 kd_temperature=kd_temperature, schedule=spec.schedule, weight_decay=spec.weight_decay, seed=seed,
-                 device="cpu", progress=progress, task=named("generate"))
+                 kd_temperature=kd_temperature, token_weight=token_weight, schedule=spec.schedule,
+                 weight_decay=spec.weight_decay, seed=seed, device="cpu", progress=progress, task=named("vlm"))
     freeze(vlm, ())
     return info
 

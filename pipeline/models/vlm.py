@@ -48,8 +48,10 @@ class VLM(nn.Module):
         """[n_images, C, H, W] normalised pixels -> [n_images, tokens_per_image, hidden]: what vision.onnx gives."""
         return self.projector(self.vision.encode(pixels))
 
-    def inputs_embeds(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
-        """The decoder's input: token embeddings with the image positions replaced by the images' tokens."""
+    def inputs_embeds(self, input_ids: torch.Tensor, pixels: torch.Tensor | None,
+                      visual: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's input: token embeddings with the image positions replaced by the images' tokens
+        (``visual``: ``image_embeds(pixels)`` when the caller has it already)."""
         table = self.decoder.get_input_embeddings()
         at = input_ids == self.image_token_id
         n = int(at.sum())
@@ -59,7 +61,9 @@ class VLM(nn.Module):
         if pixels is None or n != len(pixels) * self.tokens_per_image:
             have = 0 if pixels is None else len(pixels)
             raise ValueError(f"{n} image-token positions for {have} images of {self.tokens_per_image} tokens")
-        visual = self.image_embeds(pixels).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        if visual is None:
+            visual = self.image_embeds(pixels)
+        visual = visual.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(at.unsqueeze(-1), visual)
 
     def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,

@@ -24,6 +24,19 @@ class VLMMetrics(GenerateMetrics):
 class VLMAnswer(Generate):
     kind = "vlm"
     figures = VLMMetrics
+    token_distillation = True   # finetune.token_weight: the image tokens against the unpruned VLM's
+
+    def train_loss(self, student_out, labels, teacher_out, *, temperature, kd_weight, token_weight):
+        """The generate task's loss, plus ``token_weight`` x the mean (1 - cosine) of the projected image tokens
+        against the teacher's: the answer logits alone give a pruned tower a weak signal (vila-mnist: tower at
+        0.9 of its MACs, few-shot stayed 1.7 pt down after 400 distillation steps)."""
+        loss = super().train_loss(student_out, labels, teacher_out, temperature=temperature, kd_weight=kd_weight,
+                                  token_weight=token_weight)
+        mine, theirs = (getattr(o, "image_tokens", None) for o in (student_out, teacher_out))
+        if token_weight <= 0 or mine is None or theirs is None:
+            return loss
+        from pipeline.tasks.encode import token_term
+        return loss + token_weight * token_term((mine,), (theirs,))
 
     def claims(self, output_names):
         return False   # chosen from the config (task.kind = "vlm" or a VLM's data), never from outputs

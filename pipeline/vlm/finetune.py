@@ -14,7 +14,7 @@ from pipeline.vlm.prune import measure
 
 def finetune_keys(cfg):
     return ["finetune.lr", "finetune.batch_size", "finetune.kd_weight", "finetune.kd_temperature", "finetune.schedule",
-            "vlm.step3_mix", "vlm.distil_steps", "decoder.max_new_tokens"]
+            "finetune.token_weight", "vlm.step3_mix", "vlm.distil_steps", "decoder.max_new_tokens"]
 
 
 def finetune(ctx: Context) -> Output:
@@ -29,7 +29,8 @@ def finetune(ctx: Context) -> Output:
     bank = image_bank(data.data.train_images, *pixel_norm(student))
     max_images = max((len(r.images) for r in data.train + data.test), default=0)
     info = train_step(student, tok, data.train, bank, spec, max_images=max_images, teacher=teacher,
-                      kd_weight=f.kd_weight, kd_temperature=f.kd_temperature, seed=cfg.run.seed, progress="distil")
+                      kd_weight=f.kd_weight, kd_temperature=f.kd_temperature, token_weight=f.token_weight,
+                      seed=cfg.run.seed, progress="distil")
     student.eval()
     io.save_vlm(student, tok, ctx.out / io.MODEL_DIR, io.read_recipe(ctx.path("prune", io.MODEL_DIR)))
     metrics, answers = measure(ctx, student, tok)

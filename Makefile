@@ -42,7 +42,7 @@ test: .venv/.stamp
 # End to end through the real command line, the default deploy with two busy loops beside it, and the heavy tests
 # (minutes): CI runs it after `make test`.
 test-e2e: .venv/.stamp
-	$(PY) -m pytest -q -s -m "e2e or load or heavy" --durations=5 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -s -m "(e2e or load or heavy) and not slow" --durations=5 $(PYTEST_ARGS)
 
 test-all: .venv/.stamp
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

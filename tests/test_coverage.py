@@ -24,7 +24,8 @@ CASES = [("vit_mha", {}, 1), ("convnext_small", {}, 3), ("mobilenetv3_small", {}
          ("regnet_small", {}, 3), ("densenet_small", {}, 1), ("yolo_c2f_small", {"split_free": True}, 3)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Every architecture through prune, export and quantize: ~25 s, run by make test-e2e (CI), not make test.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.heavy]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import TRAIN_BASELINE
 
+# Real processes killed and resumed: ~40 s, run by make test-e2e (CI), not make test.
+pytestmark = pytest.mark.heavy
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["baseline", "prune", "finetune", "export_onnx", "quantize", "engine", "profile", "package"]
 FOLDER = {s: f"{i + 1:02d}_{s}" for i, s in enumerate(STAGES)} | {"package": "deploy"}
@@ -184,7 +186,6 @@ def finetune_reference(tmp_path_factory, weights):
     return ref / "r"
 
 
-@pytest.mark.heavy
 def test_kill_during_finetune_resumes_there(tmp_path, weights, finetune_reference):
     runs = tmp_path / "runs"
     run_dir = runs / "r"

@@ -99,40 +99,62 @@ def output_names(model) -> tuple[str, ...]:
     return tuple(getattr(model, "output_names", ("logits",)))
 
 
-def load_state(model, path: Path, *, unsafe_pickle: bool = False, strict: bool = True) -> dict:
-    """Weights only: a checkpoint never runs code when it loads, unless the user says it may.
-
-    ``strict=False`` loads what fits and returns what did not (missing, unexpected, reshaped keys),
-    so a checkpoint with another stem or head can start a model; the record reports it.
-    """
+def read_state_dict(path: Path, key: str = "model.weights", *, unsafe_pickle: bool = False) -> dict:
+    """A weights file as {name: tensor}, every problem one line naming ``key``: bounded first
+    (check_weights_file), then safetensors (by its suffix) or a torch file loaded weights-only (a checkpoint
+    never runs code when it loads, unless the user says it may); tensors only, none NaN or inf."""
     import torch
-    if not path.is_file():
-        raise PipelineError(f"model.weights: {path}: checkpoint not found")
-    check_weights_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
-    except Exception as e:  # torch raises many types for a corrupt or pickled file
-        hint = ("; if you made this file yourself and it holds a pickled model, "
-                "--set model.unsafe_pickle=true loads it (pickle runs code from the file)"
-                if "weights_only" in str(e) or "Unsupported global" in str(e) else "")
-        # torch wraps part of its message in ANSI bold codes: they do not belong in a one-line error.
-        first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [type(e).__name__])[0])
-        raise PipelineError(f"model.weights: {path}: not a weights-only state_dict ({first[:160]}){hint}") from None
+    check_weights_file(path, key)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        except Exception as e:  # the library raises its own types for a damaged file
+            from edgerun.errors import brief
+            raise PipelineError(f"{key}: {path}: not a safetensors file ({brief(e)})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+        except Exception as e:  # torch raises many types for a corrupt or pickled file
+            hint = ("; if you made this file yourself and it holds a pickled model, "
+                    "--set model.unsafe_pickle=true loads it (pickle runs code from the file)"
+                    if key == "model.weights" and ("weights_only" in str(e) or "Unsupported global" in str(e))
+                    else "")
+            # torch wraps part of its message in ANSI bold codes: they do not belong in a one-line error.
+            first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [type(e).__name__])[0])
+            raise PipelineError(f"{key}: {path}: not a weights-only state_dict ({first[:160]}){hint}") from None
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PipelineError(f"model.weights: {path}: expected a state_dict of tensors, got {type(state).__name__}")
+        raise PipelineError(f"{key}: {path}: expected a state_dict of tensors, got {type(state).__name__}")
     # NaN or inf weights give NaN logits, and a NaN argmax scores like a guess: refuse them here.
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
-        raise PipelineError(f"model.weights: {path}: {len(broken)} tensors hold NaN or inf values "
+        raise PipelineError(f"{key}: {path}: {len(broken)} tensors hold NaN or inf values "
                             f"(first {broken[0]}): the checkpoint is damaged or its training diverged")
+    return state
+
+
+def fit_report(own: dict, state: dict) -> dict[str, list[str]]:
+    """How a state_dict fits a model's: its missing, unexpected and reshaped keys, each sorted."""
+    return {"missing": sorted(k for k in own if k not in state),
+            "unexpected": sorted(k for k in state if k not in own),
+            "reshaped": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
+
+
+def load_state(model, path: Path, *, unsafe_pickle: bool = False, strict: bool = True) -> dict:
+    """``model.weights`` into ``model`` (read_state_dict).
+
+    ``strict=False`` loads what fits and returns what did not (missing, unexpected, reshaped keys),
+    so a checkpoint with another stem or head can start a model; the record reports it.
+    """
+    if not path.is_file():
+        raise PipelineError(f"model.weights: {path}: checkpoint not found")
+    state = read_state_dict(path, unsafe_pickle=unsafe_pickle)
     own = model.state_dict()
-    report = {"missing": sorted(k for k in own if k not in state),
-              "unexpected": sorted(k for k in state if k not in own),
-              "reshaped": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
+    report = fit_report(own, state)
     if strict and any(report.values()):
         kind, keys = next((k, v) for k, v in report.items() if v)
         detail = (f"{keys[0]}: checkpoint {tuple(state[keys[0]].shape)} vs model {tuple(own[keys[0]].shape)}"

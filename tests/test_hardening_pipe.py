@@ -524,3 +524,18 @@ def test_real_checkpoints_pass_the_bounds(tmp_path, weights):
     from safetensors.torch import save_file
     save_file(torch.load(weights), tmp_path / "w.safetensors")
     check_weights_file(tmp_path / "w.safetensors")
+
+
+def test_model_weights_as_safetensors_load_the_same_tensors(tmp_path, weights):
+    """check_weights_file bounds a safetensors header for model.weights; the reader then reads it (it used to refuse
+    it as 'not a weights-only state_dict') and gives the torch file's tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.modelio import build, load_state
+    save_file(torch.load(weights), tmp_path / "w.safetensors")
+    models = [build(Config().model, Config().data) for _ in range(2)]
+    for model, path in zip(models, (weights, tmp_path / "w.safetensors"), strict=True):
+        assert load_state(model, path) == {"missing": [], "unexpected": [], "reshaped": []}
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(),
+                                                 strict=True))

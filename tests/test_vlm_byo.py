@@ -153,6 +153,24 @@ def test_weights_that_do_not_fit_are_one_line(parts, one_thread):
     assert torch.equal(vlm.projector.weight, torch.load(root / "proj_ok.pt")["weight"])
 
 
+def test_weights_are_read_as_model_weights_are(parts, one_thread):
+    """The one reader (modelio.read_state_dict): NaN weights refused as a checkpoint's are, and a torch file gives
+    the same tensors as the safetensors file it was saved from."""
+    from safetensors.torch import load_file
+    _, weights, root = parts
+    state = load_file(str(weights))
+    torch.save(state, root / "tower.pt")
+    for path in (weights, root / "tower.pt"):
+        vlm, _, _ = build(parts, **{"vlm.tower_weights": str(path)})
+        assert all(torch.equal(v, vlm.vision.state_dict()[k]) for k, v in state.items())
+    state = {k: v.clone() for k, v in state.items()}
+    next(v for v in state.values() if v.is_floating_point())[0] = float("nan")
+    torch.save(state, root / "nan.pt")
+    with pytest.raises(PipelineError) as e:
+        build(parts, **{"vlm.tower_weights": str(root / "nan.pt")})
+    assert "vlm.tower_weights" in one_line(e.value) and "1 tensors hold NaN or inf values" in one_line(e.value)
+
+
 @pytest.mark.parametrize("image, words", [("none", "has no <image> token"),
                                           ("word", "does not encode <image> as its one token")])
 def test_a_decoder_folder_without_the_image_token_is_one_line(parts, image, words, one_thread):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from pathlib import Path
 
 from pipeline.errors import PipelineError
 
@@ -141,42 +140,22 @@ def tower_input(cfg) -> tuple[tuple[int, int], int] | None:
     return _input_of(v.tower_factory, json.dumps(v.tower, sort_keys=True)) if v.tower_factory else None
 
 
-def read_state(path: Path, key: str) -> dict:
-    """A weights file as {name: tensor}: safetensors, or a torch state_dict loaded weights-only."""
-    import torch
-
-    from pipeline.modelio import check_weights_file
-    check_weights_file(path, key)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        from edgerun.errors import brief
-        raise PipelineError(f"{key}: {path}: not a safetensors file nor a weights-only state_dict "
-                            f"({brief(e)})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise PipelineError(f"{key}: {path}: expected a state_dict of tensors, got {type(state).__name__}")
-    return state
-
-
 def load_strict(module, path: str, key: str) -> None:
-    """``path``'s weights into ``module``; a missing, unexpected or reshaped key is one line naming it."""
+    """``path``'s weights (modelio.read_state_dict) into ``module``; a missing, unexpected or reshaped key is one
+    line naming it."""
     from pipeline.data import resolve_root
+    from pipeline.modelio import fit_report, read_state_dict
     path = resolve_root(path)
-    state, own = read_state(path, key), module.state_dict()
-    for kind, keys in (("missing", sorted(set(own) - set(state))), ("unexpected", sorted(set(state) - set(own)))):
-        if keys:
-            raise PipelineError(f"{key}: {path} does not fit {type(module).__name__}: {len(keys)} {kind} keys, "
-                                f"first {keys[0]!r}")
-    for k in sorted(own):
-        if tuple(own[k].shape) != tuple(state[k].shape):
-            raise PipelineError(f"{key}: {path}: {k} is {list(state[k].shape)}, the "
-                                f"{type(module).__name__} has {list(own[k].shape)}")
+    state, own = read_state_dict(path, key), module.state_dict()
+    report = fit_report(own, state)
+    for kind in ("missing", "unexpected"):
+        if report[kind]:
+            raise PipelineError(f"{key}: {path} does not fit {type(module).__name__}: {len(report[kind])} {kind} "
+                                f"keys, first {report[kind][0]!r}")
+    if report["reshaped"]:
+        k = report["reshaped"][0]
+        raise PipelineError(f"{key}: {path}: {k} is {list(state[k].shape)}, the {type(module).__name__} has "
+                            f"{list(own[k].shape)}")
     module.load_state_dict(state)
 
 

@@ -90,12 +90,10 @@ def tower_facts(tower, where: str) -> dict:
                             f"has {', '.join(CONTRACT)} (pipeline/vlm/byo.py)")
     if not callable(tower.encode):
         raise PipelineError(f"{where}: the tower's encode is not callable")
+    from export.vlm import tower_input  # the one reading of a tower's input facts (the exporter's)
     try:
-        channels, tokens = int(tower.in_channels), int(tower.num_tokens)
-        size = tower.image_size
-        size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(s) for s in size]
-        mean, std = ([float(m) for m in (x if isinstance(x, (list, tuple)) else [x])]
-                     for x in (tower.mean, tower.std))
+        facts, tokens = tower_input(tower), int(tower.num_tokens)
+        channels, size, mean, std = facts["channels"], facts["image_size"], facts["mean"], facts["std"]
     except (TypeError, ValueError) as e:
         raise PipelineError(f"{where}: in_channels, num_tokens, image_size, mean and std must be numbers ({e})") \
             from None

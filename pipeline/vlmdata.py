@@ -301,16 +301,17 @@ def encode_vlm(tok, records: list[VLMRecord], tokens_per_image: int, max_images:
                max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(x [N, T + max_images], y [N, T]) int64, the layout in the module docstring. T is the longest
     sequence; ``max_len`` refuses longer ones (a cut would drop image tokens or the answer)."""
-    sp = special_ids(tok)
+    sp, image_id = special_ids(tok), image_token_id(tok)
     rows = []
     for r in records:
         if len(r.images) > max_images:
             raise PipelineError(f"vlm data: a {r.kind} record has {len(r.images)} images, more than "
                                 f"max_images {max_images}")
         prompt = prompt_ids(tok, r, tokens_per_image)
-        if prompt.count(image_token_id(tok)) != len(r.images) * tokens_per_image:
-            raise PipelineError(f"vlm data: {r.prompt!r} has {prompt.count(image_token_id(tok)) // tokens_per_image} "
-                                f"{IMAGE} for {len(r.images)} images")
+        placed = prompt.count(image_id)
+        if placed != len(r.images) * tokens_per_image:
+            raise PipelineError(f"vlm data: {r.prompt!r} has {placed // tokens_per_image} {IMAGE} for "
+                                f"{len(r.images)} images")
         answer = tok.encode(r.answer, add_special_tokens=False).ids + [sp["eos"]]
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer, r.images))
     width = max(len(ids) for ids, _, _ in rows)

@@ -195,26 +195,21 @@ def _folder_hash(value: str) -> str:
     return hash_json({str(p.relative_to(path)): _content(p, "model.pretrained") for p in files})
 
 
-def _record_hash(value: str) -> str:
-    path = resolve_root(value)
-    if not path.is_file():
-        raise PipelineError(f"prune.from_record: {path} is not a file (a widths.json or a prune/finetune stage.json)")
-    return sha256_file(path)
-
-
-def _file_hash(key: str) -> Callable[[str], str]:
-    """A weights file named by ``key`` (vlm.tower_weights, vlm.projector_weights): its content."""
+def _file_hash(key: str, expected: str = "") -> Callable[[str], str]:
+    """A file named by ``key``: its content (``expected``: what the message says the file should be)."""
     def content(value: str) -> str:
         path = resolve_root(value)
         if not path.is_file():
-            raise PipelineError(f"{key}: {path} is not a file")
+            raise PipelineError(f"{key}: {path} is not a file{expected}")
         return _content(path, key)
     return content
 
 
 FILE_VALUED: dict[str, Callable[[str], str]] = {"model.weights": _weights_hash, "model.factory": _factory_hash,
                                                 "model.pretrained": _folder_hash,
-                                                "prune.from_record": _record_hash,
+                                                "prune.from_record": _file_hash(
+                                                    "prune.from_record",
+                                                    " (a widths.json or a prune/finetune stage.json)"),
                                                 "vlm.tower_factory": _factory_hash,
                                                 "vlm.tower_weights": _file_hash("vlm.tower_weights"),
                                                 "vlm.projector_weights": _file_hash("vlm.projector_weights")}

@@ -84,8 +84,13 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     from edgerun.io import atomic_write, write_json
     if a.report:
-        report = json.loads(Path(a.report).read_text())
-        passed, message, run_name = report["summary"]["passed"], report["summary"]["message"], report["run"]
+        try:
+            report = json.loads(Path(a.report).read_text())
+            passed, message, run_name = report["summary"]["passed"], report["summary"]["message"], report["run"]
+            _ = report["vlm"]["stages"]   # what compression_md reads: a classifier's or a decoder's report has none
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"bench_vila --report {a.report}: not a VLM run's report.json ({type(e).__name__}: "
+                             f"{e})") from None
         overrides = [f"(as recorded in {a.report})"]
     else:
         import pipeline

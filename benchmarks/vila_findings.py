@@ -136,7 +136,12 @@ def main(argv=None) -> None:
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine runs of other seeds into --out; no training")
     a = ap.parse_args(argv)
     if a.merge:
-        result = merge([json.loads(Path(f).read_text()) for f in a.merge])
+        try:
+            runs = [json.loads(Path(f).read_text()) for f in a.merge]
+            result = merge(runs)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"vila_findings --merge: not the JSON of a findings run ({type(e).__name__}: {e})") \
+                from None
     else:
         result = findings(tuple(a.seeds), scale=a.scale, variants=tuple(a.variants), n_test=a.n_test)
     from edgerun.io import write_json

@@ -168,6 +168,9 @@ def test_findings_merge_combines_seeds_and_refuses_mismatched_runs(tmp_path):
         files[-1].write_text(json.dumps(run(seed)))
     main(["--merge", *map(str, files), "--out", str(tmp_path / "all.json")])
     assert "90.5 ± 0.7 (90.0-91.0)" in (tmp_path / "all.md").read_text()
+    with pytest.raises(SystemExit, match="not the JSON of a findings run"):
+        main(["--merge", str(files[0]), str(tmp_path / "missing.json"), "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_distillation_from_a_vlm_teacher_runs_on_the_same_loop():
